@@ -1,0 +1,10 @@
+"""Mixtral-style MoE transformer with a thinking head: config, layers, MoE, model, HF interop."""
+
+from corpo_jax.model.config import ModelConfig
+from corpo_jax.model.transformer import (Cache, Hidden, Output, abstract_params, cache_logical_axes,
+                                         count_params, forward, init_cache, init_params,
+                                         param_shardings, project, run, think_mask)
+
+__all__ = ["ModelConfig", "Cache", "Hidden", "Output", "abstract_params", "cache_logical_axes",
+           "count_params", "forward", "init_cache", "init_params", "param_shardings", "project",
+           "run", "think_mask"]

@@ -1,0 +1,144 @@
+"""Mixture of SwiGLU experts: float32 router, auxiliary losses and two dispatch paths.
+
+Routing: top-k on the router logits, then a softmax over the k chosen logits (identical to
+Mixtral's softmax-over-all, top-k, renormalise). Dispatch computes only the chosen experts' FLOPs:
+
+* ``capacity``: each expert gets C = min(N, ceil(cf * N * A / E)) slots; tokens are gathered into
+  an [E, C, D] buffer (first choices of every token before second choices, then token order),
+  run through a batched einsum, and gathered back. Overflowing assignments are dropped. With
+  cf >= E / A nothing can be dropped. Dense batched matmuls: the fast path on CPU.
+* ``sort``: dropless; assignments sorted by expert and run through `jax.lax.ragged_dot`
+  (grouped matmul kernels on TPU/GPU; on CPU measured several times slower than dense).
+
+Auxiliary losses (sown into the "intermediates" collection, one value per layer):
+* ``load_balance_loss`` (Switch Transformer): E * sum_e f_e * P_e, f_e the fraction of the
+  N * A assignments that go to expert e, P_e the mean router probability (softmax over all E) of
+  expert e. 1.0 at perfect balance. (Hugging Face's Mixtral loss is top_k times this.)
+* ``z_loss`` (ST-MoE): mean over tokens of logsumexp(router logits)^2.
+* ``expert_load``: f_e per expert, for logging.
+Padding tokens (token_mask False) are excluded from the losses and from the capacity buffers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from corpo_jax.model.config import ModelConfig
+from corpo_jax.model.layers import fan_in_init, param
+from corpo_jax.sharding import constrain
+
+
+def route(logits_NE: jax.Array, top_k: int,
+          experts_NA: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Chosen experts [N, A] and their gates: softmax over the chosen logits (float32).
+
+  `experts_NA` replays a given choice (router replay); gradients still flow through the logits.
+  """
+  if experts_NA is None:
+    _, experts_NA = jax.lax.top_k(logits_NE, top_k)
+  chosen_NA = jnp.take_along_axis(logits_NE, experts_NA, axis=-1)
+  return experts_NA, jax.nn.softmax(chosen_NA, axis=-1)
+
+
+def aux_losses(logits_NE: jax.Array, experts_NA: jax.Array,
+               token_mask_N: jax.Array) -> dict[str, jax.Array]:
+  """Load-balancing loss, z-loss and per-expert load over the unmasked tokens (float32)."""
+  E = logits_NE.shape[-1]
+  w_N = token_mask_N.astype(jnp.float32)
+  count = jnp.maximum(w_N.sum(), 1.0)
+  assign_NE = jax.nn.one_hot(experts_NA, E, dtype=jnp.float32).sum(1) * w_N[:, None]
+  load_E = assign_NE.sum(0) / (count * experts_NA.shape[-1])
+  prob_E = (jax.nn.softmax(logits_NE, axis=-1) * w_N[:, None]).sum(0) / count
+  z_N = jax.nn.logsumexp(logits_NE, axis=-1) ** 2
+  return {"load_balance_loss": E * jnp.sum(load_E * prob_E),
+          "z_loss": jnp.sum(z_N * w_N) / count,
+          "expert_load": load_E}
+
+
+def capacity(num_tokens: int, cfg: ModelConfig) -> int:
+  return max(1, min(num_tokens, math.ceil(cfg.capacity_factor * num_tokens * cfg.top_k
+                                          / cfg.num_experts)))
+
+
+def _swiglu_ECD(x_ECD, w_gate_EDF, w_up_EDF, w_down_EFD):
+  h_ECF = (jax.nn.silu(jnp.einsum("ECD,EDF->ECF", x_ECD, w_gate_EDF))
+           * jnp.einsum("ECD,EDF->ECF", x_ECD, w_up_EDF))
+  return jnp.einsum("ECF,EFD->ECD", h_ECF, w_down_EFD)
+
+
+def dispatch_capacity(x_ND, experts_NA, gates_NA, token_mask_N, weights, C: int):
+  """Capacity-factor dispatch (see module docstring). Returns y_ND."""
+  w_gate, w_up, w_down = weights
+  N, D = x_ND.shape
+  E, A = w_gate.shape[0], experts_NA.shape[1]
+  # Assignments in priority order: all first choices, then all second choices, ...
+  expert_M = experts_NA.T.reshape(-1)
+  token_M = jnp.tile(jnp.arange(N), A)
+  live_M = jnp.tile(token_mask_N, A)
+  onehot_ME = jax.nn.one_hot(expert_M, E, dtype=jnp.int32) * live_M[:, None]
+  slot_in_expert_M = jnp.sum((jnp.cumsum(onehot_ME, axis=0) - 1) * onehot_ME, axis=1)
+  keep_M = live_M & (slot_in_expert_M < C)
+  slot_M = jnp.where(keep_M, expert_M * C + slot_in_expert_M, E * C)  # E*C: the drop bin
+  token_of_slot = jnp.zeros((E * C + 1,), jnp.int32).at[slot_M].set(token_M)[:-1]
+  filled = jnp.zeros((E * C + 1,), x_ND.dtype).at[slot_M].set(1)[:-1]
+  x_ECD = (x_ND[token_of_slot] * filled[:, None]).reshape(E, C, D)
+  x_ECD = constrain(x_ECD, ("exp", "capacity", "act_embed"))
+  y_ECD = _swiglu_ECD(x_ECD, w_gate, w_up, w_down)
+  y_ECD = constrain(y_ECD, ("exp", "capacity", "act_embed"))
+  y_SD = jnp.concatenate([y_ECD.reshape(E * C, D), jnp.zeros((1, D), y_ECD.dtype)])
+  gate_M = gates_NA.T.reshape(-1).astype(x_ND.dtype)
+  y_MD = y_SD[slot_M] * gate_M[:, None]
+  return y_MD.reshape(A, N, D).sum(0)
+
+
+def dispatch_sort(x_ND, experts_NA, gates_NA, token_mask_N, weights):
+  """Dropless dispatch: sort assignments by expert, grouped matmuls with ragged_dot."""
+  del token_mask_N  # padding costs FLOPs here but cannot displace real tokens
+  w_gate, w_up, w_down = weights
+  N, D = x_ND.shape
+  E, A = w_gate.shape[0], experts_NA.shape[1]
+  expert_M = experts_NA.reshape(-1)
+  order_M = jnp.argsort(expert_M, stable=True)
+  x_MD = x_ND[order_M // A]
+  sizes_E = jnp.bincount(expert_M, length=E).astype(jnp.int32)
+  h_MF = (jax.nn.silu(jax.lax.ragged_dot(x_MD, w_gate, sizes_E))
+          * jax.lax.ragged_dot(x_MD, w_up, sizes_E))
+  y_sorted_MD = jax.lax.ragged_dot(h_MF, w_down, sizes_E)
+  y_MD = jnp.zeros_like(y_sorted_MD).at[order_M].set(y_sorted_MD)
+  return jnp.sum(y_MD.reshape(N, A, D) * gates_NA[..., None].astype(x_ND.dtype), axis=1)
+
+
+class MoE(nn.Module):
+  """Router + SwiGLU experts. Returns (y_BTD, experts_BTA)."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD: jax.Array, token_mask_BT: jax.Array,
+               experts_BTA: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    cfg = self.cfg
+    D, F, E = cfg.d_model, cfg.d_ff, cfg.num_experts
+    w_router = param(self, "router", (D, E), ("embed", None), fan_in_init(0, 1), cfg)
+    w_gate = param(self, "gate", (E, D, F), ("exp", "embed", "mlp"), fan_in_init(1, 2, (0,)), cfg)
+    w_up = param(self, "up", (E, D, F), ("exp", "embed", "mlp"), fan_in_init(1, 2, (0,)), cfg)
+    w_down = param(self, "down", (E, F, D), ("exp", "mlp", "embed"), fan_in_init(1, 2, (0,)), cfg)
+
+    B, T, _ = x_BTD.shape
+    x_ND = x_BTD.reshape(B * T, D).astype(cfg.dtype)
+    mask_N = token_mask_BT.reshape(B * T)
+    logits_NE = jnp.einsum("ND,DE->NE", x_ND.astype(jnp.float32), w_router.astype(jnp.float32))
+    replay_NA = None if experts_BTA is None else experts_BTA.reshape(B * T, -1)
+    experts_NA, gates_NA = route(logits_NE, cfg.top_k, replay_NA)
+    for name, value in aux_losses(logits_NE, experts_NA, mask_N).items():
+      self.sow("intermediates", name, value)
+
+    weights = tuple(w.astype(cfg.dtype) for w in (w_gate, w_up, w_down))
+    if cfg.moe_dispatch == "capacity":
+      y_ND = dispatch_capacity(x_ND, experts_NA, gates_NA, mask_N, weights, capacity(B * T, cfg))
+    else:
+      y_ND = dispatch_sort(x_ND, experts_NA, gates_NA, mask_N, weights)
+    return y_ND.reshape(B, T, D), experts_NA.reshape(B, T, -1)

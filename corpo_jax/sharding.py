@@ -1,0 +1,130 @@
+"""The one place that declares how arrays are laid out over the device mesh.
+
+Parameters and activations carry logical axis names (``("embed", "mlp")``); `RULES` maps each
+name to mesh axes. A mesh axis that does not divide an array dimension is dropped for that array
+(it is replicated along that axis) rather than failing, so small test models run on any mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+# logical axis -> mesh axes (a tuple shards over several mesh axes, None replicates).
+RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp", "expert")),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("exp", "expert"),
+    ("layers", None),
+    ("head_dim", None),
+    ("length", None),
+    ("act_embed", None),
+    ("capacity", None),
+    ("classes", None),
+    ("norm", None),
+)
+_RULES = dict(RULES)
+
+
+def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+  """Resolves one -1 entry so the product equals `num_devices`; validates the rest."""
+  shape = tuple(int(s) for s in shape)
+  if len(shape) != len(MESH_AXES):
+    raise ValueError(f"mesh={shape} needs {len(MESH_AXES)} sizes, one per axis {MESH_AXES}.")
+  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise ValueError(f"mesh={shape}: sizes must be positive, with at most one -1.")
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if num_devices % known:
+      raise ValueError(f"mesh={shape}: {num_devices} devices are not divisible by {known}.")
+    shape = tuple(num_devices // known if s == -1 else s for s in shape)
+  if math.prod(shape) != num_devices:
+    raise ValueError(f"mesh={shape} has {math.prod(shape)} slots but {num_devices} devices are "
+                     f"available; make the product match or use -1 for one axis.")
+  return shape
+
+
+def make_mesh(shape: Sequence[int] = (-1, 1, 1, 1), devices: Sequence[Any] | None = None) -> Mesh:
+  """A mesh over axes (data, fsdp, expert, tensor) with Auto axis types (GSPMD propagation)."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(shape, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None = None,
+                    mesh_sizes: dict[str, int] | None = None) -> P:
+  """Maps logical axis names to a PartitionSpec; drops mesh axes that do not divide `shape`."""
+  spec, used = [], set()
+  for i, name in enumerate(names):
+    axes = _RULES.get(name) if name is not None else None
+    if name is not None and name not in _RULES:
+      raise ValueError(f"Logical axis {name!r} has no rule in corpo_jax.sharding.RULES.")
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = tuple(a for a in axes if a not in used)
+    if shape is not None and mesh_sizes is not None:
+      kept, size = [], shape[i]
+      for a in axes:  # keep the longest prefix of mesh axes that divides the dimension
+        if size % mesh_sizes[a]:
+          break
+        kept.append(a)
+        size //= mesh_sizes[a]
+      axes = tuple(kept)
+    used.update(axes)
+    spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  return P(*spec)
+
+
+def named_sharding(mesh: Mesh, names: Sequence[str | None], shape: Sequence[int]) -> NamedSharding:
+  return NamedSharding(mesh, logical_to_spec(names, shape, dict(mesh.shape)))
+
+
+def tree_shardings(boxed_tree: Any, mesh: Mesh) -> Any:
+  """NamedShardings for a tree of `nn.Partitioned` (or plain) leaves, e.g. from jax.eval_shape."""
+
+  def one(leaf):
+    if isinstance(leaf, nn.Partitioned):
+      return named_sharding(mesh, leaf.names, leaf.value.shape)
+    return NamedSharding(mesh, P())
+
+  return jax.tree.map(one, boxed_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def logical_specs(boxed_tree: Any) -> Any:
+  """The logical axis names of every leaf (None for unannotated leaves)."""
+  return jax.tree.map(lambda x: x.names if isinstance(x, nn.Partitioned) else None, boxed_tree,
+                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Activation sharding constraint under the mesh set with `jax.set_mesh`; no-op without one."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  spec = logical_to_spec(names, x.shape, dict(zip(mesh.axis_names, mesh.axis_sizes)))
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
+  """Sharding for a [B, ...] host batch: batch over (data, fsdp, expert), the rest replicated."""
+  return named_sharding(mesh, ("batch",) + (None,) * (len(shape) - 1), shape)
+
+
+def put(x: Any, sharding: Any) -> Any:
+  """device_put a tree of host arrays with a tree (or one) of shardings."""
+  return jax.device_put(jax.tree.map(np.asarray, x), sharding)
