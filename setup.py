@@ -9,6 +9,7 @@ setup(
                 "thinking head, in JAX/Flax.",
     python_requires=">=3.11",
     packages=find_packages(include=["corpo_jax", "corpo_jax.*", "configs"]),
+    package_data={"corpo_jax.data": ["assets/*"]},
     install_requires=[
         "jax>=0.10.2,<0.11",
         "flax>=0.12.8",
