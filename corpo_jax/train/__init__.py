@@ -1,0 +1,1 @@
+"""Training: stages (sft, rl, specialize), checkpoints, metrics."""

@@ -1,0 +1,103 @@
+"""Orbax checkpoints of the train state, the data iterator and run metadata.
+
+Layout: `<directory>/<step>/{state,data,meta}`. Saves are asynchronous (the host keeps
+training while arrays are written) and atomic (orbax writes to a temporary directory and
+renames it when complete, so a crash mid-save leaves the previous checkpoint as the latest).
+Restores take an abstract state whose leaves carry the target shardings, so a checkpoint written
+on one mesh restores onto another.
+
+Preemption: `Checkpointer.preempted(step)` is True after SIGTERM (installed by
+`install_sigterm_handler`) or when JAX's multi-host preemption notice arrives; the loop then
+saves and exits 0.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+_SIGTERM = threading.Event()
+
+
+def install_sigterm_handler() -> None:
+  """Turns SIGTERM into a flag the training loop polls (main thread only)."""
+  signal.signal(signal.SIGTERM, lambda signum, frame: _SIGTERM.set())
+
+
+class Checkpointer:
+  """Saves and restores (state, data iterator, metadata) under one directory."""
+
+  def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
+    directory = os.path.abspath(directory)
+    try:
+      os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+      raise ValueError(f"Cannot create checkpoint directory {directory!r} ({e}); choose a "
+                       f"writable --config.workdir.") from e
+    if not os.access(directory, os.W_OK):
+      raise ValueError(f"Checkpoint directory {directory!r} is not writable; choose a writable "
+                       f"--config.workdir.")
+    self.directory = directory
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, meta: dict[str, Any],
+           data_iterator: grain.DataLoaderIterator | Any | None = None, *,
+           force: bool = True) -> bool:
+    """Starts an asynchronous save of `state` (a pytree of jax arrays) at `step`."""
+    items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def restore(self, step: int, abstract_state: Any,
+              data_iterator: Any | None = None) -> tuple[Any, dict[str, Any]]:
+    """Restores the state into `abstract_state`'s shapes, dtypes and shardings.
+
+    `abstract_state`: a pytree of jax.ShapeDtypeStruct with `.sharding` set (e.g. from
+    `jax.eval_shape` plus the shardings the run uses now). `data_iterator` is restored in place.
+    """
+    items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(f"Checkpoint {self.directory}/{step} does not match this run's state "
+                       f"(model or optimizer config changed?): {e}. Use a fresh "
+                       f"--config.workdir or the original config.") from e
+    return restored["state"], dict(restored["meta"])
+
+  def restore_meta(self, step: int) -> dict[str, Any]:
+    restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(restored["meta"])
+
+  def preempted(self, step: int) -> bool:
+    """True once SIGTERM arrived or a multi-host preemption notice reached `step`."""
+    return _SIGTERM.is_set() or self._manager.reached_preemption(step)
+
+  def wait(self) -> None:
+    """Blocks until pending asynchronous saves are on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def abstract_like(tree: Any) -> Any:
+  """ShapeDtypeStructs carrying each array's current sharding (a restore target)."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

@@ -1,0 +1,85 @@
+"""Checkpointer: exact round trip, restore onto another mesh, data iterator resume, errors."""
+
+import os
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from corpo_jax import sharding
+from corpo_jax.train.checkpoint import Checkpointer, abstract_like
+
+
+def _state(mesh):
+  rng = np.random.default_rng(0)
+  w = jax.device_put(rng.normal(size=(8, 16)).astype(np.float32),
+                     sharding.named_sharding(mesh, ("embed", "mlp"), (8, 16)))
+  step = jax.device_put(jnp.asarray(7, jnp.int32), sharding.replicated(mesh))
+  return {"params": {"w": w}, "step": step}
+
+
+def _loader(seed=0):
+  source = grain.sources.RangeDataSource(0, 100, 1)
+  return grain.DataLoader(
+      data_source=source, sampler=grain.samplers.IndexSampler(
+          num_records=100, shuffle=True, seed=seed, num_epochs=1,
+          shard_options=grain.sharding.NoSharding()),
+      operations=[grain.transforms.Batch(batch_size=4)], worker_count=0)
+
+
+def test_round_trip_onto_another_mesh_and_iterator_resume(tmp_path):
+  state = _state(sharding.make_mesh((4, 2, 1, 1)))
+  it = iter(_loader())
+  seen = [next(it) for _ in range(3)]
+  ckpt = Checkpointer(str(tmp_path / "ckpt"))
+  ckpt.save(3, state, {"stage": "rl", "stage_step": 3}, it)
+  ckpt.wait()
+  expected_next = [next(it) for _ in range(2)]
+
+  for shape in [(2, 4, 1, 1), (1, 1, 1, 8)]:
+    target = abstract_like(_state(sharding.make_mesh(shape)))
+    it2 = iter(_loader())
+    restored, meta = Checkpointer(str(tmp_path / "ckpt")).restore(3, target, it2)
+    assert meta == {"stage": "rl", "stage_step": 3}
+    np.testing.assert_array_equal(np.asarray(restored["params"]["w"]),
+                                  np.asarray(state["params"]["w"]))
+    assert restored["params"]["w"].sharding == target["params"]["w"].sharding
+    assert int(restored["step"]) == 7
+    for want in expected_next:
+      np.testing.assert_array_equal(next(it2), want)
+  assert len(seen) == 3
+
+
+def test_keeps_n_and_latest(tmp_path):
+  state = _state(sharding.make_mesh((8, 1, 1, 1)))
+  ckpt = Checkpointer(str(tmp_path / "c"), max_to_keep=2)
+  for step in (1, 2, 3):
+    ckpt.save(step, state, {"stage": "sft"})
+  ckpt.close()
+  ckpt = Checkpointer(str(tmp_path / "c"))
+  assert ckpt.all_steps() == [2, 3]
+  assert ckpt.latest_step() == 3
+
+
+def test_shape_mismatch_is_a_clear_error(tmp_path):
+  mesh = sharding.make_mesh((8, 1, 1, 1))
+  ckpt = Checkpointer(str(tmp_path / "c"))
+  ckpt.save(1, _state(mesh), {})
+  ckpt.wait()
+  wrong = {"params": {"w": jax.ShapeDtypeStruct((8, 32), jnp.float32,
+                                               sharding=sharding.replicated(mesh))},
+           "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))}
+  with pytest.raises(ValueError, match="does not match this run"):
+    ckpt.restore(1, wrong)
+
+
+def test_unwritable_directory_is_a_clear_error(tmp_path):
+  if os.geteuid() == 0:
+    path = "/proc/corpo_jax_ckpt"  # not creatable even for root
+  else:
+    os.chmod(tmp_path, 0o500)
+    path = str(tmp_path / "c")
+  with pytest.raises(ValueError, match="writable"):
+    Checkpointer(path)
