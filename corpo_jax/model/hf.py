@@ -135,8 +135,9 @@ def _hf_shapes(cfg: ModelConfig, fused: bool) -> dict[str, tuple[int, ...]]:
     shapes["lm_head.weight"] = (V, D)
   for l in range(cfg.num_layers):
     p = f"model.layers.{l}."
-    shapes.update({p + "self_attn.q_proj.weight": (N * H, D), p + "self_attn.k_proj.weight": (K * H, D),
-                   p + "self_attn.v_proj.weight": (K * H, D), p + "self_attn.o_proj.weight": (D, N * H),
+    a = p + "self_attn."
+    shapes.update({a + "q_proj.weight": (N * H, D), a + "k_proj.weight": (K * H, D),
+                   a + "v_proj.weight": (K * H, D), a + "o_proj.weight": (D, N * H),
                    p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,)})
     if fused:
       shapes.update({p + "mlp.gate.weight": (E, D), p + "mlp.experts.gate_up_proj": (E, 2 * F, D),
@@ -319,11 +320,11 @@ def load_mixtral(path: str | pathlib.Path, *, dtype: str | None = None,
   hf = json.loads((path / "config.json").read_text())
   with contextlib.ExitStack() as stack:
     ckpt = _Checkpoint(path, stack)
-    if dtype is None:
-      dtype = _checkpoint_dtype(ckpt)
-    cfg = config_from_hf(hf, dtype)
+    cfg = config_from_hf(hf)
     fused = "model.layers.0.mlp.experts.gate_up_proj" in ckpt.files
     _check_tensors(ckpt, cfg, fused)
+    dtype = dtype or _checkpoint_dtype(ckpt)
+    cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
     readers = _readers(ckpt, cfg, fused)
     abstract = traverse_util.flatten_dict(nn.unbox(transformer.abstract_params(cfg)))
     assert set(abstract) == set(readers), set(abstract) ^ set(readers)
@@ -337,7 +338,7 @@ def load_mixtral(path: str | pathlib.Path, *, dtype: str | None = None,
 
 
 def _checkpoint_dtype(ckpt: _Checkpoint) -> str:
-  code = ckpt.dtype("model.embed_tokens.weight") if "model.embed_tokens.weight" in ckpt.files else None
+  code = ckpt.dtype("model.embed_tokens.weight")
   if code not in _SAFETENSORS_DTYPES:
     raise ValueError(f"Checkpoint dtype {code} has no default here; pass load_mixtral(..., dtype=) "
                      f"one of {sorted(_SAFETENSORS_DTYPES.values())}.")
@@ -355,7 +356,8 @@ def _materialise(read: Reader, shape: tuple[int, ...], dtype: Any,
 # ----------------------------------------------------------------------------- writing
 
 
-def _hf_tensors(params: Any, cfg: ModelConfig) -> Iterator[tuple[str, Any, Callable[[], np.ndarray]]]:
+def _hf_tensors(params: Any,
+                cfg: ModelConfig) -> Iterator[tuple[str, Any, Callable[[], np.ndarray]]]:
   """(hub-layout name, source leaf, thunk giving the host array), in checkpoint order; a thunk
   fetches only its own slice of the leaf."""
   host = lambda x: np.asarray(jax.device_get(x))
@@ -367,8 +369,10 @@ def _hf_tensors(params: Any, cfg: ModelConfig) -> Iterator[tuple[str, Any, Calla
     for w in "qkv":
       yield (p + f"self_attn.{w}_proj.weight", attn[w],
              lambda w=w, l=l: host(attn[w][l]).transpose(1, 2, 0).reshape(-1, D))
-    yield p + "self_attn.o_proj.weight", attn["o"], lambda l=l: host(attn["o"][l]).reshape(N * H, D).T
-    for hf_name, norm in (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "moe_norm")):
+    yield (p + "self_attn.o_proj.weight", attn["o"],
+           lambda l=l: host(attn["o"][l]).reshape(N * H, D).T)
+    for hf_name, norm in (("input_layernorm", "attn_norm"),
+                          ("post_attention_layernorm", "moe_norm")):
       scale = layers[norm]["scale"]
       yield p + hf_name + ".weight", scale, lambda scale=scale, l=l: host(scale[l])
     yield p + "block_sparse_moe.gate.weight", moe["router"], lambda l=l: host(moe["router"][l]).T

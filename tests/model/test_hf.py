@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-torch = pytest.importorskip("torch", reason="HF interop tests need the `hf` extra: pip install -e .[hf]")
-transformers = pytest.importorskip("transformers",
-                                   reason="HF interop tests need the `hf` extra: pip install -e .[hf]")
+_NEEDS_HF = "HF interop tests need the `hf` extra (torch, transformers): pip install -e .[hf]"
+torch = pytest.importorskip("torch", reason=_NEEDS_HF)
+transformers = pytest.importorskip("transformers", reason=_NEEDS_HF)
 from safetensors.numpy import load_file, save_file  # noqa: E402  (installed with transformers)
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func  # noqa: E402
 
@@ -76,7 +76,8 @@ def setup(tmp_path_factory):
   tokens = np.where(mask, tokens, 0)
   out = _hf_outputs(hf_model, tokens, mask, output_router_logits=True)
   torch_mask = torch.tensor(mask.astype(np.int64))
-  load_balance = [float(load_balancing_loss_func((r,), E, 2, torch_mask)) for r in out.router_logits]
+  load_balance = [float(load_balancing_loss_func((r,), E, 2, torch_mask))
+                  for r in out.router_logits]
   return dict(root=root, hf_model=hf_model, tokens=tokens, mask=mask, ref=out.logits.numpy(),
               hf_load_balance=load_balance)
 
@@ -94,6 +95,27 @@ def test_config_from_hf(setup):
       d_ff=F, num_experts=E, top_k=2, rope_theta=1e4, norm_eps=1e-6, max_seq_len=256,
       tie_embeddings=False, moe_dispatch="sort", load_balance_weight=0.04, z_loss_weight=0.0,
       thinking_layers=0, pad_id=-1, think_start_id=-1, think_end_id=-1)
+
+
+# config.json of mistralai/Mixtral-8x7B-v0.1 (legacy top-level rope_theta, transformers 4.36).
+MIXTRAL_8X7B = {
+    "architectures": ["MixtralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1,
+    "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+    "intermediate_size": 14336, "max_position_embeddings": 32768, "model_type": "mixtral",
+    "num_attention_heads": 32, "num_experts_per_tok": 2, "num_hidden_layers": 32,
+    "num_key_value_heads": 8, "num_local_experts": 8, "output_router_logits": False,
+    "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.02,
+    "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "transformers_version": "4.36.0.dev0", "use_cache": True, "vocab_size": 32000}
+
+
+def test_mixtral_8x7b_config_matches_preset():
+  cfg = hf.config_from_hf(MIXTRAL_8X7B, "bfloat16")
+  structure = lambda c: (c.vocab_size, c.d_model, c.num_layers, c.num_heads, c.num_kv_heads,
+                         c.head_dim, c.d_ff, c.num_experts, c.top_k, c.rope_theta, c.norm_eps,
+                         c.max_seq_len, c.tie_embeddings, c.pad_id, c.think_start_id)
+  assert structure(cfg) == structure(ModelConfig.preset("mixtral_8x7b"))
+  assert cfg.load_balance_weight == 0.04 and cfg.dtype == cfg.param_dtype == "bfloat16"
 
 
 @pytest.mark.parametrize("dispatch", ["sort", "capacity"])
@@ -214,7 +236,7 @@ def test_export_base_of_thinking_model(tmp_path, tie):
   cfg2, params2 = hf.load_mixtral(tmp_path)
   assert cfg2.thinking_layers == 0 and cfg2.tie_embeddings == tie and cfg2.pad_id == cfg.pad_id
   _assert_identical(params2, {k: v for k, v in params.items() if k != "thinking"})
-  # transformers reads it too (a tied checkpoint has no lm_head.weight; HF ties it to the embedding).
+  # transformers reads it too (a tied checkpoint has no lm_head.weight; HF ties it to embed).
   hf_model = transformers.MixtralForCausalLM.from_pretrained(tmp_path)
   assert hf_model.config.tie_word_embeddings == tie
   np.testing.assert_array_equal(hf_model.lm_head.weight.detach().numpy(),
@@ -230,7 +252,8 @@ def test_missing_tensor_is_named(setup, tmp_path):
 
 @pytest.mark.parametrize("change, field", [
     ({"sliding_window": 64}, "sliding_window"),
-    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "rope_parameters"),
+    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
+     "rope_parameters"),
     ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"num_key_value_heads": None}, "num_key_value_heads"),
