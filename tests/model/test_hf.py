@@ -197,7 +197,7 @@ def test_round_trip_is_exact(setup, tmp_path, max_shard_bytes):
   np.testing.assert_array_equal(logits, setup["ref"])
 
 
-def test_sharded_load_places_params_in_their_shardings(setup):
+def test_sharded_load_places_params_in_their_shardings(setup, tmp_path):
   mesh = sharding.make_mesh((1, 2, 2, 2))
   cfg, params = hf.load_mixtral(setup["root"] / "hub")
   _, sharded = hf.load_mixtral(setup["root"] / "hub", mesh=mesh)
@@ -207,6 +207,8 @@ def test_sharded_load_places_params_in_their_shardings(setup):
     assert x.sharding.is_equivalent_to(expected[k], x.ndim), k
   gate = sharded["layers"]["moe"]["gate"]  # [L, E, D, F] over (-, expert, fsdp, tensor)
   assert gate.addressable_shards[0].data.shape == (L, E // 2, 32, F // 2)
+  hf.save_mixtral(sharded, cfg, tmp_path)  # saving sharded params writes the same tensors
+  _assert_identical(hf.load_mixtral(tmp_path)[1], params)
 
 
 def test_dtype_argument(setup):
