@@ -29,6 +29,7 @@ _TRAINER_OPTIONS = dict(
     pad_piece="<pad>", unk_piece="<unk>", bos_piece="<bos>", eos_piece="<eos>",
     user_defined_symbols=[THINK_OPEN, THINK_CLOSE, "\n"],
     split_digits=True,
+    character_coverage=1.0,
     byte_fallback=True,
     normalization_rule_name="identity",
     remove_extra_whitespaces=False,

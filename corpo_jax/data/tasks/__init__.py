@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 from typing import Any
 
 from corpo_jax.data import text as text_lib
@@ -22,10 +23,12 @@ def get(name: str, **kwargs: Any) -> Task:
 
 def bundled_corpus(num_examples: int = 2000) -> list[str]:
   """Tokenizer training texts: train-split prompts and reference completions of the bundled
-  tasks (arithmetic up to 8 digits, verify), in the project text format."""
+  tasks (arithmetic up to 8 digits, verify), in the project text format, plus one line of the
+  printable ASCII characters and step-marker words so user text rarely needs byte fallback."""
   sources = (Arithmetic(min_digits=1, max_digits=8), Verify())
-  return [text_lib.prompt_text(ex.prompt) + ex.completion()
-          for task in sources for ex in (task.example("train", i) for i in range(num_examples))]
+  extra = [string.printable.strip() + " First, Next, Then, Finally, Step 1: - "]
+  return extra + [text_lib.prompt_text(ex.prompt) + ex.completion()
+                  for task in sources for ex in (task.example("train", i) for i in range(num_examples))]
 
 
 __all__ = ["Arithmetic", "Example", "Jsonl", "NUM_GRADES", "TASKS", "Task", "Verify",
