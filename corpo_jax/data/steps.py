@@ -8,8 +8,6 @@ Per-token labels put the line's type on the first token of the line and 0 everyw
 from __future__ import annotations
 
 import re
-from typing import Sequence
-
 import numpy as np
 
 # Step types of the thinking head's step classifier (ALGORITHMS.md), marking the first token of a line.
@@ -46,21 +44,24 @@ def parse_steps(trace: str) -> list[str]:
   return steps
 
 
-def step_labels(ids: Sequence[int], tokenizer) -> np.ndarray:
-  """Per-token step labels [T] int32 for the token ids of a trace (without <think>/</think>).
+def encode_trace(trace: str, tokenizer) -> tuple[list[int], np.ndarray]:
+  """Token ids of a trace and their step labels [T] int32, aligned.
 
-  A line starts at the first token and after every newline token; the line's first token gets
-  step_type(line text), every other token (newlines included) 0. The tokenizer keeps "\n" as its
-  own piece, so the tokens of a line are exactly the tokens of the line's text.
+  The trace is encoded line by line with an encoded newline between lines (for the bundled
+  tokenizer, which keeps "\n" as its own piece, this equals tokenizer.encode(trace)). The first
+  token of each line gets step_type(line); every other token, newlines included, gets 0.
   """
-  labels = np.zeros(len(ids), np.int32)
-  start = 0
-  for t in range(len(ids) + 1):
-    if t == len(ids) or ids[t] == tokenizer.newline_id:
-      if t > start:
-        labels[start] = step_type(tokenizer.decode(ids[start:t]))
-      start = t + 1
-  return labels
+  newline = tokenizer.encode("\n")
+  ids: list[int] = []
+  labels: list[int] = []
+  for k, line in enumerate(trace.split("\n")):
+    if k:
+      ids += newline
+      labels += [STEP_CONTINUE] * len(newline)
+    line_ids = tokenizer.encode(line)
+    ids += line_ids
+    labels += [step_type(line)] * bool(line_ids) + [STEP_CONTINUE] * (len(line_ids) - 1)
+  return ids, np.asarray(labels, np.int32)
 
 
 def count_marked_steps(trace: str) -> int:

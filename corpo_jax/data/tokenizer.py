@@ -48,7 +48,7 @@ class Tokenizer:
 
   def __init__(self, model_proto: bytes, name: str = "<bytes>"):
     self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
-    self.name = name
+    self._proto, self.name = model_proto, name
     for piece in (THINK_OPEN, THINK_CLOSE):
       if self._sp.piece_to_id(piece) == self._sp.unk_id():
         raise ValueError(f"Tokenizer {name} has no {piece!r} piece; retrain it with "
@@ -59,6 +59,12 @@ class Tokenizer:
         raise ValueError(f"Tokenizer {name} has no {attr[:-3]} piece; retrain it with "
                          f"{attr}>=0 (see corpo_jax.data.tokenizer.train_tokenizer).")
     self.newline_id = self._sp.piece_to_id("\n")
+
+  def __repr__(self) -> str:
+    return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size})"
+
+  def __reduce__(self):  # picklable for grain worker processes
+    return Tokenizer, (self._proto, self.name)
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "Tokenizer":

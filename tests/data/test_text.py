@@ -60,13 +60,12 @@ def test_parse_steps():
 
 def test_step_labels_for_a_hand_written_trace():
   tok = tokenizer.bundled()
-  trace = "First, add.\n1. Ones: 2\ncarry\nStep 2: x\n- b\nThen 3"
-  ids = tok.encode(trace)
-  labels = steps.step_labels(ids, tok)
+  trace = "First, add.\n1. Ones: 2\ncarry\nStep 2: x\n- b\n\nThen 3"
+  ids, labels = steps.encode_trace(trace, tok)
+  assert ids == tok.encode(trace)
   # The first token of each line carries the line's class; everything else is 0.
   line_starts = [0] + [i + 1 for i, t in enumerate(ids) if t == tok.newline_id]
-  assert [int(labels[i]) for i in line_starts] == [3, 1, 0, 2, 4, 3]
-  lines = trace.split("\n")
-  assert all(line.startswith(tok.decode([ids[i]])) for line, i in zip(lines, line_starts))
+  assert [int(labels[i]) for i in line_starts] == [3, 1, 0, 2, 4, 0, 3]
+  assert [tok.id_to_piece(ids[i]) for i in line_starts] == ["First", "1", "carry", "S", "-", "\n", "T"]
   assert np.count_nonzero(labels) == 5
   assert labels.dtype == np.int32 and labels.shape == (len(ids),)

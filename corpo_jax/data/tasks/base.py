@@ -74,6 +74,10 @@ class Task(abc.ABC):
   def exact(self, completion: str, example: Example) -> bool:
     return self.grade(completion, example) == NUM_GRADES
 
+  def __repr__(self) -> str:  # stable: grain checks it when restoring an iterator
+    fields = ", ".join(f"{k}={v!r}" for k, v in sorted(vars(self).items()) if not k.startswith("_"))
+    return f"{type(self).__name__}({fields})"
+
 
 class GeneratedTask(Task):
   """A task whose problems are drawn from a seeded generator (see module docstring)."""
