@@ -2,6 +2,7 @@
 
 import json
 
+import hypothesis
 import numpy as np
 import pytest
 
@@ -129,3 +130,18 @@ def test_claims_and_spec_errors():
     rewards.check_spec([])
   with pytest.raises(ValueError, match="as many examples"):
     rewards.compute([("format", 1.0)], ["a", "b"], [ARITH], tasks.get("arithmetic"))
+
+
+@hypothesis.settings(max_examples=150, deadline=None)
+@hypothesis.given(hypothesis.strategies.text(
+    alphabet=hypothesis.strategies.sampled_from(list("<think>/ \n0123456789+-=.AB:#\\boxed{}"))
+    | hypothesis.strategies.characters(), max_size=80))
+def test_arbitrary_text_never_raises_and_stays_in_range(completion):
+  for task, ex in ((tasks.get("arithmetic"), ARITH), (tasks.get("verify"), base.Example(
+      prompt="p", answer="A: 10 B: 0", trace="", key="k", meta={"truth": (True, False)}))):
+    scores = rewards.compute(ALL, [completion], [ex], task)
+    assert scores.num_failed == 0
+    assert 1 <= scores.components["ordinal"][0] <= 5
+    for name in MAXIMUM:
+      if name != "ordinal":
+        assert 0 <= scores.components[name][0] <= 1, name
