@@ -3,7 +3,9 @@
 Special pieces and ids (corpo_jax.model.config): <pad>=0, <unk>=1, <bos>=2, <eos>=3, <think>=4,
 </think>=5; the bundled model also has "\\n" as a single piece (id 6) so that a line break is
 always its own token and step markers start a fresh token. Digits are split into single tokens.
-Normalisation is the identity and whitespace is kept, so decode(encode(s)) == s.
+Normalisation is the identity and whitespace is kept, so decode(encode(s)) == s. The bundled
+model (BPE, byte fallback, full printable-ASCII coverage) has 833 pieces, below the demo model's
+vocab_size 1024; the trainer sets the model's vocab_size from `Tokenizer.vocab_size`.
 """
 
 from __future__ import annotations
