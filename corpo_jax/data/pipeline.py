@@ -6,8 +6,10 @@ indices with `seed`, shards them per JAX process (grain.sharding.ShardByJaxProce
 batch to the smallest bucket length that fits its longest row. Iterate with `iter(loader)`: the
 DataLoaderIterator has get_state()/set_state() and is saved by orbax through
 grain.checkpoint.CheckpointHandler / CheckpointSave / CheckpointRestore. A restored iterator
-continues with exactly the batches the uninterrupted one yields. With worker_count > 0 the
-saved state is tied to the worker count and the number of processes.
+continues with exactly the batches the uninterrupted one yields. The batch order and the saved
+state depend on worker_count (grain gives each worker its own records) and on the number of
+processes. Sources and tokenizers pickle, so worker_count > 0 works (grain spawns workers:
+guard `__main__` and parse absl flags before iterating).
 
 RL batch (prompts left-padded so generation appends on the right), B rows:
   tokens [B, T] int32, token_mask [B, T] bool, task_id [B] int32 (index into `tasks`),

@@ -1,6 +1,7 @@
 """grain pipelines: batch layout, masks, determinism, resume from saved state, sharding."""
 
 import json
+import pickle
 
 import grain
 import numpy as np
@@ -137,3 +138,11 @@ def test_too_long_prompt_names_the_fix():
                                shard_options=grain.sharding.NoSharding())
   with pytest.raises(ValueError, match="longer than the largest bucket 8"):
     next(iter(loader))
+
+
+def test_sources_pickle_for_grain_workers():
+  source = pipeline.PromptSource(TASKS, TOK, "train")
+  clone = pickle.loads(pickle.dumps(source))
+  assert repr(clone) == repr(source)
+  for i in (0, 1, 17):
+    _assert_same([clone[i]], [source[i]])
