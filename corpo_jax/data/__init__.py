@@ -1,0 +1,1 @@
+"""Data: tokenizer, bundled and user tasks, text format, grain pipelines, trace distillation."""

@@ -1,0 +1,215 @@
+"""grain pipelines: RL prompt batches and SFT sequence batches, sharded, shuffled, checkpointable.
+
+Both are `grain.DataLoader`s over a random-access source: the IndexSampler shuffles record
+indices with `seed`, shards them per JAX process (grain.sharding.ShardByJaxProcess unless
+`shard_options` is given) and repeats forever (num_epochs=None); a batch function pads each
+batch to the smallest bucket length that fits its longest row. Iterate with `iter(loader)`: the
+DataLoaderIterator has get_state()/set_state() and is saved by orbax through
+grain.checkpoint.CheckpointHandler / CheckpointSave / CheckpointRestore. A restored iterator
+continues with exactly the batches the uninterrupted one yields. The batch order and the saved
+state depend on worker_count (grain gives each worker its own records) and on the number of
+processes. Sources and tokenizers pickle, so worker_count > 0 works (grain spawns workers:
+guard `__main__` and parse absl flags before iterating).
+
+RL batch (prompts left-padded so generation appends on the right), B rows:
+  tokens [B, T] int32, token_mask [B, T] bool, task_id [B] int32 (index into `tasks`),
+  index [B] int64 (example index in the split); `examples(batch, tasks, split)` rebuilds the
+  Examples the rewards need.
+SFT batch (right-padded), B rows of <bos> prompt <think> trace </think> answer <eos>:
+  tokens, token_mask, trace_mask (tokens after <think> up to and including </think>: the
+  thinking head's targets), answer_mask (tokens after </think> up to and including <eos>),
+  step_labels [B, T] int32 (data/steps.py classes on the first token of each trace line).
+Masks mark the positions of target tokens; the trainer shifts them against the logits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import grain
+import numpy as np
+
+from corpo_jax.data import steps as steps_lib
+from corpo_jax.data import text as text_lib
+from corpo_jax.data.tasks import Example, Task
+from corpo_jax.data.tokenizer import Tokenizer
+
+DEFAULT_BUCKETS = (32, 64, 128, 256, 512, 1024)
+SFT_FIELDS = ("prompt", "thinking_trace", "final_output")
+
+
+def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
+  return [tokenizer.bos_id] + tokenizer.encode(text_lib.prompt_text(prompt))
+
+
+def _bucket(length: int, buckets: Sequence[int]) -> int:
+  for b in sorted(buckets):
+    if length <= b:
+      return b
+  raise ValueError(f"A sequence of {length} tokens is longer than the largest bucket "
+                   f"{max(buckets)}; add a larger bucket or shorten the data.")
+
+
+def _pad(rows: Sequence[np.ndarray], length: int, value, left: bool) -> np.ndarray:
+  out = np.full((len(rows), length), value, dtype=rows[0].dtype)
+  for i, row in enumerate(rows):
+    if left:
+      out[i, length - len(row):] = row
+    else:
+      out[i, :len(row)] = row
+  return out
+
+
+class _PadBatch:
+  """Stacks rows of variable-length arrays, padding every [T] field to the batch's bucket."""
+
+  def __init__(self, buckets: Sequence[int], pad_id: int, left: bool):
+    self.buckets, self.pad_id, self.left = tuple(buckets), pad_id, left
+
+  def __call__(self, rows: Sequence[dict]) -> dict[str, np.ndarray]:
+    length = _bucket(max(len(r["tokens"]) for r in rows), self.buckets)
+    out = {}
+    for key, first in rows[0].items():
+      values = [r[key] for r in rows]
+      if np.ndim(first) == 0:
+        out[key] = np.stack(values)
+      else:
+        fill = self.pad_id if key == "tokens" else np.zeros((), first.dtype)
+        out[key] = _pad(values, length, fill, self.left)
+    return out
+
+
+class PromptSource(grain.sources.RandomAccessDataSource):
+  """Record i is example i // len(tasks) of task i % len(tasks) (a round-robin mixture)."""
+
+  def __init__(self, tasks: Sequence[Task], tokenizer: Tokenizer, split: str):
+    self.tasks, self.tokenizer, self.split = list(tasks), tokenizer, split
+    self._len = len(self.tasks) * max(t.size(split) for t in self.tasks)
+
+  def __repr__(self) -> str:  # grain compares it when restoring an iterator
+    return f"PromptSource({self.tasks!r}, {self.tokenizer!r}, split={self.split!r})"
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, record: int) -> dict:
+    task_id, index = record % len(self.tasks), record // len(self.tasks)
+    ex = self.tasks[task_id].example(self.split, index)
+    tokens = np.asarray(prompt_ids(self.tokenizer, ex.prompt), np.int32)
+    return {"tokens": tokens, "token_mask": np.ones(len(tokens), bool),
+            "task_id": np.int32(task_id), "index": np.int64(index)}
+
+
+def examples(batch: dict[str, np.ndarray], tasks: Sequence[Task], split: str) -> list[Example]:
+  """The Examples behind an RL batch, in row order (for scoring completions)."""
+  return [tasks[t].example(split, int(i)) for t, i in zip(batch["task_id"], batch["index"])]
+
+
+def _loader(source, batch_fn, *, batch_size: int, seed: int,
+            shard_options: grain.sharding.ShardOptions | None, worker_count: int):
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size} must be >= 1.")
+  shard_options = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True)
+  sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard_options,
+                                        shuffle=True, num_epochs=None, seed=seed)
+  return grain.DataLoader(
+      data_source=source, sampler=sampler, worker_count=worker_count,
+      operations=[grain.transforms.Batch(batch_size, drop_remainder=True, batch_fn=batch_fn)])
+
+
+def rl_prompts(tasks: Sequence[Task], tokenizer: Tokenizer, *, batch_size: int, seed: int,
+               split: str = "train", buckets: Sequence[int] = DEFAULT_BUCKETS,
+               shard_options: grain.sharding.ShardOptions | None = None,
+               worker_count: int = 0) -> grain.DataLoader:
+  """Batches of left-padded prompts for rollouts; `batch_size` is per process."""
+  return _loader(PromptSource(tasks, tokenizer, split),
+                 _PadBatch(buckets, tokenizer.pad_id, left=True), batch_size=batch_size,
+                 seed=seed, shard_options=shard_options, worker_count=worker_count)
+
+
+def sft_example(tokenizer: Tokenizer, prompt: str, trace: str, answer: str) -> dict:
+  """One SFT row: tokens and the masks/labels described in the module docstring."""
+  newline = tokenizer.encode("\n")
+  trace_ids, trace_labels = steps_lib.encode_trace(trace.strip(), tokenizer)
+  head = prompt_ids(tokenizer, prompt) + [tokenizer.think_start_id]
+  think = newline + trace_ids + newline + [tokenizer.think_end_id]
+  tail = tokenizer.encode("\n" + answer.strip()) + [tokenizer.eos_id]
+  tokens = np.asarray(head + think + tail, np.int32)
+  start, end = len(head), len(head) + len(think)
+  positions = np.arange(len(tokens))
+  step_labels = np.zeros(len(tokens), np.int32)
+  step_labels[start + len(newline):start + len(newline) + len(trace_ids)] = trace_labels
+  return {"tokens": tokens, "token_mask": np.ones(len(tokens), bool),
+          "trace_mask": (positions >= start) & (positions < end), "answer_mask": positions >= end,
+          "step_labels": step_labels}
+
+
+def read_traces(path: str) -> list[dict]:
+  """Rows of a distill output file (corpo_jax.data.distill): prompt, thinking_trace, final_output."""
+  if not os.path.isfile(path):
+    raise ValueError(f"Trace file {path!r} does not exist; write one with "
+                     "`python -m corpo_jax.data.distill --input ... --output ...`.")
+  rows = []
+  with open(path, encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg}).") from None
+      if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in SFT_FIELDS):
+        raise ValueError(f"{path}:{lineno}: need string fields {SFT_FIELDS} (the distill "
+                         "output format).")
+      rows.append({k: row[k] for k in SFT_FIELDS})
+  if not rows:
+    raise ValueError(f"Trace file {path!r} has no rows.")
+  return rows
+
+
+class TaskTraces(grain.sources.RandomAccessDataSource):
+  """A task's reference traces as SFT rows (row i = example i of `split`)."""
+
+  def __init__(self, task: Task, split: str = "train"):
+    self.task, self.split = task, split
+
+  def __repr__(self) -> str:
+    return f"TaskTraces({self.task!r}, split={self.split!r})"
+
+  def __len__(self) -> int:
+    return self.task.size(self.split)
+
+  def __getitem__(self, index: int) -> dict:
+    ex = self.task.example(self.split, index)
+    return {"prompt": ex.prompt, "thinking_trace": ex.trace, "final_output": ex.answer}
+
+
+class SftSource(grain.sources.RandomAccessDataSource):
+  """Tokenized SFT rows from a sequence of {prompt, thinking_trace, final_output} dicts."""
+
+  def __init__(self, rows, tokenizer: Tokenizer):
+    self.rows, self.tokenizer = rows, tokenizer
+
+  def __repr__(self) -> str:
+    rows = self.rows if isinstance(self.rows, TaskTraces) else f"<{len(self.rows)} rows>"
+    return f"SftSource({rows}, {self.tokenizer!r})"
+
+  def __len__(self) -> int:
+    return len(self.rows)
+
+  def __getitem__(self, index: int) -> dict:
+    row = self.rows[index]
+    return sft_example(self.tokenizer, row["prompt"], row["thinking_trace"], row["final_output"])
+
+
+def sft_sequences(rows, tokenizer: Tokenizer, *, batch_size: int, seed: int,
+                  buckets: Sequence[int] = DEFAULT_BUCKETS,
+                  shard_options: grain.sharding.ShardOptions | None = None,
+                  worker_count: int = 0) -> grain.DataLoader:
+  """Batches of right-padded SFT sequences. `rows`: read_traces(path), TaskTraces(task) or any
+  sequence of {prompt, thinking_trace, final_output} dicts."""
+  return _loader(SftSource(rows, tokenizer), _PadBatch(buckets, tokenizer.pad_id, left=False),
+                 batch_size=batch_size, seed=seed, shard_options=shard_options,
+                 worker_count=worker_count)

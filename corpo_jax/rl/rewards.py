@@ -1,0 +1,164 @@
+"""Rewards by name, scored on decoded completions (ALGORITHMS.md, "Thinking rewards").
+
+Every reward maps (completion text, Example, Task) to a float:
+
+  exact_match  1 if the task's grade is the top grade (exactly right), else 0.
+  ordinal      the task's raw grade 1..5 (corpo_jax/data/tasks). This raw value is what reaches
+               the advantage when `rewards=[("ordinal", 1.0)]`, and tau is on the same scale:
+               verify tau = 4, arithmetic and jsonl tau = 5 (Task.tau). With a weighted mix,
+               tau must be stated on the scale of the weighted sum.
+  format       1 if `<think> ... </think>` appears once, at the start, before a non-empty answer.
+  quality      the grade normalised to [0, 1]: (grade - 1) / 4 (= exact_match for binary tasks).
+  structure    1 if the trace has >= 2 lines starting with a step marker (data/steps.py).
+  coherence    share of the trace's checkable claims `a + b (+ c ...) = d` / `a - b ... = d` that
+               are true; with no claim, 1 - share of repeated word 3-grams (0 for an empty trace).
+  alignment    1 if the result stated on the trace's last line equals the final answer
+               (Task.final_value on both), else 0.
+  thinking     0.3 coherence + 0.2 structure + 0.3 quality + 0.2 alignment, in [0, 1].
+
+A completion without a closed think block has no trace: structure, coherence and alignment are 0.
+`compute` takes the configured weighted list and returns R [N] with every component [N] for
+logging. Scoring never raises on model output: if scoring one completion fails unexpectedly, all of
+its rewards take their minimum (0, or 1 for ordinal) and the failure is counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable, Sequence
+
+import numpy as np
+
+from corpo_jax.data import steps as steps_lib
+from corpo_jax.data import text as text_lib
+from corpo_jax.data.tasks import NUM_GRADES, Example, Task
+
+THINKING_WEIGHTS = (("coherence", 0.3), ("structure", 0.2), ("quality", 0.3), ("alignment", 0.2))
+_CLAIM = re.compile(r"(\d+(?:\s*[+-]\s*\d+)+)\s*=\s*(-?\d+)")
+
+
+def _trace(completion: str) -> str | None:
+  return text_lib.split_completion(completion).trace
+
+
+def exact_match(completion: str, example: Example, task: Task) -> float:
+  return float(task.exact(completion, example))
+
+
+def ordinal(completion: str, example: Example, task: Task) -> float:
+  return float(task.grade(completion, example))
+
+
+def format_reward(completion: str, example: Example, task: Task) -> float:
+  del example, task
+  return float(text_lib.split_completion(completion).well_formed)
+
+
+def quality(completion: str, example: Example, task: Task) -> float:
+  return (task.grade(completion, example) - 1) / (NUM_GRADES - 1)
+
+
+def structure(completion: str, example: Example, task: Task) -> float:
+  del example, task
+  trace = _trace(completion)
+  return float(trace is not None and steps_lib.count_marked_steps(trace) >= 2)
+
+
+def claims(trace: str) -> list[bool]:
+  """Truth of each arithmetic claim `a + b - c = d` in the trace, in order."""
+  out = []
+  for lhs, rhs in _CLAIM.findall(trace):
+    terms = re.findall(r"[+-]|\d+", lhs)
+    value = int(terms[0])
+    for op, num in zip(terms[1::2], terms[2::2]):
+      value = value + int(num) if op == "+" else value - int(num)
+    out.append(value == int(rhs))
+  return out
+
+
+def coherence(completion: str, example: Example, task: Task) -> float:
+  del example, task
+  trace = _trace(completion)
+  if not trace:
+    return 0.0
+  checked = claims(trace)
+  if checked:
+    return sum(checked) / len(checked)
+  words = trace.split()
+  grams = list(zip(words, words[1:], words[2:]))
+  return len(set(grams)) / len(grams) if grams else 1.0  # 1 - share of repeated 3-grams
+
+
+def alignment(completion: str, example: Example, task: Task) -> float:
+  del example
+  parts = text_lib.split_completion(completion)
+  lines = [line for line in (parts.trace or "").splitlines() if line.strip()]
+  if not lines:
+    return 0.0
+  arrived, final = task.final_value(lines[-1]), task.final_value(parts.answer)
+  return float(arrived is not None and arrived == final)
+
+
+def thinking(completion: str, example: Example, task: Task) -> float:
+  return sum(w * REWARDS[name](completion, example, task) for name, w in THINKING_WEIGHTS)
+
+
+REWARDS: dict[str, Callable[[str, Example, Task], float]] = {
+    "exact_match": exact_match, "ordinal": ordinal, "format": format_reward,
+    "quality": quality, "structure": structure, "coherence": coherence,
+    "alignment": alignment, "thinking": thinking,
+}
+_FLOOR = {"ordinal": 1.0}  # the lowest value of each reward (0 for the others)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scores:
+  """total_N: the weighted sum; components: every reward computed, [N] each (the thinking
+  composite's four parts included); num_failed: completions whose scoring raised."""
+
+  total_N: np.ndarray
+  components: dict[str, np.ndarray]
+  num_failed: int
+
+
+def check_spec(spec: Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
+  """Validates a configured reward list [(name, weight), ...]."""
+  out = []
+  for item in spec:
+    if len(item) != 2 or item[0] not in REWARDS:
+      raise ValueError(f"Bad reward entry {item!r}: need (name, weight) with name one of "
+                       f"{sorted(REWARDS)}.")
+    out.append((str(item[0]), float(item[1])))
+  if not out:
+    raise ValueError("The reward list is empty; e.g. rewards=[('exact_match', 1.0)].")
+  return out
+
+
+def compute(spec: Sequence[tuple[str, float]], completions: Sequence[str],
+            examples: Sequence[Example], tasks: Task | Sequence[Task]) -> Scores:
+  """Scores N decoded completions with the weighted rewards `spec`.
+
+  examples[i] (and tasks[i], or one Task for all) is the problem completion i answers.
+  """
+  spec = check_spec(spec)
+  n = len(completions)
+  tasks = [tasks] * n if isinstance(tasks, Task) else list(tasks)
+  if not len(examples) == len(tasks) == n:
+    raise ValueError(f"{n} completions need as many examples ({len(examples)}) and tasks "
+                     f"({len(tasks)}).")
+  names = [name for name, _ in spec]
+  if "thinking" in names:
+    names += [name for name, _ in THINKING_WEIGHTS if name not in names]
+  values = {name: np.full(n, _FLOOR.get(name, 0.0), np.float32) for name in names}
+  failed = 0
+  for i, (completion, example, task) in enumerate(zip(completions, examples, tasks)):
+    try:
+      row = {name: REWARDS[name](completion, example, task) for name in names}
+    except Exception:  # pylint: disable=broad-except  # a scoring bug must not kill the step
+      failed += 1
+      continue
+    for name, value in row.items():
+      values[name][i] = value
+  total = sum(w * values[name] for name, w in spec).astype(np.float32)
+  return Scores(total_N=total, components=values, num_failed=failed)
