@@ -1,0 +1,1 @@
+"""RL core: advantages, losses, rewards, the update step."""
