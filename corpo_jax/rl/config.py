@@ -56,8 +56,8 @@ class RLConfig:
   b1: float = 0.9
   b2: float = 0.999
   grad_clip_norm: float = 1.0  # 0: no clipping
-  # Regexes matched (re.match) against "/"-joined parameter paths such as
-  # "layers/moe/router" or "thinking/step_head"; "base" = everything but params["thinking"].
+  # Regexes matched (re.match, up to a "/" or the end) against "/"-joined parameter paths such
+  # as "layers/moe/router" or "thinking/step_head"; "base" = everything but params["thinking"].
   freeze: tuple[str, ...] = ()
 
   def __post_init__(self):
