@@ -233,3 +233,31 @@ def test_update_rejects_bad_batches(params, reference):
                             rewards=bad.rewards[:, :3])
   with pytest.raises(ValueError, match="divisible"):
     sharded(state, bad)
+
+
+def test_mask_truncated_and_overlong_penalty_equal_their_batch_edits(params, reference):
+  rl_cfg = dataclasses.replace(RL, mask_truncated=True, overlong_penalty=True, overlong_buffer=2,
+                               overlong_factor=0.5)
+  state, metrics = _run(params, rl_cfg)
+  b = _batch()
+  lengths = b.loss_mask.sum(1)  # [5, 1, 3, 2, 2, 4, 5, 5], max_completion_len 5
+  penalty = -0.5 * np.clip((lengths - 3) / 2, 0, 1)  # 0 up to 3 tokens, -0.5 at 5
+  np.testing.assert_allclose(penalty, [-0.5, 0, 0, 0, 0, -0.25, -0.5, -0.5])
+  edited = dataclasses.replace(b, loss_mask=b.loss_mask & ~b.truncated[:, None],
+                               rewards=(b.rewards + penalty.reshape(B, G)).astype(np.float32))
+  want_state, want_metrics = reference.update(step.init_state(CFG, SGD, params), edited)
+  want = types.SimpleNamespace(state=_numpy(want_state), metrics=_numpy(want_metrics))
+  _assert_same_step(state, metrics, want)
+  assert metrics["reward/overlong_penalty"] == pytest.approx(penalty.mean())
+
+
+def test_router_replay_uses_the_given_experts(params, reference):
+  rl_cfg = dataclasses.replace(RL, router_replay=True)
+  update = step.make_update(CFG, rl_cfg, None, SGD)
+  b = _batch()
+  own = model.run(params, CFG, jnp.asarray(b.tokens), jnp.asarray(b.token_mask)).experts_LBTA
+  state, metrics = update(step.init_state(CFG, SGD, params), dataclasses.replace(b, experts=own))
+  _assert_same_step(_numpy(state), _numpy(metrics), reference)  # replaying its own choices
+  other = (own + 1) % CFG.num_experts
+  _, metrics = update(step.init_state(CFG, SGD, params), dataclasses.replace(b, experts=other))
+  assert abs(float(metrics["entropy"]) - reference.metrics["entropy"]) > 1e-4
