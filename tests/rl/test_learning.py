@@ -1,5 +1,7 @@
 """Learning sanity: the update raises the reward of a toy task (reward = share of TARGET tokens)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,10 +32,15 @@ def _sample(params, prompts_BP, rng):
   return jax.lax.fori_loop(0, TC, body, tokens)
 
 
+@functools.cache
+def _init_params():
+  return model.init_params(CFG, jax.random.key(0))  # init_state copies: safe to share
+
+
 def _train(advantage, scale, steps=50):
   rl_cfg = RLConfig(advantage=advantage, scale=scale, tau=0.5, learning_rate=1e-2,
                     max_completion_len=TC)
-  params = model.init_params(CFG, jax.random.key(0))
+  params = _init_params()
   opt = step.make_optimizer(rl_cfg, params)
   state = step.init_state(CFG, opt, params)
   update = step.make_update(CFG, rl_cfg, None, opt)

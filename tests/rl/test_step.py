@@ -107,11 +107,17 @@ def test_mean_of_micro_batch_means_would_differ():
   assert halves[0] != halves[1]
 
 
-@pytest.mark.parametrize("shape, micro", [((8, 1, 1, 1), 1), ((2, 2, 2, 1), 2), ((1, 2, 2, 2), 1)])
-def test_sharded_equals_single_device(params, reference, shape, micro):
+@pytest.mark.parametrize("shape, overrides", [
+    ((8, 1, 1, 1), {}),
+    ((2, 2, 2, 1), {"num_micro_batches": 2}),
+    # With the reference = the params, k3's value and gradient are 0: same step as beta = 0.
+    ((1, 2, 2, 2), {"beta": 0.05}),
+])
+def test_sharded_equals_single_device(params, reference, shape, overrides):
   mesh = sharding.make_mesh(shape)
-  state, metrics = _run(params, dataclasses.replace(RL, num_micro_batches=micro), mesh)
+  state, metrics = _run(params, dataclasses.replace(RL, **overrides), mesh)
   _assert_same_step(state, metrics, reference)
+  assert metrics.get("kl", 0.0) == 0.0
 
 
 def test_frozen_params_bit_identical(params):
