@@ -275,6 +275,11 @@ def _accumulate(params, micro: _Micro, old_MBT, ref_MBT, denom, n_tokens, loss_f
   return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params), m
 
 
+def _merge(a: Any, b: Any) -> Any:
+  """Leaves of `a`, with `b`'s where `a` holds None (same structure otherwise)."""
+  return jax.tree.map(lambda x, y: y if x is None else x, a, b, is_leaf=lambda x: x is None)
+
+
 def _train_step(state: TrainState, batch: Batch, ref_params: Any, *, model_cfg: ModelConfig,
                 rl_cfg: RLConfig, optimizer: optax.GradientTransformation, trainable: Any):
   cfg, M = rl_cfg, rl_cfg.num_micro_batches
@@ -310,13 +315,14 @@ def _train_step(state: TrainState, batch: Batch, ref_params: Any, *, model_cfg: 
   if cfg.num_iterations > 1:
     old_MBT = jax.lax.stop_gradient(logprobs_per_micro(state.params, cfg.router_replay))
 
-  def frozen_to_constants(params):
-    return jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
-
-  loss_fn = lambda p, *a: _micro_loss(frozen_to_constants(p), *a, model_cfg=model_cfg, rl_cfg=cfg, M=M)
-
   def iteration(state, _):
-    grads, m = _accumulate(state.params, micro, old_MBT, ref_MBT, denom, n_tokens, loss_fn)
+    # Differentiate the trainable leaves only: frozen ones get no gradient accumulators.
+    train = jax.tree.map(lambda p, t: p if t else None, state.params, trainable)
+    frozen = jax.tree.map(lambda p, t: None if t else p, state.params, trainable)
+    loss_fn = lambda train, *a: _micro_loss(_merge(train, frozen), *a, model_cfg=model_cfg,
+                                            rl_cfg=cfg, M=M)
+    grads, m = _accumulate(train, micro, old_MBT, ref_MBT, denom, n_tokens, loss_fn)
+    grads = _merge(grads, jax.tree.map(jnp.zeros_like, frozen))  # ignored by set_to_zero
     finite = jnp.isfinite(m["loss"]) & jnp.all(
         jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
