@@ -65,8 +65,14 @@ class TrainState:
 
 def make_batch(prompt_tokens_BP: jax.Array, prompt_mask_BP: jax.Array, rollout: Any,
                rewards_BG: jax.Array) -> Batch:
-  """A Batch from left-padded prompts [B, P], a Rollout with B * G rows and rewards [B, G]."""
+  """A Batch from left-padded prompts [B, P], a Rollout with B * G rows and rewards [B, G].
+
+  prompt_mask_BP: bool [B, P] (True on real tokens), or int prompt lengths [B].
+  """
   B, G = rewards_BG.shape
+  P = prompt_tokens_BP.shape[1]
+  if jnp.ndim(prompt_mask_BP) == 1:  # lengths of left-padded prompts
+    prompt_mask_BP = jnp.arange(P)[None, :] >= P - jnp.asarray(prompt_mask_BP)[:, None]
   if rollout.tokens.shape[0] != B * G or prompt_tokens_BP.shape[0] != B:
     raise ValueError(f"rollout has {rollout.tokens.shape[0]} rows and prompts {prompt_tokens_BP.shape[0]};"
                      f" rewards [B={B}, G={G}] need B prompts and B * G rows.")

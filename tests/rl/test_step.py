@@ -196,6 +196,8 @@ def test_make_batch_follows_the_contract():
   np.testing.assert_array_equal(b.loss_mask[3], [False, False, False, True, True, True])
   np.testing.assert_array_equal(b.truncated, [False, True, False, True])
   assert b.experts.shape == (L, 4, 6, A)
+  from_lengths = step.make_batch(prompts, np.array([2, 3]), rollout, np.ones((2, 2), np.float32))
+  np.testing.assert_array_equal(from_lengths.token_mask, b.token_mask)
   with pytest.raises(ValueError, match="B \\* G rows"):
     step.make_batch(prompts, prompt_mask, rollout, np.ones((2, 3), np.float32))
 
