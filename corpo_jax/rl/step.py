@@ -45,7 +45,7 @@ BATCH_AXES = ("data", "fsdp", "expert")  # mesh axes the rows of a Batch are spl
 
 @flax.struct.dataclass
 class Batch:
-  """One RL update's data; rows are the B * G completions, samples of prompt b at rows b*G..b*G+G-1."""
+  """One RL update's data; B * G rows, the samples of prompt b at rows b*G .. b*G+G-1."""
 
   tokens: jax.Array  # int32 [BG, T]: left-padded prompt, then the completion
   token_mask: jax.Array  # bool [BG, T]: real tokens
