@@ -52,8 +52,7 @@ def test_params_are_sharded_as_the_rules_say():
   assert params["thinking"]["step_head"].sharding.spec == P("fsdp", None)
   assert params["final_norm"]["scale"].sharding.spec == P(None)
   # Same values as an unsharded init from the same key.
-  single = model.init_params(cfg, jax.random.key(0))
-  jax.tree.map(np.testing.assert_array_equal, params, single)
+  jax.tree.map(np.testing.assert_array_equal, params, _single_device_result()[0])
 
 
 S, E = THINK_START_ID, THINK_END_ID
