@@ -174,6 +174,15 @@ def cache_logical_axes(cfg: ModelConfig) -> Cache:
                next_pos_B=("batch",), think_open_B=("batch",))
 
 
+def _attention_mask(query_slot_T: jax.Array, key_slot_S: jax.Array,
+                    key_valid_BS: jax.Array) -> jax.Array:
+  """Causal mask over valid keys; every query also sees its own slot, so a padding query
+  (left padding) attends to itself instead of spreading uniformly over future slots."""
+  causal_TS = query_slot_T[:, None] >= key_slot_S[None, :]
+  self_TS = query_slot_T[:, None] == key_slot_S[None, :]
+  return causal_TS[None] & (key_valid_BS[:, None, :] | self_TS[None])
+
+
 def run(params: Any, cfg: ModelConfig, tokens_BT: jax.Array, token_mask_BT: jax.Array | None = None,
         *, cache: Cache | None = None, experts_LBTA: jax.Array | None = None,
         think_mask_BT: jax.Array | None = None) -> Output:
@@ -194,15 +203,13 @@ def run(params: Any, cfg: ModelConfig, tokens_BT: jax.Array, token_mask_BT: jax.
   rank_BT = jnp.cumsum(token_mask_BT, axis=1, dtype=jnp.int32) - 1
   if cache is None:
     pos_BT = jnp.maximum(rank_BT, 0)
-    slot = jnp.arange(T)
-    mask_BTS = (slot[None, :, None] >= slot[None, None, :]) & token_mask_BT[:, None, :]
+    mask_BTS = _attention_mask(jnp.arange(T), jnp.arange(T), token_mask_BT)
     write_index, open_in = None, None
     cache_in = {"k": None, "v": None, "think_k": None, "think_v": None}
   else:
     pos_BT = jnp.maximum(cache.next_pos_B[:, None] + rank_BT, 0)
     valid_BS = jax.lax.dynamic_update_slice(cache.valid_BS, token_mask_BT, (0, cache.end))
-    slot_T = cache.end + jnp.arange(T)
-    mask_BTS = (slot_T[None, :, None] >= jnp.arange(cache.size)[None, None, :]) & valid_BS[:, None, :]
+    mask_BTS = _attention_mask(cache.end + jnp.arange(T), jnp.arange(cache.size), valid_BS)
     write_index, open_in = cache.end, cache.think_open_B
     cache_in = {"k": cache.k, "v": cache.v, "think_k": cache.think_k, "think_v": cache.think_v}
   if think_mask_BT is None:
