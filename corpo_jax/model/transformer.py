@@ -218,8 +218,12 @@ def run(params: Any, cfg: ModelConfig, tokens_BT: jax.Array, token_mask_BT: jax.
 
   new_cache = None
   if cache is not None:
-    new_cache = Cache(k=base_out["k"], v=base_out["v"], think_k=think_out["k"],
-                      think_v=think_out["v"], valid_BS=valid_BS, end=cache.end + T,
+    write = lambda c, new: None if c is None else jax.lax.dynamic_update_slice(
+        c, new, (0, 0, cache.end, 0, 0))  # in place in a decode loop's carry
+    new_cache = Cache(k=write(cache.k, base_out["k"]), v=write(cache.v, base_out["v"]),
+                      think_k=write(cache.think_k, think_out["k"]),
+                      think_v=write(cache.think_v, think_out["v"]), valid_BS=valid_BS,
+                      end=cache.end + T,
                       next_pos_B=cache.next_pos_B + token_mask_BT.sum(1, dtype=jnp.int32),
                       think_open_B=think_mask_BT[:, -1])
   return Output(hidden=hidden, cache=new_cache, experts_LBTA=base_out["experts"],
