@@ -99,19 +99,27 @@ def measure(args) -> dict:
           "load_avg_1m": round(os.getloadavg()[0], 2)}
 
 
+def _cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+  except (OSError, StopIteration):
+    return platform.machine()
+
+
 def _write_docs(args, result: dict) -> None:
   flags = " ".join(f"--{k}={v}" for k, v in sorted(vars(args).items())
                    if k not in ("command", "write_docs", "runs", "seed"))
   if not os.path.exists(_DOCS):
     with open(_DOCS, "w") as f:
       f.write("# Benchmarks\n\n## Rollout (`python -m corpo_jax.bench rollout`)\n\n"
-              "| date (UTC) | machine | flags | tokens/s | decode step ms | prefill ms | "
-              "compile s | load 1m |\n|---|---|---|---|---|---|---|---|\n")
-  machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}"
+              "| date (UTC) | machine | flags | tokens/s | decode step ms | decode step CPU ms | "
+              "prefill ms | compile s | load 1m |\n|---|---|---|---|---|---|---|---|---|\n")
+  machine = f"{_cpu_name()}, {os.cpu_count()} cores, jax {jax.__version__}"
   date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
   with open(_DOCS, "a") as f:
     f.write(f"| {date} | {machine} | `{flags}` | {result['tokens_per_s']} | "
-            f"{result['decode_step_ms']} | {result['prefill_ms']} | {result['compile_s']} | "
+            f"{result['decode_step_ms']} | {result['decode_step_cpu_ms']} | {result['prefill_ms']} | {result['compile_s']} | "
             f"{result['load_avg_1m']} |\n")
 
 
