@@ -287,8 +287,9 @@ def generate(params: Any, cfg: ModelConfig, prompts_BP: jax.Array, prompt_mask_B
   """
   strategy = _check_strategy(strategy if isinstance(strategy, Sequence) else (strategy,))
   B, P = prompts_BP.shape
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1.")
+  if max_new_tokens < 1 or num_samples < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens}, num_samples={num_samples}: both must be "
+                     f">= 1.")
   P_pad, T_pad = bucket(P), bucket(max_new_tokens)
   if P_pad + T_pad > cfg.max_seq_len:
     raise ValueError(f"prompt bucket {P_pad} + completion bucket {T_pad} exceeds "

@@ -78,8 +78,8 @@ def test_greedy_equals_uncached_argmax(params, plain_params, thinking):
 
 def test_logprobs_match_forward(params):
   prompts, mask = _prompts([5, 9], 9)
-  for strategy in [(sampling.Temperature(1.0),), (sampling.Temperature(0.7), sampling.TopK(5)),
-                   (sampling.TopP(0.6),)]:
+  for strategy in [(sampling.Temperature(1.0),),
+                   (sampling.Temperature(0.7), sampling.TopK(20), sampling.TopP(0.6))]:
     out = sampling.generate(params, TINY, prompts, mask, rng=jax.random.key(3), num_samples=3,
                             max_new_tokens=4, strategy=strategy)
     full = np.concatenate([np.repeat(np.asarray(prompts), 3, 0), np.asarray(out.tokens)], 1)
@@ -100,7 +100,7 @@ def test_logprobs_match_forward(params):
         keep_sorted = np.cumsum(sorted_probs, -1) - sorted_probs < s.p
         keep = np.zeros_like(keep_sorted)
         np.put_along_axis(keep, order, keep_sorted, -1)
-        assert 1 <= keep.sum(-1).min() and keep.sum(-1).max() < TINY.vocab_size
+        assert 1 <= keep.sum(-1).min() and (keep.sum(-1) < np.isfinite(logits).sum(-1)).all()
         logits = np.where(keep, logits, -np.inf)
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
         - logits.max(-1, keepdims=True)
