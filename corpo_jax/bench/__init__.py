@@ -1,1 +1,1 @@
-"""Benchmarks that measure this code on the machine at hand (results go to docs/)."""
+"""Benchmarks: python -m corpo_jax.bench {rollout,...}."""

@@ -53,9 +53,11 @@ class Attention(nn.Module):
   """Causal grouped-query attention with RoPE and an optional KV cache.
 
   Without a cache the keys are this call's tokens (S == T). With a cache ({"k", "v"}: [B, S, K, H])
-  the new keys and values are written at slot `write_index` and the queries attend over all S
-  slots; `mask_BTS` says which slots each query may see (causality, padding, unwritten slots).
-  Returns (new_cache, out_BTD); new_cache is None without a cache.
+  the queries attend over the cached slots before `write_index` and this call's T tokens, which
+  belong at slots write_index .. write_index + T - 1; `mask_BTS` says which of the S slots each
+  query may see (causality, padding, unwritten slots). Returns (new_cache, out_BTD): new_cache
+  holds only this call's keys and values ({"k", "v"}: [B, T, K, H]) for the caller to write into
+  its cache (in place, outside the layer stack); None without a cache.
   """
 
   cfg: ModelConfig
@@ -77,20 +79,44 @@ class Attention(nn.Module):
     v_BTKH = jnp.einsum("BTD,DKH->BTKH", x, w_v.astype(dt))
     q_BTNH = constrain(q_BTNH, ("batch", "length", "heads", "head_dim"))
 
-    new_cache = None
-    k_BSKH, v_BSKH = k_BTKH, v_BTKH
-    if cache is not None:
-      start = (0, write_index, 0, 0)
-      k_BSKH = jax.lax.dynamic_update_slice(cache["k"], k_BTKH.astype(cache["k"].dtype), start)
-      v_BSKH = jax.lax.dynamic_update_slice(cache["v"], v_BTKH.astype(cache["v"].dtype), start)
-      new_cache = {"k": k_BSKH, "v": v_BSKH}
-
     B, T = x_BTD.shape[:2]
     q_BTKQH = q_BTNH.reshape(B, T, K, N // K, H)  # Q: query heads per kv head
-    logits_BKQTS = jnp.einsum("BTKQH,BSKH->BKQTS", q_BTKQH, k_BSKH.astype(dt),
+    logits_BKQTT = jnp.einsum("BTKQH,BSKH->BKQTS", q_BTKQH, k_BTKH,
                               preferred_element_type=jnp.float32) * H ** -0.5
-    logits_BKQTS = jnp.where(mask_BTS[:, None, None], logits_BKQTS, NEG_INF)
-    probs_BKQTS = jax.nn.softmax(logits_BKQTS, axis=-1).astype(dt)
-    out_BTKQH = jnp.einsum("BKQTS,BSKH->BTKQH", probs_BKQTS, v_BSKH.astype(dt))
+    if cache is None:
+      probs_BKQTT = _softmax(logits_BKQTT, mask_BTS, dt)
+      out_BTKQH = jnp.einsum("BKQTS,BSKH->BTKQH", probs_BKQTT, v_BTKH)
+      new_cache = None
+    else:  # cached slots before write_index, then this call's T tokens; the caller writes k, v
+      S = cache["k"].shape[1]
+      old_BTS = mask_BTS & (jnp.arange(S) < write_index)
+      new_BTT = jax.lax.dynamic_slice_in_dim(mask_BTS, write_index, T, axis=2)
+      logits_BKQTS = _cached_scores(q_BTKQH, cache["k"].astype(dt)) * H ** -0.5
+      probs = _softmax(jnp.concatenate([logits_BKQTS, logits_BKQTT], -1),
+                       jnp.concatenate([old_BTS, new_BTT], -1), dt)
+      out_BTKQH = (_cached_mix(probs[..., :S], cache["v"].astype(dt))
+                   + jnp.einsum("BKQTS,BSKH->BTKQH", probs[..., S:], v_BTKH))
+      new_cache = {"k": k_BTKH.astype(cache["k"].dtype), "v": v_BTKH.astype(cache["v"].dtype)}
     out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTKQH.reshape(B, T, N, H), w_o.astype(dt))
     return new_cache, constrain(out_BTD, ("batch", "length", "act_embed"))
+
+
+def _softmax(logits_BKQTS: jax.Array, mask_BTS: jax.Array, dt: Any) -> jax.Array:
+  return jax.nn.softmax(jnp.where(mask_BTS[:, None, None], logits_BKQTS, NEG_INF), -1).astype(dt)
+
+
+def _cached_scores(q_BTKQH: jax.Array, k_BSKH: jax.Array) -> jax.Array:
+  """Query-key scores over cache slots (float32). One decode token (T == 1) uses a
+  multiply-reduce that XLA fuses with the read of the cache: no copy or transpose of it."""
+  if q_BTKQH.shape[1] > 1:
+    return jnp.einsum("BTKQH,BSKH->BKQTS", q_BTKQH, k_BSKH, preferred_element_type=jnp.float32)
+  prod = q_BTKQH[:, 0, None].astype(jnp.float32) * k_BSKH[:, :, :, None].astype(jnp.float32)
+  return jnp.sum(prod, -1).transpose(0, 2, 3, 1)[:, :, :, None]  # BSKQ -> BKQ1S
+
+
+def _cached_mix(probs_BKQTS: jax.Array, v_BSKH: jax.Array) -> jax.Array:
+  """Probability-weighted cache values [B, T, K, Q, H] (multiply-reduce for T == 1, as above)."""
+  if probs_BKQTS.shape[3] > 1:
+    return jnp.einsum("BKQTS,BSKH->BTKQH", probs_BKQTS, v_BSKH)
+  p_BSKQ1 = probs_BKQTS[:, :, :, 0].transpose(0, 3, 1, 2)[..., None]
+  return jnp.sum(p_BSKQ1 * v_BSKH[:, :, :, None], axis=1)[:, None]

@@ -112,6 +112,19 @@ def dispatch_sort(x_ND, experts_NA, gates_NA, token_mask_N, weights):
   return jnp.sum(y_MD.reshape(N, A, D) * gates_NA[..., None].astype(x_ND.dtype), axis=1)
 
 
+def dispatch_decode(x_ND, experts_NA, gates_NA, token_mask_N, weights, steps: int = 8):
+  """Capacity dispatch for one decode token per row when full capacity (C = N) drops nothing:
+  C is instead the smallest multiple of N / steps that holds the busiest expert's tokens, picked
+  at run time with lax.switch. Same result as C = N (nothing can be dropped), fewer FLOPs."""
+  N, E = x_ND.shape[0], weights[0].shape[0]
+  sizes = sorted({max(1, -(-N * i // steps)) for i in range(1, steps + 1)})
+  live_NA = token_mask_N[:, None].astype(jnp.int32)
+  load_E = jnp.sum(jax.nn.one_hot(experts_NA, E, dtype=jnp.int32) * live_NA[..., None], (0, 1))
+  branch = jnp.searchsorted(jnp.asarray(sizes), jnp.max(load_E))
+  branches = [lambda *a, C=C: dispatch_capacity(*a, C=C) for C in sizes]
+  return jax.lax.switch(branch, branches, x_ND, experts_NA, gates_NA, token_mask_N, weights)
+
+
 class MoE(nn.Module):
   """Router + SwiGLU experts. Returns (y_BTD, experts_BTA)."""
 
@@ -137,7 +150,9 @@ class MoE(nn.Module):
       self.sow("intermediates", name, value)
 
     weights = tuple(w.astype(cfg.dtype) for w in (w_gate, w_up, w_down))
-    if cfg.moe_dispatch == "capacity":
+    if cfg.moe_dispatch == "capacity" and T == 1 and capacity(B * T, cfg) == B * T:
+      y_ND = dispatch_decode(x_ND, experts_NA, gates_NA, mask_N, weights)
+    elif cfg.moe_dispatch == "capacity":
       y_ND = dispatch_capacity(x_ND, experts_NA, gates_NA, mask_N, weights, capacity(B * T, cfg))
     else:
       y_ND = dispatch_sort(x_ND, experts_NA, gates_NA, mask_N, weights)

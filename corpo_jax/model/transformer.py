@@ -46,13 +46,16 @@ class Block(nn.Module):
     return x_BTD, {**new_cache, "experts": experts_BTA}
 
 
-def _stack(cfg: ModelConfig, length: int, name: str) -> nn.Module:
+def _stack(cfg: ModelConfig, length: int, name: str, decoding: bool) -> nn.Module:
+  """The scanned layers; unrolled when decoding with a cache, so that each layer reads its weights
+  in place instead of the scan copying a dynamic slice of the stacked weights every step."""
   block = Block
   if cfg.remat != "none":
     block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
   return nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
                  split_rngs={"params": True}, in_axes=(0,) + (nn.broadcast,) * 4,
-                 length=length, metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name=name)
+                 length=length, unroll=length if decoding else 1,
+                 metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name=name)
 
 
 @flax.struct.dataclass
@@ -105,7 +108,7 @@ class Transformer(nn.Module):
       param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), fan_in_init(0, 1), cfg)
     x_BTD = constrain(embed_VD.astype(cfg.dtype)[tokens_BT], ("batch", "length", "act_embed"))
     args = (pos_BT, mask_BTS, token_mask_BT, write_index)
-    x_BTD, base_out = _stack(cfg, cfg.num_layers, "layers")(
+    x_BTD, base_out = _stack(cfg, cfg.num_layers, "layers", cache_in["k"] is not None)(
         x_BTD, {"k": cache_in["k"], "v": cache_in["v"], "experts": experts_LBTA}, *args)
     hidden = Hidden(RMSNorm(cfg, name="final_norm")(x_BTD), None, think_mask_BT)
     step_logits, think_out = None, {"k": None, "v": None}
@@ -127,7 +130,7 @@ class ThinkingHead(nn.Module):
     cfg = self.cfg
     if not cfg.thinking_shared_unembed:
       param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), fan_in_init(0, 1), cfg)
-    x_BTD, out = _stack(cfg, cfg.thinking_layers, "layers")(
+    x_BTD, out = _stack(cfg, cfg.thinking_layers, "layers", cache_in["k"] is not None)(
         x_BTD, {**cache_in, "experts": None}, pos_BT, mask_BTS, token_mask_BT, write_index)
     h_BTD = RMSNorm(cfg, name="norm")(x_BTD)
     w_DC = param(self, "step_head", (cfg.d_model, cfg.num_step_classes), ("embed", "classes"),
@@ -222,8 +225,12 @@ def run(params: Any, cfg: ModelConfig, tokens_BT: jax.Array, token_mask_BT: jax.
 
   new_cache = None
   if cache is not None:
-    new_cache = Cache(k=base_out["k"], v=base_out["v"], think_k=think_out["k"],
-                      think_v=think_out["v"], valid_BS=valid_BS, end=cache.end + T,
+    write = lambda c, new: None if c is None else jax.lax.dynamic_update_slice(
+        c, new, (0, 0, cache.end, 0, 0))  # in place in a decode loop's carry
+    new_cache = Cache(k=write(cache.k, base_out["k"]), v=write(cache.v, base_out["v"]),
+                      think_k=write(cache.think_k, think_out["k"]),
+                      think_v=write(cache.think_v, think_out["v"]), valid_BS=valid_BS,
+                      end=cache.end + T,
                       next_pos_B=cache.next_pos_B + token_mask_BT.sum(1, dtype=jnp.int32),
                       think_open_B=think_mask_BT[:, -1])
   return Output(hidden=hidden, cache=new_cache, experts_LBTA=base_out["experts"],
