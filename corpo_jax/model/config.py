@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, Mapping
 
 # Special token ids shared by the bundled SentencePiece tokenizer (corpo_jax/data/tokenizer.py).
@@ -54,6 +55,23 @@ class ModelConfig:
   remat: str = "none"  # "none", "full" (recompute each layer) or "dots" (save matmul outputs)
 
   def __post_init__(self):
+    for field in _POSITIVE_INTS:
+      value = getattr(self, field)
+      if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"model.{field}={value!r} must be a positive integer.")
+    for field in ("rope_theta", "norm_eps"):
+      if not getattr(self, field) > 0:
+        raise ValueError(f"model.{field}={getattr(self, field)!r} must be > 0.")
+    for field in ("load_balance_weight", "z_loss_weight"):
+      if not getattr(self, field) >= 0:
+        raise ValueError(f"model.{field}={getattr(self, field)!r} must be >= 0 (0 disables it).")
+    for field in ("pad_id", "think_start_id", "think_end_id"):
+      if not -1 <= getattr(self, field) < self.vocab_size:
+        raise ValueError(f"model.{field}={getattr(self, field)} must be a token id in "
+                         f"[0, model.vocab_size={self.vocab_size}) or -1 (no such token).")
+    if self.think_start_id >= 0 and self.think_start_id == self.think_end_id:
+      raise ValueError(f"model.think_start_id and model.think_end_id are both "
+                       f"{self.think_start_id}; a think span needs two distinct tokens.")
     _check_choice("moe_dispatch", self.moe_dispatch, DISPATCH_MODES)
     _check_choice("remat", self.remat, REMAT_POLICIES)
     _check_choice("dtype", self.dtype, DTYPES)
@@ -92,6 +110,10 @@ class ModelConfig:
     if unknown:
       raise ValueError(f"Unknown model config field(s) {unknown}; valid fields: {sorted(names)}.")
     return cls(**d)
+
+
+_POSITIVE_INTS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                  "d_ff", "num_experts", "top_k", "max_seq_len", "num_step_classes")
 
 
 def _check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from corpo_jax.model.config import ModelConfig
 from corpo_jax.sharding import constrain
 
-NEG_INF = -1e30  # finite: a fully masked row (left padding) gives a uniform softmax, never NaN
+NEG_INF = -1e30  # finite: masked logits never produce NaN
 
 
 def fan_in_init(in_axis: int | Sequence[int], out_axis: int | Sequence[int],

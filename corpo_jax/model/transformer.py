@@ -46,13 +46,16 @@ class Block(nn.Module):
     return x_BTD, {**new_cache, "experts": experts_BTA}
 
 
-def _stack(cfg: ModelConfig, length: int, name: str) -> nn.Module:
+def _stack(cfg: ModelConfig, length: int, name: str, decoding: bool) -> nn.Module:
+  """The scanned layers; unrolled when decoding with a cache, so that each layer reads its weights
+  in place instead of the scan copying a dynamic slice of the stacked weights every step."""
   block = Block
   if cfg.remat != "none":
     block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
   return nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
                  split_rngs={"params": True}, in_axes=(0,) + (nn.broadcast,) * 4,
-                 length=length, metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name=name)
+                 length=length, unroll=length if decoding else 1,
+                 metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name=name)
 
 
 @flax.struct.dataclass
@@ -105,7 +108,7 @@ class Transformer(nn.Module):
       param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), fan_in_init(0, 1), cfg)
     x_BTD = constrain(embed_VD.astype(cfg.dtype)[tokens_BT], ("batch", "length", "act_embed"))
     args = (pos_BT, mask_BTS, token_mask_BT, write_index)
-    x_BTD, base_out = _stack(cfg, cfg.num_layers, "layers")(
+    x_BTD, base_out = _stack(cfg, cfg.num_layers, "layers", cache_in["k"] is not None)(
         x_BTD, {"k": cache_in["k"], "v": cache_in["v"], "experts": experts_LBTA}, *args)
     hidden = Hidden(RMSNorm(cfg, name="final_norm")(x_BTD), None, think_mask_BT)
     step_logits, think_out = None, {"k": None, "v": None}
@@ -127,7 +130,7 @@ class ThinkingHead(nn.Module):
     cfg = self.cfg
     if not cfg.thinking_shared_unembed:
       param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), fan_in_init(0, 1), cfg)
-    x_BTD, out = _stack(cfg, cfg.thinking_layers, "layers")(
+    x_BTD, out = _stack(cfg, cfg.thinking_layers, "layers", cache_in["k"] is not None)(
         x_BTD, {**cache_in, "experts": None}, pos_BT, mask_BTS, token_mask_BT, write_index)
     h_BTD = RMSNorm(cfg, name="norm")(x_BTD)
     w_DC = param(self, "step_head", (cfg.d_model, cfg.num_step_classes), ("embed", "classes"),
@@ -174,6 +177,15 @@ def cache_logical_axes(cfg: ModelConfig) -> Cache:
                next_pos_B=("batch",), think_open_B=("batch",))
 
 
+def _attention_mask(query_slot_T: jax.Array, key_slot_S: jax.Array,
+                    key_valid_BS: jax.Array) -> jax.Array:
+  """Causal mask over valid keys; every query also sees its own slot, so a padding query
+  (left padding) attends to itself instead of spreading uniformly over future slots."""
+  causal_TS = query_slot_T[:, None] >= key_slot_S[None, :]
+  self_TS = query_slot_T[:, None] == key_slot_S[None, :]
+  return causal_TS[None] & (key_valid_BS[:, None, :] | self_TS[None])
+
+
 def run(params: Any, cfg: ModelConfig, tokens_BT: jax.Array, token_mask_BT: jax.Array | None = None,
         *, cache: Cache | None = None, experts_LBTA: jax.Array | None = None,
         think_mask_BT: jax.Array | None = None) -> Output:
@@ -194,15 +206,13 @@ def run(params: Any, cfg: ModelConfig, tokens_BT: jax.Array, token_mask_BT: jax.
   rank_BT = jnp.cumsum(token_mask_BT, axis=1, dtype=jnp.int32) - 1
   if cache is None:
     pos_BT = jnp.maximum(rank_BT, 0)
-    slot = jnp.arange(T)
-    mask_BTS = (slot[None, :, None] >= slot[None, None, :]) & token_mask_BT[:, None, :]
+    mask_BTS = _attention_mask(jnp.arange(T), jnp.arange(T), token_mask_BT)
     write_index, open_in = None, None
     cache_in = {"k": None, "v": None, "think_k": None, "think_v": None}
   else:
     pos_BT = jnp.maximum(cache.next_pos_B[:, None] + rank_BT, 0)
     valid_BS = jax.lax.dynamic_update_slice(cache.valid_BS, token_mask_BT, (0, cache.end))
-    slot_T = cache.end + jnp.arange(T)
-    mask_BTS = (slot_T[None, :, None] >= jnp.arange(cache.size)[None, None, :]) & valid_BS[:, None, :]
+    mask_BTS = _attention_mask(cache.end + jnp.arange(T), jnp.arange(cache.size), valid_BS)
     write_index, open_in = cache.end, cache.think_open_B
     cache_in = {"k": cache.k, "v": cache.v, "think_k": cache.think_k, "think_v": cache.think_v}
   if think_mask_BT is None:

@@ -1,0 +1,1 @@
+"""Benchmarks: python -m corpo_jax.bench {rollout,...}."""

@@ -1,0 +1,407 @@
+"""The RL update: a pure, jitted step from a rollout batch to new parameters.
+
+`update = make_update(model_cfg, rl_cfg, mesh, optimizer)` compiles once (explicit in/out
+shardings, donated state) a function
+
+    update(state: TrainState, batch: Batch, ref_params=None) -> (state, metrics)
+
+that, for `rl_cfg.num_iterations` optimizer steps on the same batch: computes advantages from
+the rewards (plus the overlong penalty), the policy's log-probs of the completion tokens
+(logits / temperature projected chunk by chunk over time, so [B, T, V] is never live), the
+PPO/GSPO surrogate, beta * KL against `ref_params` (needed only when beta > 0), the MoE
+auxiliary losses, and gradients accumulated over micro-batches as an exact weighted mean. A step
+whose loss or gradients are not finite is skipped: parameters and optimizer state stay as they
+were and `state.skipped` counts it. Nothing is random, so no rng is taken.
+
+Log-probs live in "token space": logp_BT[:, t] = log pi(tokens[t] | tokens[:t]) (from the
+logits at t - 1; 0 at t = 0), aligned with Batch.loss_mask.
+Micro-batch m holds rows m, m + M, m + 2M, ... so every device keeps an equal share of each.
+Aux losses of a micro-batch are its own means (load balance is not additive over tokens); the
+update adds their mean over micro-batches, so accumulation equals the full batch exactly only
+for the policy loss and KL.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from corpo_jax import model, sharding
+from corpo_jax.model import ModelConfig
+from corpo_jax.rl import advantages, losses
+from corpo_jax.rl.config import BASE, RLConfig
+
+BATCH_AXES = ("data", "fsdp", "expert")  # mesh axes the rows of a Batch are split over
+
+
+@flax.struct.dataclass
+class Batch:
+  """One RL update's data; B * G rows, the samples of prompt b at rows b*G .. b*G+G-1."""
+
+  tokens: jax.Array  # int32 [BG, T]: left-padded prompt, then the completion
+  token_mask: jax.Array  # bool [BG, T]: real tokens
+  loss_mask: jax.Array  # bool [BG, T]: completion tokens to train on
+  rewards: jax.Array  # float32 [B, G]
+  truncated: jax.Array  # bool [BG]: hit the length limit without EOS
+  experts: jax.Array | None = None  # int32 [L, BG, T, A]: rollout's expert choices
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32: update() calls so far
+  params: Any
+  opt_state: Any
+  skipped: jax.Array  # int32: optimizer steps skipped for a non-finite loss or gradient
+
+
+def make_batch(prompt_tokens_BP: jax.Array, prompt_mask_BP: jax.Array, rollout: Any,
+               rewards_BG: jax.Array) -> Batch:
+  """A Batch from left-padded prompts [B, P], a Rollout with B * G rows and rewards [B, G].
+
+  prompt_mask_BP: bool [B, P] (True on real tokens), or int prompt lengths [B].
+  """
+  B, G = rewards_BG.shape
+  P = prompt_tokens_BP.shape[1]
+  if jnp.ndim(prompt_mask_BP) == 1:  # lengths of left-padded prompts
+    prompt_mask_BP = jnp.arange(P)[None, :] >= P - jnp.asarray(prompt_mask_BP)[:, None]
+  if rollout.tokens.shape[0] != B * G or prompt_tokens_BP.shape[0] != B:
+    raise ValueError(f"rollout has {rollout.tokens.shape[0]} rows and prompts {prompt_tokens_BP.shape[0]};"
+                     f" rewards [B={B}, G={G}] need B prompts and B * G rows.")
+  repeat = lambda x: jnp.repeat(x, G, axis=0)
+  prompt_mask = repeat(jnp.asarray(prompt_mask_BP, bool))
+  completion_mask = jnp.asarray(rollout.mask, bool)
+  return Batch(
+      tokens=jnp.concatenate([repeat(jnp.asarray(prompt_tokens_BP, jnp.int32)),
+                              jnp.asarray(rollout.tokens, jnp.int32)], axis=1),
+      token_mask=jnp.concatenate([prompt_mask, completion_mask], axis=1),
+      loss_mask=jnp.concatenate([jnp.zeros_like(prompt_mask), completion_mask], axis=1),
+      rewards=jnp.asarray(rewards_BG, jnp.float32),
+      truncated=jnp.asarray(rollout.truncated, bool),
+      experts=rollout.experts)
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def param_paths(params: Any) -> Any:
+  """The "/"-joined path of every leaf, e.g. "layers/moe/router" (same tree structure)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda kp, _: "/".join(str(k.key) for k in kp), nn.unbox(params))
+
+
+def trainable_mask(freeze: tuple[str, ...], params: Any) -> Any:
+  """True for leaves that no `freeze` pattern matches; each pattern must match some leaf.
+
+  A pattern matches a path when it matches (re.match) the path up to a "/" or its end:
+  "layers/attn" freezes layers/attn/q, ... but not layers/attn_norm.
+  """
+  paths = param_paths(params)
+  flat = jax.tree.leaves(paths)
+  def frozen_by(pattern: str, path: str) -> bool:
+    if pattern == BASE:
+      return not (path == "thinking" or path.startswith("thinking/"))
+    return re.match(f"(?:{pattern})(?:/|$)", path) is not None
+  for pattern in freeze:
+    if not any(frozen_by(pattern, p) for p in flat):
+      raise ValueError(f"rl.freeze pattern {pattern!r} matches no parameter; paths look like "
+                       f"{flat[:4]} (or use {BASE!r} for all but params['thinking']).")
+  return jax.tree.map(lambda p: not any(frozen_by(f, p) for f in freeze), paths)
+
+
+def schedule(rl_cfg: RLConfig) -> optax.Schedule:
+  """Linear warmup from 0, then cosine decay to 0 over `decay_steps` (constant if 0)."""
+  lr, warmup = rl_cfg.learning_rate, rl_cfg.warmup_steps
+  if rl_cfg.decay_steps:
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, warmup + rl_cfg.decay_steps)
+  if not warmup:
+    return optax.constant_schedule(lr)
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)],
+                              [warmup])
+
+
+def make_optimizer(rl_cfg: RLConfig, params: Any) -> optax.GradientTransformation:
+  """AdamW with `schedule`, global-norm clipping (over trainable leaves), and `freeze`: frozen
+  leaves get no update and no optimizer state. `params` may be abstract (shapes only)."""
+  train = optax.chain(
+      optax.clip_by_global_norm(rl_cfg.grad_clip_norm) if rl_cfg.grad_clip_norm else optax.identity(),
+      optax.adamw(schedule(rl_cfg), b1=rl_cfg.b1, b2=rl_cfg.b2, weight_decay=rl_cfg.weight_decay))
+  mask = trainable_mask(rl_cfg.freeze, params)
+  if all(jax.tree.leaves(mask)):
+    return train
+  labels = jax.tree.map(lambda t: "train" if t else "frozen", mask)
+  return optax.multi_transform({"train": train, "frozen": optax.set_to_zero()}, labels)
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def state_shardings(model_cfg: ModelConfig, optimizer: optax.GradientTransformation,
+                    mesh: Mesh) -> TrainState:
+  """Shardings of a TrainState: optimizer moments follow their parameter, the rest replicated."""
+  abstract = nn.unbox(model.abstract_params(model_cfg))
+  param_sh = model.param_shardings(model_cfg, mesh)
+  by_path = {}
+  for kp, sh in jax.tree_util.tree_flatten_with_path(param_sh)[0]:
+    by_path[tuple(k.key for k in kp)] = sh
+
+  def one(kp, leaf):
+    keys = tuple(k.key for k in kp if isinstance(k, jax.tree_util.DictKey))
+    for start in range(len(keys)):  # optax may nest the moments under its own dict keys
+      if keys[start:] in by_path and leaf.ndim:
+        return by_path[keys[start:]]
+    return sharding.replicated(mesh)
+
+  opt_sh = jax.tree_util.tree_map_with_path(one, jax.eval_shape(optimizer.init, abstract))
+  rep = sharding.replicated(mesh)
+  return TrainState(step=rep, params=param_sh, opt_state=opt_sh, skipped=rep)
+
+
+def init_state(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, params: Any,
+               mesh: Mesh | None = None) -> TrainState:
+  """A TrainState at step 0 holding a copy of `params` (so the caller may keep `params` as the
+  reference policy while the state is donated), laid out in `state_shardings`."""
+  def init(params):
+    params = jax.tree.map(jnp.copy, params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=optimizer.init(params), skipped=jnp.zeros((), jnp.int32))
+  if mesh is None:
+    return jax.jit(init)(params)
+  with jax.set_mesh(mesh):
+    return jax.jit(init, out_shardings=state_shardings(model_cfg, optimizer, mesh))(params)
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+
+def token_logprobs(params: Any, model_cfg: ModelConfig, tokens_BT: jax.Array,
+                   token_mask_BT: jax.Array, *, temperature: float = 1.0, chunk: int = 128,
+                   experts_LBTA: jax.Array | None = None) -> tuple[jax.Array, jax.Array, Any]:
+  """(logp_BT, entropy_BT, aux) of every token given its prefix, in token space (module doc).
+
+  Logits / temperature are projected `chunk` time steps at a time inside a rematerialised
+  lax.map, so at most [B, chunk, V] float32 logits are live, in the forward and backward pass.
+  entropy_BT[:, t] is the entropy of the distribution tokens[t] was drawn from.
+  """
+  out = model.run(params, model_cfg, tokens_BT, token_mask_BT, experts_LBTA=experts_LBTA)
+  B, T = tokens_BT.shape
+  c = min(chunk, T)
+  n = -(-T // c)
+  next_BT = jnp.concatenate([tokens_BT[:, 1:], jnp.zeros((B, 1), tokens_BT.dtype)], axis=1)
+
+  def to_chunks(x):  # [B, T, ...] -> [n, B, c, ...]
+    x = jnp.pad(x, [(0, 0), (0, n * c - T)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.swapaxes(x.reshape(B, n, c, *x.shape[2:]), 0, 1)
+
+  @jax.checkpoint
+  def one_chunk(xs):
+    hidden, next_Bc = xs
+    logp_BcV = jax.nn.log_softmax(model.project(params, model_cfg, hidden) / temperature, axis=-1)
+    logp_Bc = jnp.take_along_axis(logp_BcV, next_Bc[..., None], axis=-1)[..., 0]
+    entropy_Bc = -jnp.sum(jnp.exp(logp_BcV) * logp_BcV, axis=-1)
+    return logp_Bc, jax.lax.stop_gradient(entropy_Bc)
+
+  logp_nBc, entropy_nBc = jax.lax.map(one_chunk, jax.tree.map(to_chunks, (out.hidden, next_BT)))
+  from_chunks = lambda x: jnp.swapaxes(x, 0, 1).reshape(B, n * c)[:, :T - 1]
+  shift = lambda x: jnp.concatenate([jnp.zeros((B, 1), jnp.float32), from_chunks(x)], axis=1)
+  return shift(logp_nBc), shift(entropy_nBc), out.aux
+
+
+# ----------------------------------------------------------------------------- the update
+
+
+@flax.struct.dataclass
+class _Micro:
+  """Rows of one micro-batch (leading axis M when stacked)."""
+
+  tokens: jax.Array
+  token_mask: jax.Array
+  loss_mask: jax.Array
+  adv: jax.Array  # float32 [rows]
+  experts: jax.Array | None
+
+
+def _split(x: jax.Array, M: int, axis: int = 0) -> jax.Array:
+  """[.., BG, ..] -> [M, .., BG / M, ..]; micro-batch m gets rows m, m + M, ..."""
+  shape = x.shape[:axis] + (x.shape[axis] // M, M) + x.shape[axis + 1:]
+  return jnp.moveaxis(x.reshape(shape), axis + 1, 0)
+
+
+def _micro_loss(params, mb: _Micro, old_BT, ref_BT, denom, n_tokens, *, model_cfg: ModelConfig,
+                rl_cfg: RLConfig, M: int):
+  """This micro-batch's share of the loss (its sums / the full batch's denominators)."""
+  tokens = sharding.constrain(mb.tokens, ("batch", "length"))
+  experts = mb.experts if rl_cfg.router_replay else None
+  logp_BT, entropy_BT, aux = token_logprobs(
+      params, model_cfg, tokens, mb.token_mask, temperature=rl_cfg.temperature,
+      chunk=rl_cfg.logprob_chunk, experts_LBTA=experts)
+  mask_BT = mb.loss_mask
+  old_BT = jax.lax.stop_gradient(logp_BT) if old_BT is None else old_BT
+  log_r_BT = losses.log_ratio(logp_BT, old_BT, mask_BT, rl_cfg.importance_level)
+  pg_BT, clipped_BT = losses.clipped_surrogate(log_r_BT, mb.adv, rl_cfg.eps_low, rl_cfg.eps_high)
+  agg = lambda x: losses.aggregate_sum(x, mask_BT, rl_cfg.aggregation, rl_cfg.max_completion_len) / denom
+  token_mean = lambda x: jnp.sum(jnp.where(mask_BT, x, 0.0)) / n_tokens
+  m = {"pg_loss": agg(pg_BT),
+       "load_balance_loss": aux["load_balance_loss"] / M, "z_loss": aux["z_loss"] / M,
+       "expert_load": aux["expert_load"] / M, "entropy": token_mean(entropy_BT),
+       "clip_frac": token_mean(clipped_BT.astype(jnp.float32)),
+       "ratio_mean": token_mean(jax.lax.stop_gradient(jnp.exp(log_r_BT)))}
+  loss = (m["pg_loss"] + model_cfg.load_balance_weight * m["load_balance_loss"]
+          + model_cfg.z_loss_weight * m["z_loss"])
+  if rl_cfg.beta > 0:
+    m["kl"] = agg(losses.kl(logp_BT, ref_BT, rl_cfg.kl_estimator))
+    loss = loss + rl_cfg.beta * m["kl"]
+  m["loss"] = loss
+  return loss, m
+
+
+def _accumulate(params, micro: _Micro, old_MBT, ref_MBT, denom, n_tokens, loss_fn):
+  """Gradients and metrics summed over the micro-batches (lax.scan), float32 accumulators."""
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+
+  def body(acc, xs):
+    mb, old_BT, ref_BT = xs
+    grads, m = grad_fn(params, mb, old_BT, ref_BT, denom, n_tokens)
+    return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, (grads, m)), None
+
+  zero_m = jax.eval_shape(lambda: loss_fn(params, jax.tree.map(lambda x: x[0], micro),
+                                          None if old_MBT is None else old_MBT[0],
+                                          None if ref_MBT is None else ref_MBT[0],
+                                          denom, n_tokens)[1])
+  zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), (params, zero_m))
+  (grads, m), _ = jax.lax.scan(body, zeros, (micro, old_MBT, ref_MBT))
+  return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params), m
+
+
+def _merge(a: Any, b: Any) -> Any:
+  """Leaves of `a`, with `b`'s where `a` holds None (same structure otherwise)."""
+  return jax.tree.map(lambda x, y: y if x is None else x, a, b, is_leaf=lambda x: x is None)
+
+
+def _train_step(state: TrainState, batch: Batch, ref_params: Any, *, model_cfg: ModelConfig,
+                rl_cfg: RLConfig, optimizer: optax.GradientTransformation, trainable: Any):
+  cfg, M = rl_cfg, rl_cfg.num_micro_batches
+  B, G = batch.rewards.shape
+  lengths_BG = batch.loss_mask.sum(-1).reshape(B, G)
+  rewards_BG = batch.rewards
+  metrics = {}
+  if cfg.overlong_penalty:
+    penalty_BG = losses.overlong_penalty(lengths_BG, cfg.max_completion_len, cfg.overlong_buffer,
+                                         cfg.overlong_factor)
+    metrics["reward/overlong_penalty"] = penalty_BG.mean()
+    rewards_BG = rewards_BG + penalty_BG
+  adv_BG = advantages.compute(cfg.advantage, rewards_BG, tau=cfg.tau, scale=cfg.scale, eps=cfg.eps)
+  loss_mask = batch.loss_mask
+  if cfg.mask_truncated:
+    loss_mask = loss_mask & ~batch.truncated[:, None]
+  denom = jnp.maximum(losses.aggregate_denominator(loss_mask, cfg.aggregation), 1.0)
+  n_tokens = jnp.maximum(loss_mask.sum(dtype=jnp.float32), 1.0)
+  micro = _Micro(tokens=_split(batch.tokens, M), token_mask=_split(batch.token_mask, M),
+                 loss_mask=_split(loss_mask, M), adv=_split(adv_BG.reshape(B * G), M),
+                 experts=None if batch.experts is None else _split(batch.experts, M, axis=1))
+
+  def logprobs_per_micro(params, replay):
+    def one(mb):
+      return token_logprobs(params, model_cfg, mb.tokens, mb.token_mask,
+                            temperature=cfg.temperature, chunk=cfg.logprob_chunk,
+                            experts_LBTA=mb.experts if replay else None)[0]
+    return jax.lax.map(one, micro)
+
+  # The reference policy routes by itself; the policy replays the rollout's experts if asked.
+  ref_MBT = logprobs_per_micro(ref_params, False) if cfg.beta > 0 else None
+  old_MBT = None
+  if cfg.num_iterations > 1:
+    old_MBT = jax.lax.stop_gradient(logprobs_per_micro(state.params, cfg.router_replay))
+
+  def iteration(state, _):
+    # Differentiate the trainable leaves only: frozen ones get no gradient accumulators.
+    train = jax.tree.map(lambda p, t: p if t else None, state.params, trainable)
+    frozen = jax.tree.map(lambda p, t: None if t else p, state.params, trainable)
+    loss_fn = lambda train, *a: _micro_loss(_merge(train, frozen), *a, model_cfg=model_cfg,
+                                            rl_cfg=cfg, M=M)
+    grads, m = _accumulate(train, micro, old_MBT, ref_MBT, denom, n_tokens, loss_fn)
+    grads = _merge(grads, jax.tree.map(jnp.zeros_like, frozen))  # ignored by set_to_zero
+    finite = jnp.isfinite(m["loss"]) & jnp.all(
+        jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    m["grad_norm"] = optax.tree.norm(grads)
+    m["applied"] = finite.astype(jnp.float32)
+    return state.replace(params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+                         skipped=state.skipped + (~finite).astype(jnp.int32)), m
+
+  state, iter_metrics = jax.lax.scan(iteration, state, None, length=cfg.num_iterations)
+  metrics.update(jax.tree.map(lambda x: x[-1], iter_metrics))  # the last optimizer step's
+  metrics.update(advantages.diagnostics(batch.rewards, adv_BG, cfg.tau))
+  metrics.update({
+      "reward/mean": batch.rewards.mean(), "reward/std": batch.rewards.std(),
+      "adv/mean": adv_BG.mean(), "adv/std": adv_BG.std(),
+      "completion/length_mean": lengths_BG.mean(dtype=jnp.float32),
+      "completion/truncated_frac": batch.truncated.mean(dtype=jnp.float32),
+      "skipped": state.skipped})
+  return state.replace(step=state.step + 1), metrics
+
+
+def batch_shardings(mesh: Mesh, with_experts: bool) -> Batch:
+  """Rows over the BATCH_AXES mesh axes; rewards (tiny) replicated."""
+  rows = NamedSharding(mesh, P(BATCH_AXES))
+  return Batch(tokens=rows, token_mask=rows, loss_mask=rows, rewards=sharding.replicated(mesh),
+               truncated=rows,
+               experts=NamedSharding(mesh, P(None, BATCH_AXES)) if with_experts else None)
+
+
+def make_update(model_cfg: ModelConfig, rl_cfg: RLConfig, mesh: Mesh | None,
+                optimizer: optax.GradientTransformation) -> Callable[..., tuple[TrainState, dict]]:
+  """`update(state, batch, ref_params=None) -> (state, metrics)`, jitted once (module doc).
+
+  `state` is donated. `ref_params` (the frozen reference policy, laid out like the parameters)
+  is required when rl_cfg.beta > 0 and ignored otherwise. Batch rows must divide into
+  num_micro_batches and over the mesh's data * fsdp * expert devices. metrics: replicated
+  float32 scalars (expert_load [L + L_think, E]).
+  """
+  trainable = trainable_mask(rl_cfg.freeze, model.abstract_params(model_cfg))
+  step_fn = functools.partial(_train_step, model_cfg=model_cfg, rl_cfg=rl_cfg, optimizer=optimizer,
+                              trainable=trainable)
+  if mesh is None:
+    jitted = jax.jit(step_fn, donate_argnums=0)
+    row_devices = 1
+  else:
+    state_sh = state_shardings(model_cfg, optimizer, mesh)
+    batch_sh = batch_shardings(mesh, rl_cfg.router_replay)
+    ref_sh = model.param_shardings(model_cfg, mesh) if rl_cfg.beta > 0 else None
+    jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, ref_sh),
+                     out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+    row_devices = math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+  def update(state: TrainState, batch: Batch, ref_params: Any = None):
+    rows = batch.tokens.shape[0]
+    B, G = batch.rewards.shape
+    if rows != B * G:
+      raise ValueError(f"Batch has {rows} rows but rewards are [B={B}, G={G}].")
+    if rows % rl_cfg.num_micro_batches or rows % row_devices:
+      raise ValueError(f"Batch rows B*G={rows} must be divisible by rl.num_micro_batches="
+                       f"{rl_cfg.num_micro_batches} and by the {row_devices} devices of mesh axes "
+                       f"{BATCH_AXES}; change the batch size, group size or mesh.")
+    if rl_cfg.router_replay and batch.experts is None:
+      raise ValueError("rl.router_replay=True needs Batch.experts (the rollout's expert choices).")
+    if rl_cfg.beta > 0 and ref_params is None:
+      raise ValueError(f"rl.beta={rl_cfg.beta} > 0 needs ref_params (the reference policy).")
+    if not rl_cfg.router_replay:
+      batch = batch.replace(experts=None)
+    ref_params = ref_params if rl_cfg.beta > 0 else None
+    if mesh is None:
+      return jitted(state, batch, ref_params)
+    with jax.set_mesh(mesh):
+      return jitted(state, jax.device_put(batch, batch_shardings(mesh, rl_cfg.router_replay)),
+                    ref_params)
+
+  return update

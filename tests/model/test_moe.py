@@ -1,0 +1,165 @@
+"""Router, auxiliary losses and the two dispatch paths, checked against hand-computed cases."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from corpo_jax.model import moe
+from corpo_jax.model.config import ModelConfig
+
+
+def test_route_on_literal_logits():
+  logits_NE = jnp.array([[1.0, 3.0, 2.0, 0.0],
+                         [0.0, 0.5, 5.0, 1.0],
+                         [-1.0, -2.0, -0.5, -3.0]])
+  experts_NA, gates_NA = moe.route(logits_NE, top_k=2)
+  np.testing.assert_array_equal(experts_NA, [[1, 2], [2, 3], [2, 0]])
+  e = math.e
+  np.testing.assert_allclose(gates_NA, [[e / (e + 1), 1 / (e + 1)],
+                                        [1 / (1 + e ** -4), e ** -4 / (1 + e ** -4)],
+                                        [1 / (1 + e ** -0.5), e ** -0.5 / (1 + e ** -0.5)]],
+                             rtol=1e-6)
+  # Identical to Mixtral's softmax over all experts, top-k, renormalise.
+  probs_NE = jax.nn.softmax(logits_NE)
+  top_NA = jnp.take_along_axis(probs_NE, experts_NA, -1)
+  np.testing.assert_allclose(gates_NA, top_NA / top_NA.sum(-1, keepdims=True), rtol=1e-6)
+  # Top-1: the gate is 1.
+  experts_N1, gates_N1 = moe.route(logits_NE, top_k=1)
+  np.testing.assert_array_equal(experts_N1[:, 0], [1, 2, 2])
+  np.testing.assert_allclose(gates_N1, 1.0)
+
+
+def test_route_replays_given_experts_with_gates_from_the_logits():
+  logits_NE = jnp.array([[1.0, 3.0, 2.0, 0.0]])
+  experts_NA, gates_NA = moe.route(logits_NE, 2, experts_NA=jnp.array([[3, 0]]))
+  np.testing.assert_array_equal(experts_NA, [[3, 0]])
+  np.testing.assert_allclose(gates_NA, [[1 / (1 + math.e), math.e / (1 + math.e)]], rtol=1e-6)
+  # Gradients flow to the logits of the replayed experts only.
+  g = jax.grad(lambda l: moe.route(l, 2, jnp.array([[3, 0]]))[1][0, 0])(logits_NE)
+  p = 1 / (1 + math.e)
+  np.testing.assert_allclose(g, [[-p * (1 - p), 0, 0, p * (1 - p)]], rtol=1e-5, atol=1e-7)
+
+
+def test_aux_losses_on_a_hand_built_case():
+  # Router probabilities are [1,2,3]/6, [4,1,1]/6, [3,1,2]/6; every logsumexp is ln 6.
+  # The last token is padding with extreme logits: it must not count.
+  logits_NE = jnp.log(jnp.array([[1.0, 2, 3], [4, 1, 1], [3, 1, 2], [90, 1, 1]]))
+  experts_NA = jnp.array([[2, 1], [0, 1], [0, 1], [0, 0]])
+  mask_N = jnp.array([True, True, True, False])
+  aux = moe.aux_losses(logits_NE, experts_NA, mask_N)
+  # Assignments per expert: e0 2, e1 3, e2 1 of 6. Mean probabilities: [8, 4, 6] / 18.
+  load_E = np.array([2, 3, 1]) / 6
+  prob_E = np.array([8, 4, 6]) / 18
+  np.testing.assert_allclose(aux["expert_load"], load_E, rtol=1e-6)
+  np.testing.assert_allclose(aux["load_balance_loss"], 3 * np.sum(load_E * prob_E), rtol=1e-6)
+  np.testing.assert_allclose(aux["load_balance_loss"], 17 / 18, rtol=1e-6)
+  np.testing.assert_allclose(aux["z_loss"], math.log(6) ** 2, rtol=1e-6)
+  # Perfectly balanced uniform routing gives a load-balance loss of exactly 1.
+  flat = moe.aux_losses(jnp.zeros((4, 2)), jnp.array([[0], [1], [0], [1]]), jnp.ones(4, bool))
+  np.testing.assert_allclose(flat["load_balance_loss"], 1.0, rtol=1e-6)
+  np.testing.assert_allclose(flat["z_loss"], math.log(2) ** 2, rtol=1e-6)
+
+
+def test_capacity_slots():
+  cfg = ModelConfig.preset("tiny", num_experts=4, top_k=2, capacity_factor=1.0)
+  assert moe.capacity(10, cfg) == 5  # ceil(1.0 * 10 * 2 / 4)
+  assert moe.capacity(7, cfg) == 4  # ceil(3.5)
+  assert moe.capacity(10, ModelConfig.preset("tiny", capacity_factor=2.0)) == 10  # = N: no drops
+  assert moe.capacity(10, ModelConfig.preset("tiny", capacity_factor=8.0)) == 10  # capped at N
+  assert moe.capacity(3, ModelConfig.preset("tiny", capacity_factor=0.01)) == 1
+
+
+def _weights(E, D, F, seed=0):
+  rng = np.random.default_rng(seed)
+  return tuple(jnp.asarray(rng.standard_normal(s) / np.sqrt(s[1]), jnp.float32)
+               for s in [(E, D, F), (E, D, F), (E, F, D)])
+
+
+def _x_and_routing(N, D, E, A, seed=1):
+  rng = np.random.default_rng(seed)
+  x_ND = jnp.asarray(rng.standard_normal((N, D)), jnp.float32)
+  logits_NE = jnp.asarray(rng.standard_normal((N, E)), jnp.float32)
+  return (x_ND,) + moe.route(logits_NE, A)
+
+
+@pytest.mark.parametrize("E,A", [(4, 2), (8, 2), (4, 1)])
+def test_capacity_and_sort_dispatch_agree_when_nothing_is_dropped(E, A):
+  N, D, F = 24, 16, 32
+  x_ND, experts_NA, gates_NA = _x_and_routing(N, D, E, A)
+  mask_N = jnp.arange(N) >= 3  # three padding tokens
+  weights = _weights(E, D, F)
+  cfg = ModelConfig.preset("tiny", num_experts=E, top_k=A, capacity_factor=E / A)
+  y_cap = moe.dispatch_capacity(x_ND, experts_NA, gates_NA, mask_N, weights, moe.capacity(N, cfg))
+  y_sort = moe.dispatch_sort(x_ND, experts_NA, gates_NA, mask_N, weights)
+  np.testing.assert_allclose(y_cap[3:], y_sort[3:], rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(y_cap[:3], 0.0)  # padding takes no expert
+  # Both equal running each chosen expert on each token by hand.
+  w_gate, w_up, w_down = weights
+  h_NEF = jax.nn.silu(jnp.einsum("ND,EDF->NEF", x_ND, w_gate)) * jnp.einsum("ND,EDF->NEF", x_ND, w_up)
+  y_NED = jnp.einsum("NEF,EFD->NED", h_NEF, w_down)
+  y_ref = jnp.sum(jnp.take_along_axis(y_NED, experts_NA[..., None], 1) * gates_NA[..., None], 1)
+  np.testing.assert_allclose(y_sort, y_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_capacity_dispatch_drops_exactly_the_predicted_assignments():
+  """C = 2 slots per expert; all first choices are placed before second choices, then token order;
+  padding (token 0) takes no slot.
+
+  firsts:  t1->e0 (slot 0), t2->e0 (slot 1), t3->e0 DROP, t4->e1 (slot 0)
+  seconds: t1->e1 (slot 1), t2->e2 (slot 0), t3->e1 DROP, t4->e0 DROP
+  (Token-major priority would instead keep t3->e1 and drop t4->e1; padding taking capacity would
+  drop t2->e0.)
+  """
+  N, D, F, E = 5, 8, 16, 3
+  experts_NA = jnp.array([[0, 1], [0, 1], [0, 2], [0, 1], [1, 0]])
+  gates_NA = jnp.array([[0.5, 0.5], [0.7, 0.3], [0.6, 0.4], [0.9, 0.1], [0.8, 0.2]])
+  keep_NA = jnp.array([[0, 0], [1, 1], [1, 1], [0, 0], [1, 0]], jnp.float32)
+  mask_N = jnp.array([False, True, True, True, True])
+  x_ND = jnp.asarray(np.random.default_rng(0).standard_normal((N, D)), jnp.float32)
+  weights = _weights(E, D, F)
+  y_cap = moe.dispatch_capacity(x_ND, experts_NA, gates_NA, mask_N, weights, C=2)
+  y_kept = moe.dispatch_sort(x_ND, experts_NA, gates_NA * keep_NA, mask_N, weights)
+  np.testing.assert_allclose(y_cap, y_kept, rtol=1e-5, atol=1e-6)
+  # The dropped assignments really contribute (the test would notice a different policy).
+  y_all = moe.dispatch_sort(x_ND, experts_NA, gates_NA, mask_N, weights)
+  assert np.abs(y_all - y_kept)[3:].min(-1).max() > 1e-3
+
+
+def _moe_layer(cfg, x_BTD, mask_BT):
+  module = moe.MoE(cfg)
+  params = module.init(jax.random.key(0), x_BTD, mask_BT)["params"]
+  return module.apply({"params": params}, x_BTD, mask_BT, mutable=["intermediates"])
+
+
+@pytest.mark.parametrize("dispatch", ["capacity", "sort"])
+def test_moe_layer_padding_is_excluded_from_aux_losses(dispatch):
+  cfg = ModelConfig.preset("tiny", moe_dispatch=dispatch)
+  x_BTD = jnp.asarray(np.random.default_rng(0).standard_normal((2, 6, cfg.d_model)), jnp.float32)
+  mask_BT = jnp.array([[False, False, True, True, True, True], [True] * 6])
+  (y_BTD, experts_BTA), state = _moe_layer(cfg, x_BTD, mask_BT)
+  # Real tokens only: the same row without its padding, batched with the full row.
+  (y_ref, _), state_ref = _moe_layer(cfg, x_BTD.at[0, :2].set(x_BTD[1, :2]), mask_BT.at[0].set(True))
+  stats = {k: v[0] for k, v in state["intermediates"].items()}
+  ref = {k: v[0] for k, v in state_ref["intermediates"].items()}
+  assert experts_BTA.shape == (2, 6, cfg.top_k)
+  # Recompute the statistics by hand from the routed real tokens only (10 of 12).
+  real = np.asarray(mask_BT).reshape(-1)
+  counts = np.bincount(np.asarray(experts_BTA).reshape(-1, 2)[real].reshape(-1), minlength=4)
+  np.testing.assert_allclose(stats["expert_load"], counts / (10 * 2), rtol=1e-6)
+  assert np.abs(stats["expert_load"] - ref["expert_load"]).max() > 0  # padding would have counted
+  np.testing.assert_allclose(y_BTD[mask_BT], y_ref[mask_BT], rtol=1e-5, atol=1e-6)
+
+
+def test_moe_layer_capacity_equals_sort_without_drops():
+  cfg = ModelConfig.preset("tiny", capacity_factor=2.0)  # E / top_k = 2: nothing dropped
+  x_BTD = jnp.asarray(np.random.default_rng(0).standard_normal((2, 6, cfg.d_model)), jnp.float32)
+  mask_BT = jnp.array([[False, False, True, True, True, True], [True] * 6])
+  (y_cap, e_cap), s_cap = _moe_layer(cfg, x_BTD, mask_BT)
+  (y_sort, e_sort), s_sort = _moe_layer(ModelConfig.preset("tiny", moe_dispatch="sort"), x_BTD, mask_BT)
+  np.testing.assert_array_equal(e_cap, e_sort)
+  np.testing.assert_allclose(y_cap[mask_BT], y_sort[mask_BT], rtol=1e-5, atol=1e-6)
+  for k in s_cap["intermediates"]:
+    np.testing.assert_allclose(s_cap["intermediates"][k][0], s_sort["intermediates"][k][0], rtol=1e-6)

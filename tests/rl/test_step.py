@@ -1,0 +1,271 @@
+"""The RL update: exact accumulation, sharded == single device, freezing, skipping, one compile."""
+
+import dataclasses
+import types
+from unittest import mock
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from corpo_jax import model, sharding
+from corpo_jax.rl import step
+from corpo_jax.rl.config import RLConfig
+
+# Smaller than "tiny": compile time dominates these tests. MoE aux weights are 0 so that
+# accumulation is exact (aux losses are per-micro-batch means; see step.py).
+CFG = model.ModelConfig.preset("tiny", vocab_size=64, d_model=32, d_ff=32, num_layers=1,
+                               num_heads=4, num_kv_heads=2, thinking_layers=0,
+                               load_balance_weight=0.0, z_loss_weight=0.0)
+# token_mean with rows of different lengths: a mean of micro-batch means would differ.
+RL = RLConfig(advantage="grpo", scale="group", aggregation="token_mean", learning_rate=1e-3,
+              logprob_chunk=3, max_completion_len=5)
+# Equivalence tests compare params after one step of SGD with momentum (params - lr * grads):
+# Adam's first step, lr * g / (|g| + eps), turns float noise in near-zero gradients into
+# differences far above rtol 1e-5.
+SGD = optax.sgd(0.1, momentum=0.9)
+B, G, P, TC = 2, 4, 3, 5
+
+
+def _batch(seed=0, rewards=None):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(6, CFG.vocab_size, (B * G, P + TC)).astype(np.int32)
+  token_mask = np.ones_like(tokens, bool)
+  token_mask[:3, 0] = False  # left padding
+  tokens[:3, 0] = 0
+  lengths = np.array([5, 1, 3, 2, 2, 4, 5, 5])
+  loss_mask = np.zeros_like(token_mask)
+  for i, n in enumerate(lengths):
+    loss_mask[i, P:P + n] = True
+    token_mask[i, P + n:] = False
+    tokens[i, P + n:] = 0
+  if rewards is None:
+    rewards = rng.normal(size=(B, G))
+  return step.Batch(tokens=tokens, token_mask=token_mask, loss_mask=loss_mask,
+                    rewards=np.asarray(rewards, np.float32), truncated=lengths == TC)
+
+
+@pytest.fixture(scope="module")
+def params():
+  return model.init_params(CFG, jax.random.key(0))
+
+
+def _numpy(tree):
+  return jax.tree.map(np.asarray, tree)
+
+
+def _run(params, rl_cfg, mesh=None, opt=SGD):
+  state = step.init_state(CFG, opt, params, mesh)
+  ref = params if mesh is None else jax.device_put(params, model.param_shardings(CFG, mesh))
+  new_state, metrics = step.make_update(CFG, rl_cfg, mesh, opt)(state, _batch(), ref)
+  return _numpy(new_state), _numpy(metrics)
+
+
+@pytest.fixture(scope="module")
+def reference(params):
+  """One full-batch update on one device; the update function traces at most once."""
+  with mock.patch.object(step, "_train_step", chex.assert_max_traces(step._train_step, n=1)):
+    update = step.make_update(CFG, RL, None, SGD)
+  state = step.init_state(CFG, SGD, params)
+  new_state, metrics = update(state, _batch())
+  return types.SimpleNamespace(update=update, opt=SGD, state=_numpy(new_state),
+                               metrics=_numpy(metrics))
+
+
+def _assert_same_step(got_state, got_metrics, want):
+  for k in ("loss", "pg_loss", "entropy", "clip_frac", "grad_norm", "adv/std"):
+    np.testing.assert_allclose(got_metrics[k], want.metrics[k], rtol=1e-5, atol=1e-7, err_msg=k)
+  chex.assert_trees_all_close(got_state.params, want.state.params, rtol=1e-5, atol=1e-6)
+
+
+def test_reference_step_moves_params_and_logs(params, reference):
+  m = reference.metrics
+  assert m["applied"] == 1.0 and m["skipped"] == 0 and reference.state.step == 1
+  assert m["grad_norm"] > 1e-3 and m["ratio_mean"] == pytest.approx(1.0)
+  assert m["completion/length_mean"] == pytest.approx(27 / 8)
+  assert m["completion/truncated_frac"] == pytest.approx(3 / 8)
+  assert m["expert_load"].shape == (CFG.num_layers, CFG.num_experts)
+  assert 0 < m["entropy"] <= np.log(CFG.vocab_size) + 1e-5
+  grad_norm = np.sqrt(sum(np.sum((a - np.asarray(b)) ** 2) for a, b in zip(
+      jax.tree.leaves(reference.state.params), jax.tree.leaves(params)))) / 0.1
+  assert grad_norm == pytest.approx(m["grad_norm"], rel=1e-4)  # SGD: params - 0.1 * grads
+
+
+def test_micro_batches_equal_full_batch(params, reference):
+  state, metrics = _run(params, dataclasses.replace(RL, num_micro_batches=2))
+  _assert_same_step(state, metrics, reference)
+
+
+def test_mean_of_micro_batch_means_would_differ():
+  """Guards the test above: the batch makes token_mean differ from a mean of means."""
+  b = _batch()
+  halves = [b.loss_mask[m::2].sum() for m in (0, 1)]
+  assert halves[0] != halves[1]
+
+
+@pytest.mark.parametrize("shape, overrides", [
+    ((8, 1, 1, 1), {}),
+    ((2, 2, 2, 1), {"num_micro_batches": 2}),
+    # With the reference = the params, k3's value and gradient are 0: same step as beta = 0.
+    ((1, 2, 2, 2), {"beta": 0.05}),
+])
+def test_sharded_equals_single_device(params, reference, shape, overrides):
+  mesh = sharding.make_mesh(shape)
+  state, metrics = _run(params, dataclasses.replace(RL, **overrides), mesh)
+  _assert_same_step(state, metrics, reference)
+  assert metrics.get("kl", 0.0) == 0.0
+
+
+def test_frozen_params_bit_identical(params):
+  rl_cfg = dataclasses.replace(RL, freeze=("embed", "layers/attn"))
+  state, metrics = _run(params, rl_cfg, opt=step.make_optimizer(rl_cfg, params))
+  assert metrics["applied"] == 1.0
+  flat_new = dict(jax.tree_util.tree_leaves_with_path(state.params))
+  for path, old in jax.tree_util.tree_leaves_with_path(_numpy(params)):
+    name = "/".join(k.key for k in path)
+    frozen = name == "embed" or name.startswith("layers/attn/")  # not layers/attn_norm
+    assert np.array_equal(flat_new[path], old) == frozen, name
+
+
+def test_nan_rewards_are_skipped_and_counted(params, reference):
+  state = step.init_state(CFG, reference.opt, params)
+  before = _numpy(state)
+  bad = _batch(seed=1, rewards=np.where(np.eye(B, G, dtype=bool), np.nan, 1.0))
+  state, metrics = reference.update(state, bad)
+  assert metrics["applied"] == 0.0 and int(metrics["skipped"]) == 1
+  assert int(state.step) == 1 and int(state.skipped) == 1
+  chex.assert_trees_all_equal(_numpy(state.params), before.params)
+  chex.assert_trees_all_equal(_numpy(state.opt_state), before.opt_state)
+  state, metrics = reference.update(state, _batch(seed=2))  # next good batch applies
+  assert metrics["applied"] == 1.0 and int(state.skipped) == 1 and int(state.step) == 2
+
+
+def test_update_compiles_once_across_steps(params, reference):
+  """`reference.update` wraps _train_step in chex.assert_max_traces(n=1): a retrace raises."""
+  state = step.init_state(CFG, reference.opt, params)
+  losses = []
+  for seed in range(3):
+    state, metrics = reference.update(state, _batch(seed=seed + 10))
+    losses.append(float(metrics["loss"]))
+  assert int(state.step) == 3 and len(set(losses)) == 3
+
+
+def test_num_iterations_reuses_old_logprobs_with_kl(params):
+  rl_cfg = dataclasses.replace(RL, num_iterations=2, beta=0.05, learning_rate=1e-2)
+  opt = step.make_optimizer(rl_cfg, params)
+  state, metrics = _run(params, rl_cfg, opt=opt)
+  # The second optimizer step sees ratios != 1 against the log-probs computed before the first,
+  # and a KL > 0 against the reference (= the starting params).
+  assert metrics["applied"] == 1.0 and abs(metrics["ratio_mean"] - 1.0) > 1e-4
+  assert metrics["kl"] > 0.0
+  assert metrics["loss"] == pytest.approx(metrics["pg_loss"] + 0.05 * metrics["kl"], rel=1e-5)
+  delta = jax.tree.map(lambda a, b: np.abs(a - np.asarray(b)).max(), state.params, params)
+  assert max(jax.tree.leaves(delta)) == pytest.approx(2e-2, rel=0.01)  # two Adam steps of lr
+
+
+def test_token_logprobs_chunked_equal_full_logits(params):
+  b = _batch()
+  tokens, mask = jnp.asarray(b.tokens), jnp.asarray(b.token_mask)
+  logp, entropy, _ = jax.jit(lambda p: step.token_logprobs(p, CFG, tokens, mask, temperature=2.0,
+                                                           chunk=3))(params)
+  logp_BTV = jax.nn.log_softmax(model.forward(params, CFG, tokens, mask) / 2.0, axis=-1)
+  want = jnp.take_along_axis(logp_BTV[:, :-1], tokens[:, 1:, None], -1)[..., 0]
+  np.testing.assert_allclose(logp[:, 1:], want, rtol=1e-5, atol=1e-6)
+  assert np.all(logp[:, 0] == 0)
+  want_entropy = -jnp.sum(jnp.exp(logp_BTV) * logp_BTV, -1)[:, :-1]
+  np.testing.assert_allclose(entropy[:, 1:], want_entropy, rtol=1e-5)
+
+
+def test_make_batch_follows_the_contract():
+  L, A = CFG.num_layers, CFG.top_k
+  prompts = np.array([[0, 7, 8], [9, 10, 11]], np.int32)
+  prompt_mask = prompts != 0
+  rollout = types.SimpleNamespace(
+      tokens=np.array([[12, 3, 0], [13, 14, 15]] * 2, np.int32),
+      mask=np.array([[True, True, False], [True, True, True]] * 2),
+      logprobs=np.zeros((4, 3), np.float32), lengths=np.array([2, 3] * 2),
+      truncated=np.array([False, True] * 2), experts=np.zeros((L, 4, 6, A), np.int32))
+  b = step.make_batch(prompts, prompt_mask, rollout, np.ones((2, 2), np.float32))
+  np.testing.assert_array_equal(b.tokens[1], [0, 7, 8, 13, 14, 15])
+  np.testing.assert_array_equal(b.tokens[2], [9, 10, 11, 12, 3, 0])
+  np.testing.assert_array_equal(b.token_mask[0], [False, True, True, True, True, False])
+  np.testing.assert_array_equal(b.loss_mask[3], [False, False, False, True, True, True])
+  np.testing.assert_array_equal(b.truncated, [False, True, False, True])
+  assert b.experts.shape == (L, 4, 6, A)
+  from_lengths = step.make_batch(prompts, np.array([2, 3]), rollout, np.ones((2, 2), np.float32))
+  np.testing.assert_array_equal(from_lengths.token_mask, b.token_mask)
+  with pytest.raises(ValueError, match="B \\* G rows"):
+    step.make_batch(prompts, prompt_mask, rollout, np.ones((2, 3), np.float32))
+
+
+def test_freeze_base_and_optimizer_memory():
+  cfg = model.ModelConfig.preset("tiny")
+  abstract = model.abstract_params(cfg)
+  mask = step.trainable_mask(("base",), abstract)
+  assert not any(jax.tree.leaves({k: v for k, v in mask.items() if k != "thinking"}))
+  assert all(jax.tree.leaves(mask["thinking"]))
+  unboxed = nn.unbox(abstract)
+  size = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+  thinking = size(unboxed["thinking"])
+  opt = step.make_optimizer(RLConfig(freeze=("base",)), abstract)
+  opt_state = jax.eval_shape(opt.init, unboxed)
+  assert size(opt_state) <= 2 * thinking + 4  # Adam moments of the thinking head + counters
+  with pytest.raises(ValueError, match="matches no parameter"):
+    step.trainable_mask(("encoder/",), abstract)
+
+
+def test_schedule_warmup_then_cosine():
+  s = step.schedule(RLConfig(learning_rate=1.0, warmup_steps=10, decay_steps=90))
+  assert [float(s(i)) for i in (0, 5, 10, 55, 100)] == pytest.approx([0, 0.5, 1, 0.5, 0], abs=1e-6)
+  s = step.schedule(RLConfig(learning_rate=2.0, warmup_steps=4))
+  assert [float(s(i)) for i in (2, 4, 1000)] == pytest.approx([1.0, 2.0, 2.0])
+  assert float(step.schedule(RLConfig(learning_rate=3.0))(7)) == 3.0
+
+
+def test_update_rejects_bad_batches(params, reference):
+  state = step.init_state(CFG, reference.opt, params)
+  with_kl = step.make_update(CFG, dataclasses.replace(RL, beta=0.1), None, reference.opt)
+  with pytest.raises(ValueError, match="ref_params"):
+    with_kl(state, _batch())
+  replay = step.make_update(CFG, dataclasses.replace(RL, router_replay=True), None, reference.opt)
+  with pytest.raises(ValueError, match="Batch.experts"):
+    replay(state, _batch())
+  sharded = step.make_update(CFG, RL, sharding.make_mesh((8, 1, 1, 1)), reference.opt)
+  bad = _batch()
+  bad = dataclasses.replace(bad, **{k: getattr(bad, k)[:6] for k in
+                                    ("tokens", "token_mask", "loss_mask", "truncated")},
+                            rewards=bad.rewards[:, :3])
+  with pytest.raises(ValueError, match="divisible"):
+    sharded(state, bad)
+
+
+def test_mask_truncated_and_overlong_penalty_equal_their_batch_edits(params, reference):
+  rl_cfg = dataclasses.replace(RL, mask_truncated=True, overlong_penalty=True, overlong_buffer=2,
+                               overlong_factor=0.5)
+  state, metrics = _run(params, rl_cfg)
+  b = _batch()
+  lengths = b.loss_mask.sum(1)  # [5, 1, 3, 2, 2, 4, 5, 5], max_completion_len 5
+  penalty = -0.5 * np.clip((lengths - 3) / 2, 0, 1)  # 0 up to 3 tokens, -0.5 at 5
+  np.testing.assert_allclose(penalty, [-0.5, 0, 0, 0, 0, -0.25, -0.5, -0.5])
+  edited = dataclasses.replace(b, loss_mask=b.loss_mask & ~b.truncated[:, None],
+                               rewards=(b.rewards + penalty.reshape(B, G)).astype(np.float32))
+  want_state, want_metrics = reference.update(step.init_state(CFG, SGD, params), edited)
+  want = types.SimpleNamespace(state=_numpy(want_state), metrics=_numpy(want_metrics))
+  _assert_same_step(state, metrics, want)
+  assert metrics["reward/overlong_penalty"] == pytest.approx(penalty.mean())
+
+
+def test_router_replay_uses_the_given_experts(params, reference):
+  rl_cfg = dataclasses.replace(RL, router_replay=True)
+  update = step.make_update(CFG, rl_cfg, None, SGD)
+  b = _batch()
+  own = model.run(params, CFG, jnp.asarray(b.tokens), jnp.asarray(b.token_mask)).experts_LBTA
+  state, metrics = update(step.init_state(CFG, SGD, params), dataclasses.replace(b, experts=own))
+  _assert_same_step(_numpy(state), _numpy(metrics), reference)  # replaying its own choices
+  other = (own + 1) % CFG.num_experts
+  _, metrics = update(step.init_state(CFG, SGD, params), dataclasses.replace(b, experts=other))
+  assert abs(float(metrics["entropy"]) - reference.metrics["entropy"]) > 1e-4

@@ -1,0 +1,104 @@
+"""Sharding rules, and sharded == single device for the forward pass and the loss gradient."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from corpo_jax import model, sharding
+from corpo_jax.model.config import PAD_ID, THINK_END_ID, THINK_START_ID
+
+
+def test_mesh_shape_resolves_one_minus_one_and_rejects_bad_shapes():
+  assert sharding.mesh_shape((-1, 2, 1, 1), 8) == (4, 2, 1, 1)
+  assert sharding.mesh_shape((2, 2, 2, 1), 8) == (2, 2, 2, 1)
+  for bad in [(3, -1, 1, 1), (2, 2, 1, 1), (-1, -1, 1, 1), (8, 1, 1), (0, 8, 1, 1)]:
+    with pytest.raises(ValueError, match="mesh"):
+      sharding.mesh_shape(bad, 8)
+
+
+def test_logical_to_spec_follows_rules_and_drops_non_dividing_axes():
+  sizes = {"data": 2, "fsdp": 2, "expert": 2, "tensor": 2}
+  assert sharding.logical_to_spec(("batch", "length")) == P(("data", "fsdp", "expert"), None)
+  assert sharding.logical_to_spec(("exp", "embed", "mlp"), (4, 64, 128), sizes) == P("expert", "fsdp", "tensor")
+  # 6 rows: data divides, then 3 is not divisible by fsdp: keep the longest dividing prefix.
+  assert sharding.logical_to_spec(("batch",), (6,), sizes) == P("data")
+  assert sharding.logical_to_spec(("vocab", "embed"), (255, 64), sizes) == P(None, "fsdp")
+  with pytest.raises(ValueError, match="no_such_axis"):
+    sharding.logical_to_spec(("no_such_axis",))
+
+
+def test_params_are_sharded_as_the_rules_say():
+  cfg = model.ModelConfig.preset("tiny")
+  mesh = sharding.make_mesh((1, 2, 2, 2))
+  params = model.init_params(cfg, jax.random.key(0), mesh)
+  layers = params["layers"]
+  expect = {  # [L, E, D, F]: experts over 'expert', D over 'fsdp', F over 'tensor'
+      "gate": (P(None, "expert", "fsdp", "tensor"), (2, 2, 32, 64)),
+      "down": (P(None, "expert", "tensor", "fsdp"), (2, 2, 64, 32)),
+      "router": (P(None, "fsdp", None), (2, 32, 4)),
+  }
+  for name, (spec, shard_shape) in expect.items():
+    x = layers["moe"][name]
+    assert x.sharding.spec == spec, name
+    assert x.addressable_shards[0].data.shape == shard_shape, name
+  assert layers["attn"]["q"].sharding.spec == P(None, "fsdp", "tensor", None)
+  assert layers["attn"]["o"].sharding.spec == P(None, "tensor", None, "fsdp")
+  assert params["embed"].sharding.spec == P("tensor", "fsdp")
+  assert params["lm_head"].sharding.spec == P("fsdp", "tensor")
+  assert params["thinking"]["step_head"].sharding.spec == P("fsdp", None)
+  assert params["final_norm"]["scale"].sharding.spec == P(None)
+  # Same values as an unsharded init from the same key.
+  single = model.init_params(cfg, jax.random.key(0))
+  jax.tree.map(np.testing.assert_array_equal, params, single)
+
+
+S, E = THINK_START_ID, THINK_END_ID
+TOKENS = np.array([
+    [PAD_ID, PAD_ID, 9, S, 11, 12, E, 13, 14, S, 15, 16],
+    [20, 21, S, 22, 23, 24, E, 25, 26, 27, 28, 29],
+    [PAD_ID, PAD_ID, PAD_ID, PAD_ID, PAD_ID, 30, 31, 32, S, 33, E, 34],
+] + [list(range(40 + 12 * i, 52 + 12 * i)) for i in range(5)], np.int32)
+
+
+def _loss(params, cfg, tokens_BT):
+  """Mean next-token log-prob of real tokens plus weighted aux losses; the logits as aux output."""
+  out = model.run(params, cfg, tokens_BT)
+  logits_BTV = model.project(params, cfg, out.hidden)
+  logp_BT = jnp.take_along_axis(jax.nn.log_softmax(logits_BTV[:, :-1]), tokens_BT[:, 1:, None], -1)[..., 0]
+  mask_BT = (tokens_BT[:, 1:] != PAD_ID) & (tokens_BT[:, :-1] != PAD_ID)
+  loss = (-jnp.sum(logp_BT * mask_BT) / mask_BT.sum()
+          + cfg.load_balance_weight * out.aux["load_balance_loss"] + cfg.z_loss_weight * out.aux["z_loss"])
+  return loss, logits_BTV
+
+
+_grad_fn = jax.value_and_grad(_loss, has_aux=True)
+
+
+@functools.cache
+def _single_device_result():
+  cfg = model.ModelConfig.preset("tiny")
+  params = model.init_params(cfg, jax.random.key(0))
+  return params, jax.jit(_grad_fn, static_argnums=1)(params, cfg, jnp.asarray(TOKENS))
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1, 1), (2, 2, 2, 1), (1, 2, 1, 4), (1, 1, 4, 2)])
+def test_sharded_forward_and_gradient_equal_single_device(mesh_shape):
+  cfg = model.ModelConfig.preset("tiny")
+  params, ((loss, logits), grads) = _single_device_result()
+  mesh = sharding.make_mesh(mesh_shape)
+  p_shard = model.param_shardings(cfg, mesh)
+  t_shard = sharding.batch_sharding(mesh, TOKENS.shape)
+  with jax.set_mesh(mesh):
+    step = jax.jit(_grad_fn, static_argnums=1, in_shardings=(p_shard, t_shard),
+                   out_shardings=((sharding.replicated(mesh), None), p_shard))
+    (loss_s, logits_s), grads_s = step(jax.device_put(params, p_shard), cfg,
+                                       jax.device_put(TOKENS, t_shard))
+  assert len(logits_s.sharding.device_set) == 8
+  np.testing.assert_allclose(loss_s, loss, rtol=1e-5)
+  np.testing.assert_allclose(logits_s, logits, rtol=1e-5, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads_s, grads)
+  assert grads_s["layers"]["moe"]["gate"].sharding.spec == p_shard["layers"]["moe"]["gate"].spec
