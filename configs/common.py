@@ -24,6 +24,8 @@ from corpo_jax.rl.config import RLConfig
 
 # RLConfig fields the loop derives from the stage's sampling settings (not set by hand).
 DERIVED_RL_FIELDS = ("temperature", "max_completion_len")
+SFT_OPTIMIZER_FIELDS = ("learning_rate", "warmup_steps", "decay_steps", "weight_decay", "b1", "b2",
+                        "grad_clip_norm", "freeze")
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
@@ -57,13 +59,13 @@ def model_config(preset: str, **overrides: Any) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(ModelConfig.preset(preset, **overrides).to_dict())
 
 
-def update_config(**overrides: Any) -> ml_collections.ConfigDict:
+def rl_fields(**overrides: Any) -> dict[str, Any]:
   """Every RLConfig field but the derived ones (see corpo_jax/rl/config.py for each field)."""
   fields = RLConfig(**overrides).to_dict()
   for name in DERIVED_RL_FIELDS:
     fields.pop(name)
   fields["freeze"] = tuple(fields["freeze"])
-  return ml_collections.ConfigDict(fields)
+  return fields
 
 
 def sft_stage(**overrides: Any) -> ml_collections.ConfigDict:
@@ -72,11 +74,13 @@ def sft_stage(**overrides: Any) -> ml_collections.ConfigDict:
   stage.kind = "sft"
   stage.steps = 200  # optimizer steps
   stage.batch_size = 32  # sequences per step
-  stage.tasks = ("arithmetic",)  # generated tasks whose reference traces are the data
+  stage.tasks = ("arithmetic",)  # a generated task whose reference traces are the data
   stage.traces = ""  # or a traces.jsonl written by `python -m corpo_jax.data.distill`
   stage.loss_on = ("trace", "answer")  # target tokens: "trace" (thinking head), "answer" (base)
   stage.step_loss_weight = 0.1  # weight of the thinking head's step-type classifier loss
-  stage.optimizer = update_config(learning_rate=1e-4, warmup_steps=20, decay_steps=180)
+  # Optimizer (RLConfig's optimizer fields): AdamW, warmup then cosine decay, clipping, freeze.
+  optimizer = rl_fields(learning_rate=1e-4, warmup_steps=20, decay_steps=180)
+  stage.update({k: optimizer[k] for k in SFT_OPTIMIZER_FIELDS})
   stage.checkpoint_every = 100
   stage.eval_every = 0  # 0: evaluate only at the end of the stage
   stage.update(overrides)
@@ -84,28 +88,24 @@ def sft_stage(**overrides: Any) -> ml_collections.ConfigDict:
 
 
 def rl_stage(**overrides: Any) -> ml_collections.ConfigDict:
-  """Rollout -> rewards -> update with the configured estimator (the `update` fields)."""
-  stage = ml_collections.ConfigDict()
+  """Rollout -> rewards -> update. Holds every RLConfig field (`--config.rl.advantage=corpo`)
+  besides the stage's own: steps, tasks, batch and sampling settings, rewards."""
+  stage = ml_collections.ConfigDict(rl_fields(beta=0.1, learning_rate=1e-5, warmup_steps=5))
   stage.kind = "rl"
   stage.steps = 100  # RL steps (one rollout batch each)
   stage.tasks = ("arithmetic",)
   stage.prompts_per_step = 4  # B prompts per step
   stage.group_size = 8  # G completions per prompt
-  stage.max_new_tokens = 64
+  stage.max_new_tokens = 64  # also the update's max_completion_len
   stage.temperature = 0.8  # also the temperature of the update's log-probs
   stage.top_k = 0  # 0: off
   stage.top_p = 1.0  # 1.0: off
   stage.max_thinking_tokens = 0  # 0: no thinking budget; else force </think> after this many
   stage.rewards = (("exact_match", 1.0),)  # (name, weight) pairs, corpo_jax/rl/rewards.py
-  stage.update = update_config(beta=0.1, learning_rate=1e-5, warmup_steps=5)
   stage.checkpoint_every = 20
   stage.eval_every = 0
-  stage.samples_every = 10  # log a few decoded completions every this many steps (0: never)
-  for key, value in overrides.items():
-    if key == "update":
-      stage.update.update(value)
-    else:
-      stage[key] = value
+  stage.samples_every = 10  # log two decoded completions every this many steps (0: never)
+  stage.update(overrides)
   return stage
 
 
@@ -122,15 +122,16 @@ def three_stage(config: ml_collections.ConfigDict, *, advantage: str, scale: str
     raise ValueError(f"reward={reward!r}: choose exact_match or ordinal.")
   tau = 1.0 if reward == "exact_match" else 5.0
   config.stages = ("sft", "rl", "specialize")
-  config.sft = sft_stage(steps=150, optimizer=update_config(
-      learning_rate=3e-3, warmup_steps=20, decay_steps=130, weight_decay=0.0))
-  estimator = dict(advantage=advantage, scale=scale, tau=tau)
+  config.sft = sft_stage(steps=150, learning_rate=3e-3, warmup_steps=20, decay_steps=130)
+  estimator = dict(advantage=advantage, scale=scale, tau=tau, beta=0.1)
   config.rl = rl_stage(steps=60, prompts_per_step=8, max_new_tokens=96, rewards=((reward, 1.0),),
-                       update=dict(estimator, beta=0.1, learning_rate=2e-4, warmup_steps=5))
+                       learning_rate=2e-4, warmup_steps=5, **estimator)
+  # Mixed rewards: tau moves to the scale of the weighted sum (a perfect answer with a perfect
+  # trace scores tau + 0.5 at most; exactly-right answers have reward >= tau).
   config.specialize = rl_stage(
       steps=20, tasks=("arithmetic3",), prompts_per_step=8, max_new_tokens=128,
-      rewards=((reward, 0.5 if reward == "exact_match" else 2.5), ("thinking", 0.5)),
-      update=dict(estimator, tau=0.5 * tau + 0.5, beta=0.1, learning_rate=1e-4))
+      rewards=((reward, 0.5), ("thinking", 0.5)), learning_rate=1e-4,
+      **dict(estimator, tau=0.5 * tau))
   config.eval.tasks = ("arithmetic", "arithmetic3")
   config.eval.max_new_tokens = 128
   return config

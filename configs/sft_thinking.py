@@ -16,8 +16,7 @@ def get_config(arg=None):
   arg = common.parse_arg(arg, model="demo", seed=0, workdir="workdir/sft_thinking", smoke=False)
   config = common.base_config(arg)
   config.stages = ("sft",)
-  config.sft = common.sft_stage(
-      steps=300, loss_on=("trace",), step_loss_weight=0.1,
-      optimizer=common.update_config(learning_rate=1e-4, warmup_steps=20, decay_steps=280,
-                                     freeze=("base",)))
+  config.sft = common.sft_stage(steps=300, loss_on=("trace",), step_loss_weight=0.1,
+                                learning_rate=1e-4, warmup_steps=20, decay_steps=280,
+                                freeze=("base",))
   return common.smoke(config) if arg.smoke else config

@@ -94,25 +94,33 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       rewards_lib.check_spec(stage.rewards)
     else:
       sft_lib.check_loss_on(stage.loss_on)
-      optimizer_config(stage)
+      optimizer_config(name, stage)
   for k in config.eval.ks:
     if not 1 <= k <= config.eval.num_samples:
       raise ValueError(f"config.eval.ks contains {k}; each k must be in [1, "
                        f"config.eval.num_samples={config.eval.num_samples}].")
 
 
+_RL_FIELDS = tuple(f.name for f in dataclasses.fields(RLConfig))
+
+
 def rl_config(config: ml_collections.ConfigDict, name: str) -> RLConfig:
+  """The RLConfig of an RL stage: its RLConfig fields plus the ones derived from sampling."""
   stage = config[name]
+  fields = {k: stage[k] for k in _RL_FIELDS if k in stage}
+  fields.update(temperature=stage.temperature or 1.0, max_completion_len=stage.max_new_tokens)
   try:
-    return RLConfig.from_dict({**stage.update, "temperature": stage.temperature or 1.0,
-                               "max_completion_len": stage.max_new_tokens})
+    return RLConfig.from_dict(fields)
   except ValueError as e:
-    raise ValueError(f"config.{name}.update: {e}") from None
+    raise ValueError(str(e).replace("rl.", f"config.{name}.")) from None
 
 
-def optimizer_config(stage: ml_collections.ConfigDict) -> RLConfig:
-  """The SFT stage's optimizer fields, held in an RLConfig (the one optimizer description)."""
-  return RLConfig.from_dict(dict(stage.optimizer))
+def optimizer_config(name: str, stage: ml_collections.ConfigDict) -> RLConfig:
+  """An SFT stage's optimizer fields, held in an RLConfig (the one optimizer description)."""
+  try:
+    return RLConfig.from_dict({k: stage[k] for k in _RL_FIELDS if k in stage})
+  except ValueError as e:
+    raise ValueError(str(e).replace("rl.", f"config.{name}.")) from None
 
 
 def load_tokenizer(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Tokenizer:
@@ -157,7 +165,7 @@ class StagePlan:
 
 
 def _sft_plan(run: Run, name: str, stage, index: int) -> StagePlan:
-  opt_cfg = optimizer_config(stage)
+  opt_cfg = optimizer_config(name, stage)
   optimizer = rl_step.make_optimizer(opt_cfg, model.abstract_params(run.cfg))
   update = sft_lib.make_sft_update(run.cfg, optimizer, opt_cfg.freeze, run.mesh,
                                    loss_on=stage.loss_on, step_loss_weight=stage.step_loss_weight)
