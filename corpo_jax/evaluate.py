@@ -1,4 +1,11 @@
-"""Evaluation metrics: accuracy and pass@k with the unbiased estimator of Chen et al. (2021)."""
+"""Evaluation: accuracy, pass@k (unbiased estimator of Chen et al. 2021), thinking metrics.
+
+The trainer evaluates at the end of every stage (and every `eval_every` steps); to evaluate a
+run's newest checkpoint again:
+  python -m corpo_jax.evaluate --workdir workdir/grpo    # the eval settings of its config.json
+Rows are appended to <workdir>/eval.jsonl: step, stage, task, accuracy, pass_at_k {k: value},
+transparency, structure, coherence, alignment and, for the verifier, per-group results.
+"""
 
 from __future__ import annotations
 
@@ -77,3 +84,19 @@ def evaluate_task(generate_fn, tokenizer, task, *, num_prompts: int, num_samples
             "pass_at_k": mean_pass_at_k(correct_PN[idx], ks), "count": int(len(idx))}
         for g in groups for idx in [np.array([i for i, ex in enumerate(examples) if ex.group == g])]}
   return row
+
+
+def main(argv) -> None:
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from corpo_jax.train import loop  # pylint: disable=g-import-not-at-top  # loop imports this module
+  for row in loop.evaluate_workdir(flags.FLAGS.workdir):
+    ks = ", ".join(f"pass@{k} {v:.3f}" for k, v in row["pass_at_k"].items())
+    print(f"{row['stage']} step {row['step']} {row['task']}: accuracy {row['accuracy']:.3f}, {ks}, "
+          f"transparency {row['transparency']:.3f}")
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("workdir", None, "The --config.workdir of a run.", required=True)
+  app.run(main)

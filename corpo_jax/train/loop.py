@@ -365,3 +365,34 @@ def run(config: ml_collections.ConfigDict) -> dict[str, list[dict]]:
     params, results[name] = run_stage(r, index, name, params)
   r.writer.close()
   return results
+
+
+def evaluate_workdir(workdir: str) -> list[dict]:
+  """Evaluates the newest checkpoint of a run (its saved config.json) and appends to eval.jsonl."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise ValueError(f"No config.json in {workdir!r}: is it the --config.workdir of a run?")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  config.workdir = workdir
+  r = setup(config)
+  for index in reversed(range(len(config.stages))):
+    name = config.stages[index]
+    directory = r.path("checkpoints", name)
+    if not os.path.isdir(directory):
+      continue
+    ckpt = Checkpointer(directory)
+    latest = ckpt.latest_step()
+    if latest is None:
+      continue
+    stage = config[name]
+    if stage.kind == "sft":
+      optimizer = rl_step.make_optimizer(optimizer_config(name, stage),
+                                         model.abstract_params(r.cfg))
+    else:
+      optimizer = rl_step.make_optimizer(rl_config(config, name), model.abstract_params(r.cfg))
+    state, _ = ckpt.restore(latest, _abstract_state(r, optimizer))
+    ckpt.close()
+    eval_rng = jax.random.fold_in(jax.random.key(config.seed + 2), index)
+    return _evaluate(r, state.params, name, latest, eval_rng)
+  raise ValueError(f"No checkpoint under {workdir}/checkpoints; nothing to evaluate.")
