@@ -23,6 +23,8 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
   del argv
   config = _CONFIG.value
+  if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO; -v 0 shows it
+    logging.set_verbosity(logging.WARNING)
   checkpoint.install_sigterm_handler()
   t0 = time.perf_counter()
   try:

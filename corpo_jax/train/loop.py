@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from typing import Any, Callable
 
@@ -24,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 
 from corpo_jax import evaluate, model, sampling, sharding
 from corpo_jax.data import pipeline
@@ -68,6 +68,11 @@ class Run:
 
   def path(self, *parts: str) -> str:
     return os.path.join(self.config.workdir, *parts)
+
+  def say(self, message: str) -> None:
+    """A line for the person running the job (process 0 only; logs stay at WARNING)."""
+    if self.is_main:
+      print(f"corpo_jax: {message}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -275,8 +280,9 @@ def _evaluate(run: Run, params: Any, stage_name: str, step: int, rng: jax.Array)
       for row in rows:
         f.write(json.dumps(row) + "\n")
   for row in rows:
-    logging.info("eval %s step %d %s: accuracy %.3f pass@k %s", stage_name, step, row["task"],
-                 row["accuracy"], row["pass_at_k"])
+    ks = ", ".join(f"pass@{k} {v:.3f}" for k, v in row["pass_at_k"].items())
+    run.say(f"eval after {stage_name} step {step}, {row['task']}: accuracy "
+            f"{row['accuracy']:.3f}, {ks}, transparency {row['transparency']:.2f}")
   return rows
 
 
@@ -301,10 +307,10 @@ def run_stage(run: Run, index: int, name: str, start_params: Any) -> tuple[Any, 
   if latest is not None:
     state, meta = ckpt.restore(latest, _abstract_state(run, plan.optimizer), iterator)
     if meta.get("done"):
-      logging.info("stage %s: already finished at step %d; skipping", name, latest)
+      run.say(f"stage {name}: already finished (step {latest}); skipping")
       ckpt.close()
       return state.params, []
-    logging.info("stage %s: resuming from step %d", name, latest)
+    run.say(f"stage {name}: resuming from the checkpoint at step {latest}")
     if run.is_main:
       _drop_rows_after(run.writer.path, name, latest)
       _drop_rows_after(run.path("eval.jsonl"), name, latest)
@@ -358,8 +364,9 @@ def run(config: ml_collections.ConfigDict) -> dict[str, list[dict]]:
   """Runs every stage; returns each stage's final evaluation rows."""
   r = setup(config)
   params = model.init_params(r.cfg, jax.random.key(config.seed), r.mesh)
-  logging.info("model: %.2fM parameters; mesh %s", model.count_params(params) / 1e6,
-               dict(r.mesh.shape))
+  r.say(f"model {model.count_params(params) / 1e6:.2f}M parameters on mesh {dict(r.mesh.shape)} "
+        f"({jax.device_count()} {jax.default_backend()} devices); stages {tuple(config.stages)}; "
+        f"workdir {os.path.abspath(config.workdir)}")
   results = {}
   for index, name in enumerate(config.stages):
     params, results[name] = run_stage(r, index, name, params)
