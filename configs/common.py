@@ -1,7 +1,16 @@
 """Shared defaults and argument parsing for the experiment configs.
 
 A config file is `configs/NAME.py` with `get_config(arg)`; the part after the colon in
-`--config=configs/grpo.py:model=tiny,seed=3` is `arg`, parsed by `parse_arg`.
+`--config=configs/grpo.py:model=tiny,seed=3` is `arg`, parsed by `parse_arg`. Any field can then
+be overridden with `--config.FIELD=VALUE`; the config is locked, so a misspelt field fails with
+"did you mean ...".
+
+Layout of a config (every field is read by corpo_jax/train/loop.py):
+  seed, workdir, mesh, tokenizer, model.*     the run
+  tasks.<name>.*                              task options (corpo_jax/data/tasks)
+  stages                                      names of the stage sub-configs to run, in order
+  <stage>.*                                   one sub-config per stage: kind "sft" or "rl"
+  eval.*, checkpoint.*, log.*                 evaluation, checkpoints, logging
 """
 
 from __future__ import annotations
@@ -11,6 +20,12 @@ from typing import Any
 import ml_collections
 
 from corpo_jax.model.config import ModelConfig
+from corpo_jax.rl.config import RLConfig
+
+# RLConfig fields the loop derives from the stage's sampling settings (not set by hand).
+DERIVED_RL_FIELDS = ("temperature", "max_completion_len")
+SFT_OPTIMIZER_FIELDS = ("learning_rate", "warmup_steps", "decay_steps", "weight_decay", "b1", "b2",
+                        "grad_clip_norm", "freeze")
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
@@ -44,6 +59,111 @@ def model_config(preset: str, **overrides: Any) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(ModelConfig.preset(preset, **overrides).to_dict())
 
 
+def rl_fields(**overrides: Any) -> dict[str, Any]:
+  """Every RLConfig field but the derived ones (see corpo_jax/rl/config.py for each field)."""
+  fields = RLConfig(**overrides).to_dict()
+  for name in DERIVED_RL_FIELDS:
+    fields.pop(name)
+  fields["freeze"] = tuple(fields["freeze"])
+  return fields
+
+
+def sft_stage(**overrides: Any) -> ml_collections.ConfigDict:
+  """Supervised warm start on reasoning traces (thinking-head pre-training with freeze=("base",))."""
+  stage = ml_collections.ConfigDict()
+  stage.kind = "sft"
+  stage.steps = 200  # optimizer steps
+  stage.batch_size = 32  # sequences per step
+  stage.tasks = ("arithmetic",)  # a generated task whose reference traces are the data
+  stage.traces = ""  # or a traces.jsonl written by `python -m corpo_jax.data.distill`
+  stage.loss_on = ("trace", "answer")  # target tokens: "trace" (thinking head), "answer" (base)
+  stage.step_loss_weight = 0.1  # weight of the thinking head's step-type classifier loss
+  # Optimizer (RLConfig's optimizer fields): AdamW, warmup then cosine decay, clipping, freeze.
+  optimizer = rl_fields(learning_rate=1e-4, warmup_steps=20, decay_steps=180)
+  stage.update({k: optimizer[k] for k in SFT_OPTIMIZER_FIELDS})
+  stage.checkpoint_every = 100
+  stage.eval_every = 0  # 0: evaluate only at the end of the stage
+  stage.update(overrides)
+  return stage
+
+
+def rl_stage(**overrides: Any) -> ml_collections.ConfigDict:
+  """Rollout -> rewards -> update. Holds every RLConfig field (`--config.rl.advantage=corpo`)
+  besides the stage's own: steps, tasks, batch and sampling settings, rewards."""
+  stage = ml_collections.ConfigDict(rl_fields(beta=0.1, learning_rate=1e-5, warmup_steps=5))
+  stage.kind = "rl"
+  stage.steps = 100  # RL steps (one rollout batch each)
+  stage.tasks = ("arithmetic",)
+  stage.prompts_per_step = 4  # B prompts per step
+  stage.group_size = 8  # G completions per prompt
+  stage.max_new_tokens = 64  # also the update's max_completion_len
+  stage.temperature = 0.8  # also the temperature of the update's log-probs
+  stage.top_k = 0  # 0: off
+  stage.top_p = 1.0  # 1.0: off
+  stage.max_thinking_tokens = 0  # 0: no thinking budget; else force </think> after this many
+  stage.rewards = (("exact_match", 1.0),)  # (name, weight) pairs, corpo_jax/rl/rewards.py
+  stage.checkpoint_every = 20
+  stage.eval_every = 0
+  stage.samples_every = 10  # log two decoded completions every this many steps (0: never)
+  stage.update(overrides)
+  return stage
+
+
+def three_stage(config: ml_collections.ConfigDict, *, advantage: str, scale: str,
+                reward: str) -> ml_collections.ConfigDict:
+  """The thinking recipe on the bundled tasks: a supervised warm start on reasoning traces, RL on
+  arithmetic, then specialisation on 3-digit arithmetic with the composite thinking reward.
+
+  Our demo model starts from random weights, so the warm start trains every parameter; with a
+  pre-trained base, `--config.sft.optimizer.freeze='("base",)'` is the recipe's thinking-head
+  pre-training. reward: "exact_match" (0/1, tau 1) or "ordinal" (the task grade 1..5, tau 5).
+  """
+  if reward not in ("exact_match", "ordinal"):
+    raise ValueError(f"reward={reward!r}: choose exact_match or ordinal.")
+  tau = 1.0 if reward == "exact_match" else 5.0
+  config.stages = ("sft", "rl", "specialize")
+  config.sft = sft_stage(steps=150, learning_rate=3e-3, warmup_steps=20, decay_steps=130)
+  estimator = dict(advantage=advantage, scale=scale, tau=tau, beta=0.1)
+  config.rl = rl_stage(steps=60, prompts_per_step=8, max_new_tokens=96, rewards=((reward, 1.0),),
+                       learning_rate=2e-4, warmup_steps=5, **estimator)
+  # Mixed rewards: tau moves to the scale of the weighted sum (a perfect answer with a perfect
+  # trace scores tau + 0.5 at most; exactly-right answers have reward >= tau).
+  config.specialize = rl_stage(
+      steps=20, tasks=("arithmetic3",), prompts_per_step=8, max_new_tokens=128,
+      rewards=((reward, 0.5), ("thinking", 0.5)), learning_rate=1e-4,
+      **dict(estimator, tau=0.5 * tau))
+  config.eval.tasks = ("arithmetic", "arithmetic3")
+  config.eval.max_new_tokens = 128
+  return config
+
+
+def estimator_config(arg: str | None, *, advantage: str, scale: str,
+                     reward: str) -> ml_collections.ConfigDict:
+  """The get_config of configs/{grpo,corpo,static,dr_grpo}.py: the three-stage recipe with one
+  advantage estimator. Arguments: model, seed, workdir, reward, smoke."""
+  arg = parse_arg(arg, model="demo", seed=0, workdir=f"workdir/{advantage}", reward=reward,
+                  smoke=False)
+  config = three_stage(base_config(arg), advantage=advantage, scale=scale, reward=arg.reward)
+  return smoke(config) if arg.smoke else config
+
+
+def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks a config to seconds: the tiny model, a few steps per stage, small batches."""
+  config.model = model_config("tiny", vocab_size=1024)
+  for name in config.stages:
+    stage = config[name]
+    stage.steps = 3
+    stage.checkpoint_every = 2
+    if stage.kind == "sft":
+      stage.batch_size = 8
+    else:
+      stage.prompts_per_step, stage.group_size, stage.max_new_tokens = 2, 4, 24
+  config.eval.update(num_prompts=4, num_samples=2, ks=(1, 2), prompts_per_batch=4,
+                     max_new_tokens=24)
+  config.log.tensorboard = False
+  return config
+
+
 def base_config(arg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Fields every experiment has."""
   config = ml_collections.ConfigDict()
@@ -52,4 +172,26 @@ def base_config(arg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.model = model_config(arg.model)  # a preset of corpo_jax/model/config.py, every field
   # Device mesh sizes over axes (data, fsdp, expert, tensor); one may be -1 (all remaining).
   config.mesh = (-1, 1, 1, 1)
+  config.tokenizer = ""  # a SentencePiece .model with the special tokens; "" = the bundled one
+  # Named task instances: "kind" is a task of corpo_jax/data/tasks, the rest its options.
+  config.tasks = ml_collections.ConfigDict({
+      "arithmetic": {"kind": "arithmetic", "min_digits": 1, "max_digits": 2, "ops": "+-",
+                     "seed": 0},
+      "arithmetic3": {"kind": "arithmetic", "min_digits": 3, "max_digits": 3, "ops": "+-",
+                      "seed": 0},
+      "verify": {"kind": "verify", "max_operand": 99, "seed": 0},
+      "jsonl": {"kind": "jsonl", "path": "", "reward": "exact_match"},  # {"prompt", "answer"} rows
+  })
+  config.stages = ("rl",)
+  config.eval = ml_collections.ConfigDict({
+      "tasks": ("arithmetic",),  # evaluated at the end of every stage (and every eval_every)
+      "num_prompts": 64,  # held-out problems per task
+      "num_samples": 4,  # samples per problem (n of pass@k)
+      "ks": (1, 4),  # pass@k reported for these k (each <= num_samples)
+      "temperature": 0.8,  # 0: greedy
+      "max_new_tokens": 64,
+      "prompts_per_batch": 16,
+  })
+  config.checkpoint = ml_collections.ConfigDict({"max_to_keep": 2, "async_save": True})
+  config.log = ml_collections.ConfigDict({"tensorboard": True, "progress": True})
   return config

@@ -1,17 +1,18 @@
-"""GRPO on the bundled tasks; the no-argument default is the CPU demo.
+"""GRPO (group-mean baseline, group-std scaling): supervised warm start -> RL -> specialisation on the bundled tasks.
 
+The no-argument default is the CPU demo (see configs/common.py three_stage).
 Run:
   python -m corpo_jax.main --config=configs/grpo.py
-  python -m corpo_jax.main --config=configs/grpo.py:model=tiny,seed=1 --config.mesh='(2,2,2,1)'
+  python -m corpo_jax.main --config=configs/grpo.py:seed=1,reward=ordinal
+  python -m corpo_jax.main --config=configs/grpo.py:smoke     # all stages, tiny model, seconds
+  python -m corpo_jax.main --config=configs/grpo.py:model=mixtral_8x7b --config.mesh='(-1,8,4,1)'
 
-Arguments (after the colon): model=<preset> (tiny, demo, mixtral_8x7b, mixtral_8x22b),
-seed=<int>, workdir=<path>.
+Arguments (after the colon): model=<preset>, seed=<int>, workdir=<path>,
+reward=exact_match|ordinal (default exact_match), smoke.
 """
 
 from configs import common
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, model="demo", seed=0, workdir="workdir/grpo")
-  config = common.base_config(arg)
-  return config
+  return common.estimator_config(arg, advantage="grpo", scale="group", reward="exact_match")

@@ -1,10 +1,21 @@
-"""Evaluation metrics: accuracy and pass@k with the unbiased estimator of Chen et al. (2021)."""
+"""Evaluation: accuracy, pass@k (unbiased estimator of Chen et al. 2021), thinking metrics.
+
+The trainer evaluates at the end of every stage (and every `eval_every` steps); to evaluate a
+run's newest checkpoint again:
+  python -m corpo_jax.evaluate --workdir workdir/grpo    # the eval settings of its config.json
+Rows are appended to <workdir>/eval.jsonl: step, stage, task, accuracy, pass_at_k {k: value},
+transparency, structure, coherence, alignment and, for the verifier, per-group results.
+"""
 
 from __future__ import annotations
 
 from typing import Sequence
 
 import numpy as np
+
+from corpo_jax.data import pipeline
+from corpo_jax.data import text as text_lib
+from corpo_jax.rl import rewards
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -25,3 +36,67 @@ def mean_pass_at_k(correct_PN: np.ndarray, ks: Sequence[int]) -> dict[int, float
   n = correct_PN.shape[1]
   counts = correct_PN.sum(1)
   return {int(k): float(np.mean([pass_at_k(n, int(c), k) for c in counts])) for k in ks}
+
+
+# ----------------------------------------------------------------------------- sampled evaluation
+
+
+def thinking_metrics(completions: Sequence[str], examples, task) -> dict[str, float]:
+  """ALGORITHMS.md thinking metrics averaged over completions: transparency (a well-formed,
+  non-empty trace precedes the answer), step structure, coherence and alignment."""
+  scores = rewards.compute((("thinking", 1.0),), completions, examples, task)
+  parts = [text_lib.split_completion(c) for c in completions]
+  transparent = [p.well_formed and bool(p.trace) for p in parts]
+  return {"transparency": float(np.mean(transparent)),
+          **{name: float(scores.components[name].mean())
+             for name in ("structure", "coherence", "alignment")}}
+
+
+def evaluate_task(generate_fn, tokenizer, task, *, num_prompts: int, num_samples: int,
+                  ks: Sequence[int], prompts_per_batch: int) -> dict:
+  """Samples `num_samples` completions for the first `num_prompts` eval problems of `task`.
+
+  generate_fn(prompts_BP, mask_BP, num_samples) -> list of B * num_samples decoded texts.
+  Returns accuracy (share of exactly right samples), pass@k, the thinking metrics and, for
+  tasks whose examples carry a group (the verifier's ground-truth configurations), the same
+  accuracy/pass@k per group.
+  """
+  examples = [task.example("eval", i) for i in range(num_prompts)]
+  texts = []
+  for start in range(0, num_prompts, prompts_per_batch):
+    chunk = examples[start:start + prompts_per_batch]
+    ids = [pipeline.prompt_ids(tokenizer, ex.prompt) for ex in chunk]
+    width = max(map(len, ids))
+    prompts = np.full((len(ids), width), tokenizer.pad_id, np.int32)
+    mask = np.zeros((len(ids), width), bool)
+    for row, seq in enumerate(ids):
+      prompts[row, width - len(seq):], mask[row, width - len(seq):] = seq, True
+    texts += generate_fn(prompts, mask, num_samples)
+  correct_PN = np.array([[task.exact(texts[p * num_samples + i], ex) for i in range(num_samples)]
+                         for p, ex in enumerate(examples)], bool)
+  rep = [ex for ex in examples for _ in range(num_samples)]
+  row = {"accuracy": float(correct_PN.mean()), "pass_at_k": mean_pass_at_k(correct_PN, ks),
+         **thinking_metrics(texts, rep, task)}
+  groups = sorted({ex.group for ex in examples if ex.group})
+  if groups:
+    row["groups"] = {
+        g: {"accuracy": float(correct_PN[idx].mean()),
+            "pass_at_k": mean_pass_at_k(correct_PN[idx], ks), "count": int(len(idx))}
+        for g in groups for idx in [np.array([i for i, ex in enumerate(examples) if ex.group == g])]}
+  return row
+
+
+def main(argv) -> None:
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from corpo_jax.train import loop  # pylint: disable=g-import-not-at-top  # loop imports this module
+  for row in loop.evaluate_workdir(flags.FLAGS.workdir):
+    ks = ", ".join(f"pass@{k} {v:.3f}" for k, v in row["pass_at_k"].items())
+    print(f"{row['stage']} step {row['step']} {row['task']}: accuracy {row['accuracy']:.3f}, {ks}, "
+          f"transparency {row['transparency']:.3f}")
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("workdir", None, "The --config.workdir of a run.", required=True)
+  app.run(main)

@@ -1,19 +1,19 @@
 """Entry point: `python -m corpo_jax.main --config=configs/grpo.py[:args] [--config.x=y ...]`.
 
-The trainer is not built yet (issue: Trainer). Until it lands this runs one sharded forward pass
-of the configured model on a random batch and reports what it did.
+Runs the config's stages (corpo_jax/train/loop.py), resuming from `workdir` if a previous run of
+the same command stopped early. SIGTERM (preemption) writes a checkpoint and exits 0.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from corpo_jax import model, sharding
+from corpo_jax.train import checkpoint, loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -23,24 +23,27 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
   del argv
   config = _CONFIG.value
-  cfg = model.ModelConfig.from_dict(config.model)
-  mesh = sharding.make_mesh(config.mesh)
-  logging.info("mesh %s over %d %s devices", dict(mesh.shape), mesh.size, jax.default_backend())
+  if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO; -v 0 shows it
+    logging.set_verbosity(logging.WARNING)
+  checkpoint.install_sigterm_handler()
   t0 = time.perf_counter()
-  params = model.init_params(cfg, jax.random.key(config.seed), mesh)
-  n = model.count_params(params)
-  batch, length = max(4, mesh.size), 32
-  tokens = jax.random.randint(jax.random.key(config.seed + 1), (batch, length), 6, cfg.vocab_size)
-  tokens = jax.device_put(tokens, sharding.batch_sharding(mesh, tokens.shape))
-  with jax.set_mesh(mesh):
-    logits = jax.jit(model.forward, static_argnums=1)(params, cfg, tokens)
-  logp = jax.nn.log_softmax(logits)
-  nll = -jnp.take_along_axis(logp[:, :-1], tokens[:, 1:, None], -1).mean()
-  print(f"corpo_jax: model with {n / 1e6:.2f}M parameters initialised on mesh {dict(mesh.shape)}; "
-        f"forward pass on a random {batch}x{length} batch: logits {tuple(logits.shape)}, "
-        f"next-token NLL {float(nll):.3f} (uniform: {float(jnp.log(cfg.vocab_size)):.3f}), "
-        f"{time.perf_counter() - t0:.1f}s.")
-  print("corpo_jax: the RL trainer is not implemented yet; this run only checked the model.")
+  try:
+    results = loop.run(config)
+  except loop.Preempted as e:
+    print(f"corpo_jax: {e}; rerun the same command to resume.")
+    sys.exit(0)
+  except ValueError as e:  # a user's mistake: say what to change, without a traceback
+    logging.error("%s", e)
+    print(f"corpo_jax: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  workdir = os.path.abspath(config.workdir)
+  print(f"corpo_jax: finished {', '.join(config.stages)} in {time.perf_counter() - t0:.0f}s.")
+  for stage, rows in results.items():
+    for row in rows:
+      ks = ", ".join(f"pass@{k} {v:.3f}" for k, v in row["pass_at_k"].items())
+      print(f"  after {stage:<10} {row['task']:<10} accuracy {row['accuracy']:.3f}  {ks}")
+  print(f"corpo_jax: results in {workdir}: metrics.jsonl, eval.jsonl, samples.jsonl, "
+        f"checkpoints/, tensorboard/")
 
 
 if __name__ == "__main__":

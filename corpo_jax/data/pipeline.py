@@ -17,7 +17,8 @@ RL batch (prompts left-padded so generation appends on the right), B rows:
   Examples the rewards need.
 SFT batch (right-padded), B rows of <bos> prompt <think> trace </think> answer <eos>:
   tokens, token_mask, trace_mask (tokens after <think> up to and including </think>: the
-  thinking head's targets), answer_mask (tokens after </think> up to and including <eos>),
+  thinking head's targets), answer_mask (the base head's targets: the <think> that opens the
+  trace, and the tokens after </think> up to and including <eos>),
   step_labels [B, T] int32 (data/steps.py classes on the first token of each trace line).
 Masks mark the positions of target tokens; the trainer shifts them against the logits.
 """
@@ -142,7 +143,8 @@ def sft_example(tokenizer: Tokenizer, prompt: str, trace: str, answer: str) -> d
   step_labels = np.zeros(len(tokens), np.int32)
   step_labels[start + len(newline):start + len(newline) + len(trace_ids)] = trace_labels
   return {"tokens": tokens, "token_mask": np.ones(len(tokens), bool),
-          "trace_mask": (positions >= start) & (positions < end), "answer_mask": positions >= end,
+          "trace_mask": (positions >= start) & (positions < end),
+          "answer_mask": (positions >= end) | (positions == start - 1),
           "step_labels": step_labels}
 
 

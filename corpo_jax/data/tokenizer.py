@@ -111,8 +111,11 @@ class Tokenizer:
     return self._sp.encode(list(texts))
 
   def decode(self, ids: Iterable[int]) -> str:
-    """Text of `ids`; <pad>/<bos>/<eos> are dropped, <think>/</think> appear as text."""
-    return self._sp.decode([int(i) for i in ids])
+    """Text of `ids`; <pad>/<bos>/<eos> are dropped, <think>/</think> appear as text.
+
+    Ids >= vocab_size (a model's vocabulary may be padded beyond the tokenizer's) are dropped.
+    """
+    return self._sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
 
   def decode_batch(self, ids_batch: Iterable[Iterable[int]]) -> list[str]:
     return [self.decode(ids) for ids in ids_batch]

@@ -126,10 +126,10 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(vocab_size=256, d_model=64, num_layers=2, num_heads=8, num_kv_heads=4,
                         head_dim=8, d_ff=128, num_experts=4, top_k=2, max_seq_len=256,
                         thinking_layers=1),
-    # The CPU demo (and the benchmark reference config plus a 2-layer thinking head).
-    "demo": ModelConfig(vocab_size=1024, d_model=256, num_layers=4, num_heads=4, num_kv_heads=4,
-                        head_dim=64, d_ff=1024, num_experts=4, top_k=2, max_seq_len=512,
-                        thinking_layers=2),
+    # The CPU demo: small enough to learn the bundled arithmetic from scratch in minutes.
+    "demo": ModelConfig(vocab_size=1024, d_model=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                        head_dim=32, d_ff=256, num_experts=4, top_k=2, max_seq_len=512,
+                        thinking_layers=1),
     # Mixtral-8x7B-v0.1 (46.7B parameters) and Mixtral-8x22B-v0.1 (141B); no thinking head by
     # default, Llama tokenizer ids (unk 0, bos 1, eos 2, no pad or think tokens).
     "mixtral_8x7b": ModelConfig(vocab_size=32000, d_model=4096, num_layers=32, num_heads=32,

@@ -185,7 +185,8 @@ def init_state(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, 
 def token_logprobs(params: Any, model_cfg: ModelConfig, tokens_BT: jax.Array,
                    token_mask_BT: jax.Array, *, temperature: float = 1.0, chunk: int = 128,
                    experts_LBTA: jax.Array | None = None) -> tuple[jax.Array, jax.Array, Any]:
-  """(logp_BT, entropy_BT, aux) of every token given its prefix, in token space (module doc).
+  """(logp_BT, entropy_BT, model Output) of every token given its prefix (module doc); the
+  Output carries the MoE aux losses and the step classifier's logits.
 
   Logits / temperature are projected `chunk` time steps at a time inside a rematerialised
   lax.map, so at most [B, chunk, V] float32 logits are live, in the forward and backward pass.
@@ -212,7 +213,7 @@ def token_logprobs(params: Any, model_cfg: ModelConfig, tokens_BT: jax.Array,
   logp_nBc, entropy_nBc = jax.lax.map(one_chunk, jax.tree.map(to_chunks, (out.hidden, next_BT)))
   from_chunks = lambda x: jnp.swapaxes(x, 0, 1).reshape(B, n * c)[:, :T - 1]
   shift = lambda x: jnp.concatenate([jnp.zeros((B, 1), jnp.float32), from_chunks(x)], axis=1)
-  return shift(logp_nBc), shift(entropy_nBc), out.aux
+  return shift(logp_nBc), shift(entropy_nBc), out
 
 
 # ----------------------------------------------------------------------------- the update
@@ -240,9 +241,10 @@ def _micro_loss(params, mb: _Micro, old_BT, ref_BT, denom, n_tokens, *, model_cf
   """This micro-batch's share of the loss (its sums / the full batch's denominators)."""
   tokens = sharding.constrain(mb.tokens, ("batch", "length"))
   experts = mb.experts if rl_cfg.router_replay else None
-  logp_BT, entropy_BT, aux = token_logprobs(
+  logp_BT, entropy_BT, out = token_logprobs(
       params, model_cfg, tokens, mb.token_mask, temperature=rl_cfg.temperature,
       chunk=rl_cfg.logprob_chunk, experts_LBTA=experts)
+  aux = out.aux
   mask_BT = mb.loss_mask
   old_BT = jax.lax.stop_gradient(logp_BT) if old_BT is None else old_BT
   log_r_BT = losses.log_ratio(logp_BT, old_BT, mask_BT, rl_cfg.importance_level)

@@ -103,6 +103,12 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def _label(key: str) -> str:
+  """"reward/mean" -> "reward", "adv/frac_failed_positive" -> "frac_failed_positive"."""
+  group, _, name = key.rpartition("/")
+  return group if name == "mean" else name
+
+
 class Progress:
   """A one-line progress display: `[stage] step 12/40 |#####     | loss 0.31 reward 0.52 3.1 s/it`.
 
@@ -123,7 +129,7 @@ class Progress:
     done = min(step, self.total)
     bar = "#" * int(20 * done / max(self.total, 1))
     rate = (time.perf_counter() - self._start) / max(done, 1)
-    shown = " ".join(f"{k.split('/')[-1]} {metrics[k]:.3g}" for k in self.keys
+    shown = " ".join(f"{_label(k)} {metrics[k]:.3g}" for k in self.keys
                      if isinstance(metrics.get(k), (int, float)))
     line = f"[{self.stage}] step {done}/{self.total} |{bar:<20}| {shown} {rate:.2f} s/it"
     self.stream.write(("\r" + line) if self._tty else (line + "\n"))

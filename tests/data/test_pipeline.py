@@ -100,8 +100,8 @@ def test_sft_masks_and_labels():
   close = int(np.flatnonzero(tokens == TOK.think_end_id)[0])
   np.testing.assert_array_equal(np.flatnonzero(row["trace_mask"]), np.arange(think + 1, close + 1))
   np.testing.assert_array_equal(np.flatnonzero(row["answer_mask"]),
-                                np.arange(close + 1, len(tokens)))
-  assert TOK.decode(tokens[row["answer_mask"]]) == "\n" + ex.answer
+                                [think] + list(range(close + 1, len(tokens))))
+  assert TOK.decode(tokens[row["answer_mask"]]) == "<think>\n" + ex.answer
   # One numbered-step label per trace line, on the line's first token.
   labelled = np.flatnonzero(row["step_labels"])
   assert len(labelled) == len(ex.trace.splitlines()) and set(row["step_labels"][labelled]) == {1}

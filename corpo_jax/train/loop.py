@@ -1,0 +1,405 @@
+"""Runs `config.stages` in order, each resumable from its own checkpoints.
+
+Each stage keeps its checkpoints in `<workdir>/checkpoints/<stage>`; its last checkpoint is
+marked done. A rerun of the same command skips finished stages (taking their final parameters),
+resumes an unfinished one from its latest checkpoint (state, data iterator, step) and starts the
+rest. A stage starts from the previous stage's final parameters (the first from the seeded
+initialisation); an RL stage's reference policy is its starting point.
+
+Randomness: step k of stage s uses fold_in(fold_in(key(seed), s), k), so a resumed run draws
+the same samples as an uninterrupted one. Metrics rows of steps after the restored checkpoint
+are dropped from metrics.jsonl on resume, so the file reads as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from corpo_jax import evaluate, model, sampling, sharding
+from corpo_jax.data import pipeline
+from corpo_jax.data import tasks as tasks_lib
+from corpo_jax.data.tokenizer import Tokenizer, bundled
+from corpo_jax.model import ModelConfig
+from corpo_jax.rl import rewards as rewards_lib
+from corpo_jax.rl import step as rl_step
+from corpo_jax.rl.config import RLConfig
+from corpo_jax.train import sft as sft_lib
+from corpo_jax.train.checkpoint import Checkpointer
+from corpo_jax.train.metrics import MetricsWriter, OneStepLate, Progress, read_jsonl
+
+STAGE_KINDS = ("sft", "rl")
+
+
+class Preempted(Exception):
+  """Raised after the preemption checkpoint is on disk; main exits 0."""
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything the stages share."""
+
+  config: ml_collections.ConfigDict
+  cfg: ModelConfig
+  mesh: jax.sharding.Mesh
+  tokenizer: Tokenizer
+  writer: MetricsWriter
+  is_main: bool
+
+  def task(self, name: str):
+    if name not in self.config.tasks:
+      raise ValueError(f"Unknown task {name!r}; configured tasks: {sorted(self.config.tasks)}.")
+    options = dict(self.config.tasks[name])
+    kind = options.pop("kind")
+    if kind == "jsonl" and not options.get("path"):
+      raise ValueError(f"Task {name!r} needs --config.tasks.{name}.path=<a jsonl file of "
+                       f"{{\"prompt\", \"answer\"}} rows>.")
+    return tasks_lib.get(kind, **options)
+
+  def path(self, *parts: str) -> str:
+    return os.path.join(self.config.workdir, *parts)
+
+  def say(self, message: str) -> None:
+    """A line for the person running the job (process 0 only; logs stay at WARNING)."""
+    if self.is_main:
+      print(f"corpo_jax: {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Fails at start, naming the field, on options that cannot work together."""
+  if not config.stages:
+    raise ValueError("config.stages is empty; e.g. --config.stages='(\"sft\", \"rl\")'.")
+  for name in config.stages:
+    if name not in config or not isinstance(config[name], ml_collections.ConfigDict):
+      raise ValueError(f"config.stages names {name!r} but there is no config.{name} stage "
+                       f"sub-config.")
+    stage = config[name]
+    if stage.kind not in STAGE_KINDS:
+      raise ValueError(f"config.{name}.kind={stage.kind!r} is not one of {STAGE_KINDS}.")
+    if stage.steps < 1:
+      raise ValueError(f"config.{name}.steps={stage.steps} must be >= 1.")
+    if stage.kind == "rl":
+      if stage.group_size < 2:
+        raise ValueError(f"config.{name}.group_size={stage.group_size}: group-relative "
+                         f"advantages need at least 2 completions per prompt.")
+      rl_config(config, name)  # validates the update fields
+      rewards_lib.check_spec(stage.rewards)
+    else:
+      sft_lib.check_loss_on(stage.loss_on)
+      optimizer_config(name, stage)
+  for k in config.eval.ks:
+    if not 1 <= k <= config.eval.num_samples:
+      raise ValueError(f"config.eval.ks contains {k}; each k must be in [1, "
+                       f"config.eval.num_samples={config.eval.num_samples}].")
+
+
+_RL_FIELDS = tuple(f.name for f in dataclasses.fields(RLConfig))
+
+
+def rl_config(config: ml_collections.ConfigDict, name: str) -> RLConfig:
+  """The RLConfig of an RL stage: its RLConfig fields plus the ones derived from sampling."""
+  stage = config[name]
+  fields = {k: stage[k] for k in _RL_FIELDS if k in stage}
+  fields.update(temperature=stage.temperature or 1.0, max_completion_len=stage.max_new_tokens)
+  try:
+    return RLConfig.from_dict(fields)
+  except ValueError as e:
+    raise ValueError(str(e).replace("rl.", f"config.{name}.")) from None
+
+
+def optimizer_config(name: str, stage: ml_collections.ConfigDict) -> RLConfig:
+  """An SFT stage's optimizer fields, held in an RLConfig (the one optimizer description)."""
+  try:
+    return RLConfig.from_dict({k: stage[k] for k in _RL_FIELDS if k in stage})
+  except ValueError as e:
+    raise ValueError(str(e).replace("rl.", f"config.{name}.")) from None
+
+
+def load_tokenizer(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Tokenizer:
+  tok = Tokenizer.load(config.tokenizer) if config.tokenizer else bundled()
+  if tok.vocab_size > cfg.vocab_size:
+    raise ValueError(f"The tokenizer has {tok.vocab_size} tokens but model.vocab_size="
+                     f"{cfg.vocab_size}; set --config.model.vocab_size={tok.vocab_size} or more.")
+  for field, tok_id in (("pad_id", tok.pad_id), ("think_start_id", tok.think_start_id),
+                        ("think_end_id", tok.think_end_id)):
+    if getattr(cfg, field) != tok_id:
+      raise ValueError(f"model.{field}={getattr(cfg, field)} but the tokenizer's id is {tok_id}; "
+                       f"set --config.model.{field}={tok_id}.")
+  return tok
+
+
+def setup(config: ml_collections.ConfigDict) -> Run:
+  check_config(config)
+  cfg = ModelConfig.from_dict(config.model)
+  mesh = sharding.make_mesh(config.mesh)
+  tokenizer = load_tokenizer(config, cfg)
+  is_main = jax.process_index() == 0
+  if is_main:
+    os.makedirs(config.workdir, exist_ok=True)
+    with open(os.path.join(config.workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  writer = MetricsWriter(config.workdir, enabled=is_main, tensorboard=config.log.tensorboard)
+  return Run(config, cfg, mesh, tokenizer, writer, is_main)
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+@dataclasses.dataclass
+class StagePlan:
+  """What differs between stage kinds."""
+
+  optimizer: Any
+  loader: Any
+  step: Callable[[Any, dict, int], tuple[Any, Any, dict]]  # (state, batch, k) -> (state, m, host)
+  progress_keys: tuple[str, ...]
+  tasks: list
+
+
+def _sft_plan(run: Run, name: str, stage, index: int) -> StagePlan:
+  opt_cfg = optimizer_config(name, stage)
+  optimizer = rl_step.make_optimizer(opt_cfg, model.abstract_params(run.cfg))
+  update = sft_lib.make_sft_update(run.cfg, optimizer, opt_cfg.freeze, run.mesh,
+                                   loss_on=stage.loss_on, step_loss_weight=stage.step_loss_weight)
+  tasks = [run.task(t) for t in stage.tasks]
+  if stage.traces:
+    rows = pipeline.read_traces(stage.traces)
+  else:
+    rows = pipeline.TaskTraces(tasks[0]) if len(tasks) == 1 else None
+    if rows is None:
+      raise ValueError(f"config.{name}.tasks={tuple(stage.tasks)}: SFT on generated traces takes "
+                       f"one task (or set config.{name}.traces).")
+  loader = pipeline.sft_sequences(rows, run.tokenizer, batch_size=stage.batch_size,
+                                  seed=run.config.seed + index)
+
+  def step(state, batch, k):
+    del k
+    state, metrics = update(state, sft_lib.SftBatch.from_numpy(batch))
+    return state, metrics, {"tokens": int(batch["token_mask"].sum())}
+
+  return StagePlan(optimizer, loader, step, ("loss", "nll"), tasks)
+
+
+def _strategy(stage) -> tuple:
+  if stage.temperature == 0:
+    return (sampling.Greedy(),)
+  out = [sampling.Temperature(stage.temperature)]
+  if stage.top_k:
+    out.append(sampling.TopK(stage.top_k))
+  if stage.top_p < 1.0:
+    out.append(sampling.TopP(stage.top_p))
+  return tuple(out)
+
+
+def _rl_plan(run: Run, name: str, stage, index: int, ref_params: Any) -> StagePlan:
+  rl_cfg = rl_config(run.config, name)
+  optimizer = rl_step.make_optimizer(rl_cfg, model.abstract_params(run.cfg))
+  update = rl_step.make_update(run.cfg, rl_cfg, run.mesh, optimizer)
+  tasks = [run.task(t) for t in stage.tasks]
+  loader = pipeline.rl_prompts(tasks, run.tokenizer, batch_size=stage.prompts_per_step,
+                               seed=run.config.seed + index)
+  stage_rng = jax.random.fold_in(jax.random.key(run.config.seed), index)
+  spec, G, tok = rewards_lib.check_spec(stage.rewards), stage.group_size, run.tokenizer
+  max_think = stage.max_thinking_tokens or None
+  ref = ref_params if rl_cfg.beta > 0 else None
+
+  def step(state, prompts, k):
+    t0 = time.perf_counter()
+    with jax.set_mesh(run.mesh):
+      rollout = sampling.generate(
+          state.params, run.cfg, prompts["tokens"], prompts["token_mask"],
+          rng=jax.random.fold_in(stage_rng, k), num_samples=G,
+          max_new_tokens=stage.max_new_tokens, strategy=_strategy(stage), eos_id=tok.eos_id,
+          max_thinking_tokens=max_think)
+    tokens, mask = jax.device_get((rollout.tokens, rollout.mask))
+    t_rollout = time.perf_counter() - t0
+    texts = [tok.decode(t[m]) for t, m in zip(tokens, mask)]
+    examples = [ex for ex in pipeline.examples(prompts, tasks, "train") for _ in range(G)]
+    row_tasks = [tasks[t] for t in prompts["task_id"] for _ in range(G)]
+    scores = rewards_lib.compute(spec, texts, examples, row_tasks)
+    rewards_BG = scores.total_N.reshape(-1, G)
+    batch = rl_step.make_batch(prompts["tokens"], prompts["token_mask"], rollout, rewards_BG)
+    state, metrics = update(state, batch, ref)
+    host = {f"reward/{k}": float(v.mean()) for k, v in scores.components.items()}
+    host.update({"reward/scoring_failures": scores.num_failed, "time/rollout_s": t_rollout,
+                 "tokens": int(mask.sum()),
+                 "samples": [{"completion": texts[i], "reward": float(scores.total_N[i]),
+                              "answer": examples[i].answer} for i in range(min(2, len(texts)))]})
+    return state, metrics, host
+
+  return StagePlan(optimizer, loader, step, ("loss", "reward/mean", "adv/frac_failed_positive"),
+                   tasks)
+
+
+def _abstract_state(run: Run, optimizer) -> Any:
+  """The TrainState's shapes with this run's shardings: the restore target."""
+  shapes = jax.eval_shape(
+      lambda p: rl_step.TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                                   opt_state=optimizer.init(p), skipped=jnp.zeros((), jnp.int32)),
+      nn.unbox(model.abstract_params(run.cfg)))
+  shardings = rl_step.state_shardings(run.cfg, optimizer, run.mesh)
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      shapes, shardings)
+
+
+def _evaluate(run: Run, params: Any, stage_name: str, step: int, rng: jax.Array) -> list[dict]:
+  ev = run.config.eval
+  strategy = (sampling.Greedy(),) if ev.temperature == 0 else (sampling.Temperature(ev.temperature),)
+  calls = iter(range(1 << 30))
+
+  def generate_fn(prompts, mask, n):
+    with jax.set_mesh(run.mesh):
+      rollout = sampling.generate(params, run.cfg, prompts, mask,
+                                  rng=jax.random.fold_in(rng, next(calls)), num_samples=n,
+                                  max_new_tokens=ev.max_new_tokens, strategy=strategy,
+                                  eos_id=run.tokenizer.eos_id)
+    tokens, m = jax.device_get((rollout.tokens, rollout.mask))
+    return [run.tokenizer.decode(t[k]) for t, k in zip(tokens, m)]
+
+  rows = []
+  for name in ev.tasks:
+    result = evaluate.evaluate_task(generate_fn, run.tokenizer, run.task(name),
+                                    num_prompts=ev.num_prompts, num_samples=ev.num_samples,
+                                    ks=ev.ks, prompts_per_batch=ev.prompts_per_batch)
+    rows.append({"step": step, "stage": stage_name, "task": name, **result})
+  if run.is_main:
+    with open(run.path("eval.jsonl"), "a") as f:
+      for row in rows:
+        f.write(json.dumps(row) + "\n")
+  for row in rows:
+    ks = ", ".join(f"pass@{k} {v:.3f}" for k, v in row["pass_at_k"].items())
+    run.say(f"eval after {stage_name} step {step}, {row['task']}: accuracy "
+            f"{row['accuracy']:.3f}, {ks}, transparency {row['transparency']:.2f}")
+  return rows
+
+
+def _drop_rows_after(path: str, stage: str, step: int) -> None:
+  """Removes metrics rows of `stage` with step > `step` (written after the restored checkpoint)."""
+  if not os.path.exists(path):
+    return
+  rows = [r for r in read_jsonl(path) if not (r["stage"] == stage and r["step"] > step)]
+  with open(path, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def run_stage(run: Run, index: int, name: str, start_params: Any) -> tuple[Any, list[dict]]:
+  """Runs (or resumes, or skips if done) one stage; returns its final params and eval rows."""
+  stage = run.config[name]
+  ckpt = Checkpointer(run.path("checkpoints", name), max_to_keep=run.config.checkpoint.max_to_keep,
+                      async_save=run.config.checkpoint.async_save)
+  plan = (_sft_plan(run, name, stage, index) if stage.kind == "sft"
+          else _rl_plan(run, name, stage, index, start_params))
+  iterator = iter(plan.loader)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state, meta = ckpt.restore(latest, _abstract_state(run, plan.optimizer), iterator)
+    if meta.get("done"):
+      run.say(f"stage {name}: already finished (step {latest}); skipping")
+      ckpt.close()
+      return state.params, []
+    run.say(f"stage {name}: resuming from the checkpoint at step {latest}")
+    if run.is_main:
+      _drop_rows_after(run.writer.path, name, latest)
+      _drop_rows_after(run.path("eval.jsonl"), name, latest)
+  else:
+    state = rl_step.init_state(run.cfg, plan.optimizer, start_params, run.mesh)
+
+  eval_rng = jax.random.fold_in(jax.random.key(run.config.seed + 1), index)
+  progress = Progress(name, stage.steps, plan.progress_keys,
+                      enabled=run.is_main and run.config.log.progress)
+  late, t_last = OneStepLate(), time.perf_counter()
+  samples_every = stage.get("samples_every", 0)
+
+  def emit(item):
+    if item is None:
+      return
+    k, host = item
+    samples = host.pop("samples", None)
+    if samples and samples_every and k % samples_every == 0:
+      run.writer.write_samples(k, name, samples)
+    run.writer.write(k, name, host)
+    progress.update(k, host)
+
+  def save(k: int, done: bool):
+    emit(late.flush())  # rows up to k are on disk before the checkpoint that covers them
+    ckpt.save(k, state, {"stage": name, "step": k, "done": done}, iterator)
+
+  eval_rows = []
+  for k in range(int(state.step), stage.steps):
+    if ckpt.preempted(k):
+      save(k, done=False)
+      ckpt.close()
+      raise Preempted(f"stage {name} preempted at step {k}; checkpoint saved")
+    state, metrics, host = plan.step(state, next(iterator), k)
+    now = time.perf_counter()
+    host.update({"time/step_s": now - t_last, "tokens_per_s": host["tokens"] / (now - t_last)})
+    t_last = now
+    emit(late.push(k + 1, metrics, host))
+    if (k + 1) % stage.checkpoint_every == 0 and k + 1 < stage.steps:
+      save(k + 1, done=False)
+    if stage.eval_every and (k + 1) % stage.eval_every == 0 and k + 1 < stage.steps:
+      _evaluate(run, state.params, name, k + 1, eval_rng)
+  emit(late.flush())
+  progress.close()
+  eval_rows = _evaluate(run, state.params, name, stage.steps, eval_rng)
+  save(stage.steps, done=True)
+  ckpt.close()
+  return state.params, eval_rows
+
+
+def run(config: ml_collections.ConfigDict) -> dict[str, list[dict]]:
+  """Runs every stage; returns each stage's final evaluation rows."""
+  r = setup(config)
+  params = model.init_params(r.cfg, jax.random.key(config.seed), r.mesh)
+  r.say(f"model {model.count_params(params) / 1e6:.2f}M parameters on mesh {dict(r.mesh.shape)} "
+        f"({jax.device_count()} {jax.default_backend()} devices); stages {tuple(config.stages)}; "
+        f"workdir {os.path.abspath(config.workdir)}")
+  results = {}
+  for index, name in enumerate(config.stages):
+    params, results[name] = run_stage(r, index, name, params)
+  r.writer.close()
+  return results
+
+
+def evaluate_workdir(workdir: str) -> list[dict]:
+  """Evaluates the newest checkpoint of a run (its saved config.json) and appends to eval.jsonl."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise ValueError(f"No config.json in {workdir!r}: is it the --config.workdir of a run?")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  config.workdir = workdir
+  r = setup(config)
+  for index in reversed(range(len(config.stages))):
+    name = config.stages[index]
+    directory = r.path("checkpoints", name)
+    if not os.path.isdir(directory):
+      continue
+    ckpt = Checkpointer(directory)
+    latest = ckpt.latest_step()
+    if latest is None:
+      continue
+    stage = config[name]
+    if stage.kind == "sft":
+      optimizer = rl_step.make_optimizer(optimizer_config(name, stage),
+                                         model.abstract_params(r.cfg))
+    else:
+      optimizer = rl_step.make_optimizer(rl_config(config, name), model.abstract_params(r.cfg))
+    state, _ = ckpt.restore(latest, _abstract_state(r, optimizer))
+    ckpt.close()
+    eval_rng = jax.random.fold_in(jax.random.key(config.seed + 2), index)
+    return _evaluate(r, state.params, name, latest, eval_rng)
+  raise ValueError(f"No checkpoint under {workdir}/checkpoints; nothing to evaluate.")

@@ -1,0 +1,157 @@
+"""The trainer end to end: the smoke config, kill -9 and resume, SIGTERM, config errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from configs import common
+from configs import corpo as corpo_config
+from configs import grpo as grpo_config
+from corpo_jax.train import loop
+from corpo_jax.train.metrics import read_jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+WALL_CLOCK_KEYS = ("time", "time/step_s", "time/rollout_s", "tokens_per_s")
+
+
+def _main(workdir, *flags):
+  return [sys.executable, "-m", "corpo_jax.main", "--config=configs/grpo.py:smoke",
+          f"--config.workdir={workdir}", *flags]
+
+
+def _rl_only(workdir, steps=6):
+  return _main(workdir, "--config.stages=('rl',)", f"--config.rl.steps={steps}",
+               "--config.rl.checkpoint_every=2", "--config.eval.tasks=()")
+
+
+def _wait_for_row(path, stage, step, proc, timeout=240):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if proc.poll() is not None:
+      raise AssertionError(f"run ended early: {proc.stdout.read()}")
+    if os.path.exists(path) and any(r["stage"] == stage and r["step"] >= step
+                                    for r in read_jsonl(path)):
+      return
+    time.sleep(0.2)
+  raise AssertionError(f"no {stage} row with step >= {step} in {timeout}s")
+
+
+def _comparable(rows):
+  return [{k: v for k, v in r.items() if k not in WALL_CLOCK_KEYS} for r in rows]
+
+
+@pytest.mark.slow
+def test_smoke_config_runs_all_three_stages(tmp_path):
+  config = grpo_config.get_config("smoke")
+  config.workdir = str(tmp_path)
+  results = loop.run(config)
+  assert list(results) == ["sft", "rl", "specialize"]
+  rows = read_jsonl(str(tmp_path / "metrics.jsonl"))
+  assert [(r["stage"], r["step"]) for r in rows] == [
+      (s, k) for s in ("sft", "rl", "specialize") for k in (1, 2, 3)]
+  rl_row = next(r for r in rows if r["stage"] == "rl")
+  for key in ("loss", "reward/mean", "adv/frac_failed_positive", "adv/pos_neg_ratio",
+              "adv/frac_correctness_mode", "reward/frac_zero_std", "kl", "entropy", "clip_frac",
+              "grad_norm", "completion/length_mean", "completion/truncated_frac",
+              "load_balance_loss", "tokens_per_s", "skipped"):
+    assert key in rl_row, key
+  evals = read_jsonl(str(tmp_path / "eval.jsonl"))
+  assert {(r["stage"], r["task"]) for r in evals} == {
+      (s, t) for s in ("sft", "rl", "specialize") for t in ("arithmetic", "arithmetic3")}
+  for r in evals:
+    assert 0.0 <= r["accuracy"] <= 1.0 and set(r["pass_at_k"]) == {"1", "2"}
+    assert {"transparency", "structure", "coherence", "alignment"} <= set(r)
+  # A rerun of a finished run skips every stage; the eval CLI evaluates its newest checkpoint.
+  assert all(rows == [] for rows in loop.run(config).values())
+  again = loop.evaluate_workdir(str(tmp_path))
+  assert [(r["stage"], r["step"], r["task"]) for r in again] == [
+      ("specialize", 3, "arithmetic"), ("specialize", 3, "arithmetic3")]
+  assert len(read_jsonl(str(tmp_path / "eval.jsonl"))) == len(evals) + 2
+
+
+@pytest.mark.slow
+def test_kill_9_mid_rl_then_rerun_equals_uninterrupted(tmp_path):
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  subprocess.run(_rl_only(tmp_path / "ref"), cwd=ROOT, env=env, check=True,
+                 capture_output=True)
+  reference = _comparable(read_jsonl(str(tmp_path / "ref" / "metrics.jsonl")))
+  assert [r["step"] for r in reference] == [1, 2, 3, 4, 5, 6]
+
+  workdir = tmp_path / "killed"
+  proc = subprocess.Popen(_rl_only(workdir), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  _wait_for_row(str(workdir / "metrics.jsonl"), "rl", 3, proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = max(r["step"] for r in read_jsonl(str(workdir / "metrics.jsonl")))
+  assert killed_at < 6
+  subprocess.run(_rl_only(workdir), cwd=ROOT, env=env, check=True, capture_output=True)
+  assert _comparable(read_jsonl(str(workdir / "metrics.jsonl"))) == reference
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path):
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  proc = subprocess.Popen(_rl_only(tmp_path, steps=50), cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  _wait_for_row(str(tmp_path / "metrics.jsonl"), "rl", 3, proc)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out
+  assert "preempted" in out
+  steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints" / "rl") if d.isdigit())
+  meta = json.load(open(tmp_path / "checkpoints" / "rl" / str(steps[-1]) / "meta" / "metadata"))
+  rows = read_jsonl(str(tmp_path / "metrics.jsonl"))
+  assert meta == {"stage": "rl", "step": steps[-1], "done": False}
+  assert steps[-1] == max(r["step"] for r in rows) and steps[-1] < 50
+
+
+def _config(**rl):
+  config = corpo_config.get_config("smoke")
+  for key, value in rl.items():
+    config.rl[key] = value
+  return config
+
+
+@pytest.mark.parametrize("overrides,field", [
+    ({"scale": "group"}, "config.rl.scale"),
+    ({"group_size": 1}, "config.rl.group_size"),
+    ({"advantage": "ppo"}, "config.rl.advantage"),
+    ({"rewards": (("exactmatch", 1.0),)}, "exactmatch"),
+])
+def test_incompatible_options_fail_at_start_naming_the_field(overrides, field):
+  with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+    loop.check_config(_config(**overrides))
+
+
+def test_eval_k_larger_than_samples_is_rejected():
+  config = _config()
+  config.eval.ks = (1, 8)
+  with pytest.raises(ValueError, match="config.eval.ks"):
+    loop.check_config(config)
+
+
+def test_config_typo_fails_with_a_suggestion(tmp_path):
+  out = subprocess.run(_main(tmp_path, "--config.rl.advantge=corpo"), cwd=ROOT,
+                       capture_output=True, text=True)
+  assert out.returncode != 0
+  assert "advantage" in out.stderr and "advantge" in out.stderr
+
+
+def test_config_arg_typo_lists_valid_arguments():
+  with pytest.raises(ValueError, match="valid: \\['model', 'reward', 'seed', 'smoke', 'workdir'\\]"):
+    grpo_config.get_config("modl=tiny")
+
+
+def test_every_stage_field_is_an_rl_config_field_or_read_by_the_loop():
+  stage = common.rl_stage()
+  loop_fields = {"kind", "steps", "tasks", "prompts_per_step", "group_size", "max_new_tokens",
+                 "temperature", "top_k", "top_p", "max_thinking_tokens", "rewards",
+                 "checkpoint_every", "eval_every", "samples_every"}
+  rl_fields = set(loop._RL_FIELDS) - set(common.DERIVED_RL_FIELDS)
+  assert set(stage.keys()) == loop_fields | rl_fields
