@@ -333,9 +333,13 @@ def run_stage(run: Run, index: int, name: str, start_params: Any) -> tuple[Any, 
     run.writer.write(k, name, host)
     progress.update(k, host)
 
+  saved = {latest}
+
   def save(k: int, done: bool):
     emit(late.flush())  # rows up to k are on disk before the checkpoint that covers them
-    ckpt.save(k, state, {"stage": name, "step": k, "done": done}, iterator)
+    if k not in saved:  # a preemption right after a periodic save has nothing new to save
+      ckpt.save(k, state, {"stage": name, "step": k, "done": done}, iterator)
+      saved.add(k)
 
   eval_rows = []
   for k in range(int(state.step), stage.steps):
