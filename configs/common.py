@@ -122,7 +122,7 @@ def three_stage(config: ml_collections.ConfigDict, *, advantage: str, scale: str
     raise ValueError(f"reward={reward!r}: choose exact_match or ordinal.")
   tau = 1.0 if reward == "exact_match" else 5.0
   config.stages = ("sft", "rl", "specialize")
-  config.sft = sft_stage(steps=150, learning_rate=3e-3, warmup_steps=20, decay_steps=130)
+  config.sft = sft_stage(steps=300, learning_rate=3e-3, warmup_steps=20, decay_steps=280)
   estimator = dict(advantage=advantage, scale=scale, tau=tau, beta=0.1)
   config.rl = rl_stage(steps=60, prompts_per_step=8, max_new_tokens=96, rewards=((reward, 1.0),),
                        learning_rate=2e-4, warmup_steps=5, **estimator)

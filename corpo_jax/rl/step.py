@@ -283,9 +283,33 @@ def _accumulate(params, micro: _Micro, old_MBT, ref_MBT, denom, n_tokens, loss_f
   return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params), m
 
 
-def _merge(a: Any, b: Any) -> Any:
+def merge_trainable(a: Any, b: Any) -> Any:
   """Leaves of `a`, with `b`'s where `a` holds None (same structure otherwise)."""
   return jax.tree.map(lambda x, y: y if x is None else x, a, b, is_leaf=lambda x: x is None)
+
+
+def split_trainable(params: Any, trainable: Any) -> tuple[Any, Any]:
+  """(trainable leaves with None for frozen ones, frozen leaves with None for trainable ones):
+  differentiate the first, close over the second, `merge_trainable` them back."""
+  train = jax.tree.map(lambda p, t: p if t else None, params, trainable)
+  frozen = jax.tree.map(lambda p, t: None if t else p, params, trainable)
+  return train, frozen
+
+
+def apply_if_finite(state: TrainState, grads: Any, frozen: Any, loss: jax.Array,
+                    optimizer: optax.GradientTransformation) -> tuple[TrainState, dict]:
+  """One optimizer step with the trainable leaves' `grads`; if the loss or any gradient is
+  non-finite, params and optimizer state stay as they were and `skipped` counts it."""
+  grads = merge_trainable(grads, jax.tree.map(jnp.zeros_like, frozen))  # ignored by set_to_zero
+  finite = jnp.isfinite(loss) & jnp.all(
+      jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  state = state.replace(params=keep(params, state.params),
+                        opt_state=keep(opt_state, state.opt_state),
+                        skipped=state.skipped + (~finite).astype(jnp.int32))
+  return state, {"grad_norm": optax.tree.norm(grads), "applied": finite.astype(jnp.float32)}
 
 
 def _train_step(state: TrainState, batch: Batch, ref_params: Any, *, model_cfg: ModelConfig,
@@ -325,21 +349,13 @@ def _train_step(state: TrainState, batch: Batch, ref_params: Any, *, model_cfg: 
 
   def iteration(state, _):
     # Differentiate the trainable leaves only: frozen ones get no gradient accumulators.
-    train = jax.tree.map(lambda p, t: p if t else None, state.params, trainable)
-    frozen = jax.tree.map(lambda p, t: None if t else p, state.params, trainable)
-    loss_fn = lambda train, *a: _micro_loss(_merge(train, frozen), *a, model_cfg=model_cfg,
+    train, frozen = split_trainable(state.params, trainable)
+    loss_fn = lambda train, *a: _micro_loss(merge_trainable(train, frozen), *a,
+                                            model_cfg=model_cfg,
                                             rl_cfg=cfg, M=M)
     grads, m = _accumulate(train, micro, old_MBT, ref_MBT, denom, n_tokens, loss_fn)
-    grads = _merge(grads, jax.tree.map(jnp.zeros_like, frozen))  # ignored by set_to_zero
-    finite = jnp.isfinite(m["loss"]) & jnp.all(
-        jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    m["grad_norm"] = optax.tree.norm(grads)
-    m["applied"] = finite.astype(jnp.float32)
-    return state.replace(params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
-                         skipped=state.skipped + (~finite).astype(jnp.int32)), m
+    state, applied = apply_if_finite(state, grads, frozen, m["loss"], optimizer)
+    return state, {**m, **applied}
 
   state, iter_metrics = jax.lax.scan(iteration, state, None, length=cfg.num_iterations)
   metrics.update(jax.tree.map(lambda x: x[-1], iter_metrics))  # the last optimizer step's

@@ -20,8 +20,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from corpo_jax import model, sharding
 from corpo_jax.model import ModelConfig
-from corpo_jax.rl.step import (BATCH_AXES, TrainState, state_shardings, token_logprobs,
-                               trainable_mask)
+from corpo_jax.rl.step import (BATCH_AXES, TrainState, apply_if_finite, merge_trainable,
+                               split_trainable, state_shardings, token_logprobs, trainable_mask)
 
 LOSS_TARGETS = ("trace", "answer")
 
@@ -73,20 +73,11 @@ def sft_loss(params: Any, batch: SftBatch, *, cfg: ModelConfig, loss_on: tuple[s
 
 
 def _sft_step(state: TrainState, batch: SftBatch, *, loss_fn, optimizer, trainable):
-  frozen_as_constants = lambda p: jax.tree.map(
-      lambda x, t: x if t else jax.lax.stop_gradient(x), p, trainable)
-  (_, metrics), grads = jax.value_and_grad(lambda p: loss_fn(frozen_as_constants(p), batch),
-                                           has_aux=True)(state.params)
-  finite = jnp.isfinite(metrics["loss"]) & jnp.all(
-      jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  metrics["grad_norm"] = optax.tree.norm(grads)
-  metrics["skipped"] = state.skipped + (~finite).astype(jnp.int32)
-  return state.replace(step=state.step + 1, params=keep(params, state.params),
-                       opt_state=keep(opt_state, state.opt_state),
-                       skipped=metrics["skipped"]), metrics
+  train, frozen = split_trainable(state.params, trainable)  # no gradients for frozen leaves
+  (_, metrics), grads = jax.value_and_grad(
+      lambda t: loss_fn(merge_trainable(t, frozen), batch), has_aux=True)(train)
+  state, applied = apply_if_finite(state, grads, frozen, metrics["loss"], optimizer)
+  return state.replace(step=state.step + 1), {**metrics, **applied, "skipped": state.skipped}
 
 
 def make_sft_update(cfg: ModelConfig, optimizer: optax.GradientTransformation,
