@@ -25,7 +25,6 @@ Masks mark the positions of target tokens; the trainer shifts them against the l
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Sequence
 
@@ -35,6 +34,7 @@ import numpy as np
 from corpo_jax.data import steps as steps_lib
 from corpo_jax.data import text as text_lib
 from corpo_jax.data.tasks import Example, Task
+from corpo_jax.data.tasks.jsonl import read_objects
 from corpo_jax.data.tokenizer import Tokenizer
 
 DEFAULT_BUCKETS = (32, 64, 128, 256, 512, 1024)
@@ -153,22 +153,10 @@ def read_traces(path: str) -> list[dict]:
   if not os.path.isfile(path):
     raise ValueError(f"Trace file {path!r} does not exist; write one with "
                      "`python -m corpo_jax.data.distill --input ... --output ...`.")
-  rows = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg}).") from None
-      if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in SFT_FIELDS):
-        raise ValueError(f"{path}:{lineno}: need string fields {SFT_FIELDS} (the distill "
-                         "output format).")
-      rows.append({k: row[k] for k in SFT_FIELDS})
-  if not rows:
-    raise ValueError(f"Trace file {path!r} has no rows.")
-  return rows
+  check = lambda row: None if all(isinstance(row.get(k), str) for k in SFT_FIELDS) else (
+      f"need string fields {SFT_FIELDS} (the distill output format)")
+  rows = read_objects(path, "Trace file", "the distill output format", check)
+  return [{k: row[k] for k in SFT_FIELDS} for row in rows]
 
 
 class TaskTraces(grain.sources.RandomAccessDataSource):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any, Callable
 
 from corpo_jax.data import text as text_lib
 from corpo_jax.data.tasks import base
@@ -20,10 +21,15 @@ from corpo_jax.data.tasks import base
 REWARDS = ("exact_match", "numeric")
 
 
-def read_rows(path: str) -> list[dict]:
-  """The rows of a JSON-lines file; a malformed line raises ValueError naming file:line."""
+def read_objects(path: str, what: str, fmt: str,
+                 check: Callable[[Any], str | None]) -> list[dict]:
+  """The objects of a JSON-lines file, one per non-empty line.
+
+  what: the file's role for messages ("jsonl task file"); fmt: one line's expected form;
+  check(row) -> None or what is wrong with it. Every error names file:line.
+  """
   if not os.path.isfile(path):
-    raise ValueError(f"jsonl task file {path!r} does not exist.")
+    raise ValueError(f"{what} {path!r} does not exist.")
   rows = []
   with open(path, encoding="utf-8") as f:
     for lineno, line in enumerate(f, 1):
@@ -33,17 +39,28 @@ def read_rows(path: str) -> list[dict]:
         row = json.loads(line)
       except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg}); each line must be one "
-                         'object like {"prompt": "...", "answer": "..."}.') from None
-      if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or (
-          not isinstance(row.get("answer"), (str, int, float))):
-        raise ValueError(f"{path}:{lineno}: need an object with a string \"prompt\" and a string "
-                         f"or number \"answer\", got {line.strip()[:80]!r}.")
-      if not isinstance(row.get("trace", ""), str):
-        raise ValueError(f"{path}:{lineno}: \"trace\" must be a string.")
+                         f"object like {fmt}.") from None
+      problem = check(row) if isinstance(row, dict) else f"need an object like {fmt}"
+      if problem:
+        raise ValueError(f"{path}:{lineno}: {problem}, got {line.strip()[:80]!r}.")
       rows.append(row)
   if not rows:
-    raise ValueError(f"jsonl task file {path!r} has no rows.")
+    raise ValueError(f"{what} {path!r} has no rows.")
   return rows
+
+
+def _check_task_row(row: dict) -> str | None:
+  if not isinstance(row.get("prompt"), str) or not isinstance(row.get("answer"), (str, int, float)):
+    return 'need an object with a string "prompt" and a string or number "answer"'
+  if not isinstance(row.get("trace", ""), str):
+    return '"trace" must be a string'
+  return None
+
+
+def read_rows(path: str) -> list[dict]:
+  """The rows of a user's task file; a malformed line raises ValueError naming file:line."""
+  return read_objects(path, "jsonl task file", '{"prompt": "...", "answer": "..."}',
+                      _check_task_row)
 
 
 def _to_example(row: dict) -> base.Example:
