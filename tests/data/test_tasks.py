@@ -20,12 +20,24 @@ def test_generators_are_deterministic_per_seed(name):
 @pytest.mark.parametrize("name", ["arithmetic", "verify"])
 def test_train_and_eval_never_share_a_problem(name):
   task = tasks.get(name, eval_fraction=0.2)
-  train = {task.example("train", i).key for i in range(2000)}
-  evals = {task.example("eval", i).key for i in range(500)}
-  assert not train & evals
-  assert all(base.in_eval_split(k, 0.2) for k in evals)
-  assert not any(base.in_eval_split(k, 0.2) for k in train)
-  assert len(evals) > 150  # many distinct eval problems, not one repeated
+  train = [task.example("train", i) for i in range(2000)]
+  evals = [task.example("eval", i) for i in range(500)]
+  assert not {ex.key for ex in train} & {ex.key for ex in evals}
+  assert all(task.in_eval(ex) and base.in_eval_split(ex.key, 0.2) for ex in evals)
+  assert not any(task.in_eval(ex) for ex in train)
+  assert len({ex.key for ex in evals}) > 150  # many distinct eval problems, not one repeated
+
+
+def test_arithmetic_single_digit_facts_are_always_train():
+  task = tasks.get("arithmetic", min_digits=1, max_digits=2, eval_fraction=0.5)
+  evals = [task.example("eval", i) for i in range(300)]
+  assert all(ex.meta["a"] >= 10 or ex.meta["b"] >= 10 for ex in evals)
+  train = [task.example("train", i) for i in range(600)]
+  single = {ex.key for ex in train if ex.meta["a"] < 10 and ex.meta["b"] < 10}
+  hashed_to_eval = [k for k in single if base.in_eval_split(k, 0.5)]
+  assert len(hashed_to_eval) > 10  # facts the plain hash rule would have held out
+  with pytest.raises(ValueError, match="max_digits=1 leaves no held-out problems"):
+    tasks.get("arithmetic", min_digits=1, max_digits=1)
 
 
 def test_arithmetic_golden_traces():

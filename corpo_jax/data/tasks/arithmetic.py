@@ -14,6 +14,9 @@ Subtraction borrows: `1. Ones: 13 - 8 = 5, write 5, borrow 1.` The first operand
 min_digits and max_digits digits (the difficulty), the second at most as many; subtraction
 problems have a >= b so answers are never negative.
 
+Split: single-digit problems are always train (`Arithmetic.in_eval`); larger problems go to
+eval by a hash of the problem text.
+
 Grade (1..5), from the integer in the answer part (text.extract_answer):
   5 exact; otherwise the share of correct digits, both numbers right-aligned and zero-padded to
   the longer length: >= 2/3 -> 4, >= 1/3 -> 3, > 0 -> 2; no integer or no correct digit -> 1.
@@ -105,7 +108,18 @@ class Arithmetic(base.GeneratedTask):
                        f"max_digits={max_digits}.")
     if not ops or set(ops) - set("+-"):
       raise ValueError(f"arithmetic ops={ops!r} must be a non-empty combination of '+' and '-'.")
+    if max_digits == 1:
+      raise ValueError("arithmetic max_digits=1 leaves no held-out problems: single-digit facts "
+                       "are always in the train split (see Arithmetic.in_eval); use max_digits >= 2.")
     self.min_digits, self.max_digits, self.ops = min_digits, max_digits, ops
+
+  def in_eval(self, ex: base.Example) -> bool:
+    """Single-digit problems (a, b < 10) are the facts every multi-digit trace is built from:
+    they always stay in training, so eval measures carrying digit-level skill to unseen
+    multi-digit problems, not guessing an addition fact never shown."""
+    if ex.meta["a"] < 10 and ex.meta["b"] < 10:
+      return False
+    return super().in_eval(ex)
 
   def generate(self, rng: np.random.Generator) -> base.Example:
     digits = int(rng.integers(self.min_digits, self.max_digits + 1))

@@ -98,9 +98,13 @@ class GeneratedTask(Task):
     for attempt in range(10_000):
       rng = np.random.default_rng([self.seed, SPLITS.index(split), index, attempt])
       ex = self.generate(rng)
-      if in_eval_split(ex.key, self.eval_fraction) == (split == "eval"):
+      if self.in_eval(ex) == (split == "eval"):
         return ex
     raise AssertionError(f"{self.name}: no {split} problem in 10000 draws")
+
+  def in_eval(self, ex: Example) -> bool:
+    """Whether a generated problem belongs to the eval split (default: hash of its key)."""
+    return in_eval_split(ex.key, self.eval_fraction)
 
   @abc.abstractmethod
   def generate(self, rng: np.random.Generator) -> Example:
