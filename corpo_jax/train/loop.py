@@ -14,6 +14,7 @@ are dropped from metrics.jsonl on resume, so the file reads as one uninterrupted
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import sys
@@ -95,11 +96,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       if stage.group_size < 2:
         raise ValueError(f"config.{name}.group_size={stage.group_size}: group-relative "
                          f"advantages need at least 2 completions per prompt.")
-      rl_config(config, name)  # validates the update fields
       rewards_lib.check_spec(stage.rewards)
     else:
       sft_lib.check_loss_on(stage.loss_on)
-      optimizer_config(name, stage)
+    rl_config(config, name)  # validates the RL / optimizer fields
   for k in config.eval.ks:
     if not 1 <= k <= config.eval.num_samples:
       raise ValueError(f"config.eval.ks contains {k}; each k must be in [1, "
@@ -110,22 +110,22 @@ _RL_FIELDS = tuple(f.name for f in dataclasses.fields(RLConfig))
 
 
 def rl_config(config: ml_collections.ConfigDict, name: str) -> RLConfig:
-  """The RLConfig of an RL stage: its RLConfig fields plus the ones derived from sampling."""
+  """A stage's RLConfig: its RLConfig fields (an SFT stage has the optimizer ones only) plus,
+  for an RL stage, the ones derived from its sampling settings."""
   stage = config[name]
   fields = {k: stage[k] for k in _RL_FIELDS if k in stage}
-  fields.update(temperature=stage.temperature or 1.0, max_completion_len=stage.max_new_tokens)
+  if stage.kind == "rl":
+    fields.update(temperature=stage.temperature or 1.0, max_completion_len=stage.max_new_tokens)
   try:
     return RLConfig.from_dict(fields)
   except ValueError as e:
     raise ValueError(str(e).replace("rl.", f"config.{name}.")) from None
 
 
-def optimizer_config(name: str, stage: ml_collections.ConfigDict) -> RLConfig:
-  """An SFT stage's optimizer fields, held in an RLConfig (the one optimizer description)."""
-  try:
-    return RLConfig.from_dict({k: stage[k] for k in _RL_FIELDS if k in stage})
-  except ValueError as e:
-    raise ValueError(str(e).replace("rl.", f"config.{name}.")) from None
+def stage_optimizer(run: Run, name: str) -> tuple[RLConfig, Any]:
+  """(RLConfig, optax optimizer) of a stage; the same for training and for restoring it."""
+  rl_cfg = rl_config(run.config, name)
+  return rl_cfg, rl_step.make_optimizer(rl_cfg, model.abstract_params(run.cfg))
 
 
 def load_tokenizer(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Tokenizer:
@@ -170,8 +170,7 @@ class StagePlan:
 
 
 def _sft_plan(run: Run, name: str, stage, index: int) -> StagePlan:
-  opt_cfg = optimizer_config(name, stage)
-  optimizer = rl_step.make_optimizer(opt_cfg, model.abstract_params(run.cfg))
+  opt_cfg, optimizer = stage_optimizer(run, name)
   update = sft_lib.make_sft_update(run.cfg, optimizer, opt_cfg.freeze, run.mesh,
                                    loss_on=stage.loss_on, step_loss_weight=stage.step_loss_weight)
   tasks = [run.task(t) for t in stage.tasks]
@@ -205,8 +204,7 @@ def _strategy(stage) -> tuple:
 
 
 def _rl_plan(run: Run, name: str, stage, index: int, ref_params: Any) -> StagePlan:
-  rl_cfg = rl_config(run.config, name)
-  optimizer = rl_step.make_optimizer(rl_cfg, model.abstract_params(run.cfg))
+  rl_cfg, optimizer = stage_optimizer(run, name)
   update = rl_step.make_update(run.cfg, rl_cfg, run.mesh, optimizer)
   tasks = [run.task(t) for t in stage.tasks]
   loader = pipeline.rl_prompts(tasks, run.tokenizer, batch_size=stage.prompts_per_step,
@@ -258,7 +256,7 @@ def _abstract_state(run: Run, optimizer) -> Any:
 def _evaluate(run: Run, params: Any, stage_name: str, step: int, rng: jax.Array) -> list[dict]:
   ev = run.config.eval
   strategy = (sampling.Greedy(),) if ev.temperature == 0 else (sampling.Temperature(ev.temperature),)
-  calls = iter(range(1 << 30))
+  calls = itertools.count()
 
   def generate_fn(prompts, mask, n):
     with jax.set_mesh(run.mesh):
@@ -396,12 +394,7 @@ def evaluate_workdir(workdir: str) -> list[dict]:
     latest = ckpt.latest_step()
     if latest is None:
       continue
-    stage = config[name]
-    if stage.kind == "sft":
-      optimizer = rl_step.make_optimizer(optimizer_config(name, stage),
-                                         model.abstract_params(r.cfg))
-    else:
-      optimizer = rl_step.make_optimizer(rl_config(config, name), model.abstract_params(r.cfg))
+    _, optimizer = stage_optimizer(r, name)
     state, _ = ckpt.restore(latest, _abstract_state(r, optimizer))
     ckpt.close()
     eval_rng = jax.random.fold_in(jax.random.key(config.seed + 2), index)
