@@ -42,8 +42,9 @@ def main(argv):
     for row in rows:
       ks = ", ".join(f"pass@{k} {v:.3f}" for k, v in row["pass_at_k"].items())
       print(f"  after {stage:<10} {row['task']:<10} accuracy {row['accuracy']:.3f}  {ks}")
-  print(f"corpo_jax: results in {workdir}: metrics.jsonl, eval.jsonl, samples.jsonl, "
-        f"checkpoints/, tensorboard/")
+  present = [f"{n}/" if os.path.isdir(os.path.join(workdir, n)) else n
+             for n in sorted(os.listdir(workdir)) if n != "config.json"]
+  print(f"corpo_jax: results in {workdir}: {', '.join(present)}")
 
 
 if __name__ == "__main__":
