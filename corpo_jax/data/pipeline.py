@@ -38,6 +38,7 @@ from corpo_jax.data.tasks.jsonl import read_objects
 from corpo_jax.data.tokenizer import Tokenizer
 
 DEFAULT_BUCKETS = (32, 64, 128, 256, 512, 1024)
+_GOLDEN = (5 ** 0.5 - 1) / 2
 SFT_FIELDS = ("prompt", "thinking_trace", "final_output")
 
 
@@ -177,29 +178,42 @@ class TaskTraces(grain.sources.RandomAccessDataSource):
 
 
 class SftSource(grain.sources.RandomAccessDataSource):
-  """Tokenized SFT rows from a sequence of {prompt, thinking_trace, final_output} dicts."""
+  """Tokenized SFT rows from a sequence of {prompt, thinking_trace, final_output} dicts.
 
-  def __init__(self, rows, tokenizer: Tokenizer):
-    self.rows, self.tokenizer = rows, tokenizer
+  trace_share: the share of rows that keep their trace; the others get an empty think block
+  before the answer (a plain answer). 1.0 trains thinking only, 0.0 is the no-thinking
+  baseline, values between mix both behaviours (RL then chooses between them). Which rows keep
+  their trace depends only on the row index (a golden-ratio sequence: any run of n rows holds
+  round(n * trace_share) traced ones, to within one).
+  """
+
+  def __init__(self, rows, tokenizer: Tokenizer, trace_share: float = 1.0):
+    if not 0.0 <= trace_share <= 1.0:
+      raise ValueError(f"trace_share={trace_share} must be in [0, 1].")
+    self.rows, self.tokenizer, self.trace_share = rows, tokenizer, trace_share
 
   def __repr__(self) -> str:
     rows = self.rows if isinstance(self.rows, TaskTraces) else f"<{len(self.rows)} rows>"
-    return f"SftSource({rows}, {self.tokenizer!r})"
+    return f"SftSource({rows}, {self.tokenizer!r}, trace_share={self.trace_share})"
 
   def __len__(self) -> int:
     return len(self.rows)
 
+  def keeps_trace(self, index: int) -> bool:
+    return (index * _GOLDEN) % 1.0 < self.trace_share
+
   def __getitem__(self, index: int) -> dict:
     row = self.rows[index]
-    return sft_example(self.tokenizer, row["prompt"], row["thinking_trace"], row["final_output"])
+    trace = row["thinking_trace"] if self.keeps_trace(index) else ""
+    return sft_example(self.tokenizer, row["prompt"], trace, row["final_output"])
 
 
 def sft_sequences(rows, tokenizer: Tokenizer, *, batch_size: int, seed: int,
-                  buckets: Sequence[int] = DEFAULT_BUCKETS,
+                  trace_share: float = 1.0, buckets: Sequence[int] = DEFAULT_BUCKETS,
                   shard_options: grain.sharding.ShardOptions | None = None,
                   worker_count: int = 0) -> grain.DataLoader:
   """Batches of right-padded SFT sequences. `rows`: read_traces(path), TaskTraces(task) or any
-  sequence of {prompt, thinking_trace, final_output} dicts."""
-  return _loader(SftSource(rows, tokenizer), _PadBatch(buckets, tokenizer.pad_id, left=False),
+  sequence of {prompt, thinking_trace, final_output} dicts; trace_share: see SftSource."""
+  return _loader(SftSource(rows, tokenizer, trace_share), _PadBatch(buckets, tokenizer.pad_id, left=False),
                  batch_size=batch_size, seed=seed, shard_options=shard_options,
                  worker_count=worker_count)

@@ -123,6 +123,28 @@ def test_sft_reads_distill_output(tmp_path):
   assert (batch["step_labels"][0] == 4).sum() == 1
 
 
+@pytest.mark.parametrize("share", [0.0, 0.3, 0.5, 1.0])
+def test_trace_share_keeps_that_share_of_traces(share):
+  source = pipeline.SftSource(pipeline.TaskTraces(TASKS[0]), TOK, trace_share=share)
+  kept = [source.keeps_trace(i) for i in range(200)]
+  for start in (0, 37, 150):  # any run of rows holds the share to within one row
+    assert abs(sum(kept[start:start + 50]) - 50 * share) <= 1
+  plain = kept.index(False) if share < 1 else None
+  if plain is not None:
+    ex = TASKS[0].example("train", plain)
+    row = source[plain]
+    assert TOK.decode(row["tokens"]) == f"{ex.prompt}\n<think>\n\n</think>\n{ex.answer}"
+    assert not row["step_labels"].any()
+  if share > 0:
+    traced = kept.index(True)
+    assert TOK.decode(source[traced]["tokens"]).count("\n") > 4
+
+
+def test_trace_share_out_of_range_is_an_error():
+  with pytest.raises(ValueError, match=r"trace_share=1.5 must be in \[0, 1\]"):
+    pipeline.SftSource([], TOK, trace_share=1.5)
+
+
 @pytest.mark.parametrize("line,message", [
     ("{bad", "traces.jsonl:1: invalid JSON"),
     ('{"prompt": "p", "final_output": "3"}', "traces.jsonl:1: need string fields"),
