@@ -194,7 +194,8 @@ class SftSource(grain.sources.RandomAccessDataSource):
 
   def __repr__(self) -> str:
     rows = self.rows if isinstance(self.rows, TaskTraces) else f"<{len(self.rows)} rows>"
-    return f"SftSource({rows}, {self.tokenizer!r}, trace_share={self.trace_share})"
+    share = "" if self.trace_share == 1.0 else f", trace_share={self.trace_share}"
+    return f"SftSource({rows}, {self.tokenizer!r}{share})"  # saved with the grain iterator
 
   def __len__(self) -> int:
     return len(self.rows)
