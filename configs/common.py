@@ -76,6 +76,7 @@ def sft_stage(**overrides: Any) -> ml_collections.ConfigDict:
   stage.batch_size = 32  # sequences per step
   stage.tasks = ("arithmetic",)  # a generated task whose reference traces are the data
   stage.traces = ""  # or a traces.jsonl written by `python -m corpo_jax.data.distill`
+  stage.with_trace = True  # False: an empty <think></think> before the answer (no thinking)
   stage.loss_on = ("trace", "answer")  # target tokens: "trace" (thinking head), "answer" (base)
   stage.step_loss_weight = 0.1  # weight of the thinking head's step-type classifier loss
   # Optimizer (RLConfig's optimizer fields): AdamW, warmup then cosine decay, clipping, freeze.

@@ -177,29 +177,35 @@ class TaskTraces(grain.sources.RandomAccessDataSource):
 
 
 class SftSource(grain.sources.RandomAccessDataSource):
-  """Tokenized SFT rows from a sequence of {prompt, thinking_trace, final_output} dicts."""
+  """Tokenized SFT rows from a sequence of {prompt, thinking_trace, final_output} dicts.
 
-  def __init__(self, rows, tokenizer: Tokenizer):
-    self.rows, self.tokenizer = rows, tokenizer
+  with_trace=False leaves each trace out (an empty think block before the answer): a model
+  trained on it answers plainly, the no-thinking baseline.
+  """
+
+  def __init__(self, rows, tokenizer: Tokenizer, with_trace: bool = True):
+    self.rows, self.tokenizer, self.with_trace = rows, tokenizer, with_trace
 
   def __repr__(self) -> str:
     rows = self.rows if isinstance(self.rows, TaskTraces) else f"<{len(self.rows)} rows>"
-    return f"SftSource({rows}, {self.tokenizer!r})"
+    return f"SftSource({rows}, {self.tokenizer!r}{'' if self.with_trace else ', no trace'})"
 
   def __len__(self) -> int:
     return len(self.rows)
 
   def __getitem__(self, index: int) -> dict:
     row = self.rows[index]
-    return sft_example(self.tokenizer, row["prompt"], row["thinking_trace"], row["final_output"])
+    trace = row["thinking_trace"] if self.with_trace else ""
+    return sft_example(self.tokenizer, row["prompt"], trace, row["final_output"])
 
 
 def sft_sequences(rows, tokenizer: Tokenizer, *, batch_size: int, seed: int,
-                  buckets: Sequence[int] = DEFAULT_BUCKETS,
+                  with_trace: bool = True, buckets: Sequence[int] = DEFAULT_BUCKETS,
                   shard_options: grain.sharding.ShardOptions | None = None,
                   worker_count: int = 0) -> grain.DataLoader:
   """Batches of right-padded SFT sequences. `rows`: read_traces(path), TaskTraces(task) or any
-  sequence of {prompt, thinking_trace, final_output} dicts."""
-  return _loader(SftSource(rows, tokenizer), _PadBatch(buckets, tokenizer.pad_id, left=False),
+  sequence of {prompt, thinking_trace, final_output} dicts; see SftSource for with_trace."""
+  return _loader(SftSource(rows, tokenizer, with_trace),
+                 _PadBatch(buckets, tokenizer.pad_id, left=False),
                  batch_size=batch_size, seed=seed, shard_options=shard_options,
                  worker_count=worker_count)

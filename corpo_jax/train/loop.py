@@ -182,7 +182,7 @@ def _sft_plan(run: Run, name: str, stage, index: int) -> StagePlan:
       raise ValueError(f"config.{name}.tasks={tuple(stage.tasks)}: SFT on generated traces takes "
                        f"one task (or set config.{name}.traces).")
   loader = pipeline.sft_sequences(rows, run.tokenizer, batch_size=stage.batch_size,
-                                  seed=run.config.seed + index)
+                                  seed=run.config.seed + index, with_trace=stage.with_trace)
 
   def step(state, batch, k):
     del k

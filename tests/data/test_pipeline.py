@@ -146,3 +146,20 @@ def test_sources_pickle_for_grain_workers():
   assert repr(clone) == repr(source)
   for i in (0, 1, 17):
     _assert_same([clone[i]], [source[i]])
+
+
+def test_sft_without_trace_is_a_plain_answer():
+  """with_trace=False (the no-thinking baseline): an empty think block, the same answer targets."""
+  ex = TASKS[1].example("train", 0)
+  source = pipeline.SftSource(pipeline.TaskTraces(TASKS[1]), TOK, with_trace=False)
+  row = source[0]
+  tokens = row["tokens"]
+  assert TOK.decode(tokens) == f"{ex.prompt}\n<think>\n\n</think>\n{ex.answer}"
+  assert TOK.decode(tokens[row["trace_mask"]]) == "\n\n</think>"
+  assert TOK.decode(tokens[row["answer_mask"]]) == "<think>\n" + ex.answer
+  assert not row["step_labels"].any()
+  assert repr(source).endswith(", no trace)") and "no trace" not in repr(
+      pipeline.SftSource(pipeline.TaskTraces(TASKS[1]), TOK))
+  # The same rows with the trace differ only inside the think block.
+  full = pipeline.SftSource(pipeline.TaskTraces(TASKS[1]), TOK)[0]
+  np.testing.assert_array_equal(full["tokens"][full["answer_mask"]], tokens[row["answer_mask"]])

@@ -157,3 +157,25 @@ def test_tiny_sweep_end_to_end(tmp_path, capsys):
   assert all(sweep.finished(run) for run in sweep.expand(str(config), str(root)))
   assert sweep.main([f"--config={config}", f"--root={root}", "--print"]) == 0
   assert capsys.readouterr().out == ""
+
+
+def test_study_sweeps():
+  estimators = sweep.expand("configs/study_estimators.py", "r")
+  assert len(estimators) == 24 and len({r.setting for r in estimators}) == 8
+  assert estimators[3].name == "task=verify,advantage=grpo,scale=group,seed=0"
+  assert estimators[-1].name == "task=arithmetic,advantage=dr_grpo,scale=none,seed=2"
+  assert estimators[0].stages == ("sft", "rl") and estimators[0].stage_steps == (200, 40)
+  thinking = sweep.expand("configs/study_thinking.py", "r")
+  assert [r.name for r in thinking[::3]] == [f"thinking={v},seed=0"
+                                            for v in ("none", "tokens", "2", "4")]
+  built = {}
+  for run in (estimators[3], estimators[12], *thinking[::3]):
+    flags = [run.flags[0].replace("configs/", f"{sweep.ROOT}/configs/"), *run.flags[1:]]
+    built[run.name] = sweep.parse_config(["x", *flags])
+  verify, arithmetic = built[estimators[3].name], built[estimators[12].name]
+  assert (verify.rl.tasks, verify.eval.tasks, verify.rl.tau, verify.rl.scale) == (
+      ("verify",), ("verify",), 4.0, "group")
+  assert (arithmetic.sft.tasks, arithmetic.rl.tau, arithmetic.rl.rewards) == (
+      ("arithmetic",), 5.0, (("ordinal", 1.0),))
+  assert [(c.model.thinking_layers, c.sft.with_trace) for c in list(built.values())[2:]] == [
+      (0, False), (0, True), (2, True), (4, True)]
