@@ -153,16 +153,16 @@ def make_run(config_ref: str, arg: str, overrides: dict[str, Any], root: str) ->
   path, _, base_arg = config_ref.partition(":")
   suffix = ":" + ",".join(filter(None, (base_arg, arg))) if base_arg or arg else ""
   workdir = os.path.join(root, name)
-  field_flags = [f"--config.{p}={flag_value(v)}" for p, v in overrides.items()]
+  field_flags = [f"--config.{field}={flag_value(v)}" for field, v in overrides.items()]
   field_flags.append(f"--config.workdir={workdir}")
   try:  # read the config file by its absolute path; the run's flags name it from the root
     config = parse_config(["sweep", f"--config={os.path.join(ROOT, path)}{suffix}", *field_flags])
   except Exception as e:  # absl and ml_collections raise several kinds for a bad flag
     raise ValueError(f"Sweep run {name!r} does not build: {e}") from None
-  for p, value in overrides.items():
-    got = _get(config, p)
+  for field, value in overrides.items():
+    got = _get(config, field)
     if got != (tuple(value) if isinstance(value, list) else value):
-      raise ValueError(f"Sweep run {name!r}: --config.{p}={flag_value(value)} reads back as "
+      raise ValueError(f"Sweep run {name!r}: --config.{field}={flag_value(value)} reads back as "
                        f"{got!r}, not {value!r}.")
   stages = tuple(config.stages)
   return Run(name, tuple(items), (f"--config={path}{suffix}", *field_flags), workdir, stages,
@@ -238,10 +238,12 @@ def execute(runs: list[Run], tpu: bool, env: dict[str, str]) -> list[str]:
         rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
         if rc:
           break
-    status = "done" if rc == 0 else f"FAILED (exit {rc}; see {log})"
-    print(f"[{i}/{len(runs)}] {run.name}: {status} in {time.perf_counter() - t0:.0f}s", flush=True)
     if rc:
+      status = f"FAILED (exit {rc}; see {log})"
       failed.append(run.name)
+    else:  # the trainer also exits 0 after a preemption checkpoint
+      status = "done" if finished(run) else "stopped early (rerun the sweep to resume it)"
+    print(f"[{i}/{len(runs)}] {run.name}: {status} in {time.perf_counter() - t0:.0f}s", flush=True)
   return failed
 
 
