@@ -22,11 +22,13 @@ Usage (from the repository root; ROOT defaults to workdir/sweeps/<config name>[-
   python launch/sweep.py --config=configs/corpo.py --tpu       # each via launch/tpu_vm.sh run + copy
   python launch/sweep.py --config=configs/corpo.py --aggregate-only
 A run is finished when every stage's last checkpoint is marked done (corpo_jax/train/loop.py);
-finished runs are skipped. Local runs share a persistent XLA compilation cache (ROOT/jax_cache,
-unless JAX_COMPILATION_CACHE_DIR is set): runs of one sweep compile the same programs. With --tpu,
+finished runs are skipped. Locally, a fresh run whose config agrees with another run's up to
+some stage (e.g. the same warm start before different RL estimators) starts from that run's
+finished stages instead of training them again (share_stages), and runs share a persistent XLA
+compilation cache (ROOT/jax_cache, unless JAX_COMPILATION_CACHE_DIR is set). With --tpu,
 launch/tpu_vm.sh takes its settings from the TPU_* environment variables, and ROOT must lie inside
 the repository (the same relative path on the TPU VM). After running, launch/report.py writes
-ROOT/results.md, runs.csv, settings.csv and the PNG plots.
+ROOT/results.md, runs.csv, settings.csv, training.csv and the PNG plots.
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -48,6 +52,7 @@ sys.path.insert(0, ROOT)
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from corpo_jax.train.metrics import read_jsonl  # noqa: E402
 from launch import report  # noqa: E402
 
 TPU_VM = os.path.join("launch", "tpu_vm.sh")
@@ -64,6 +69,9 @@ class Run:
   workdir: str
   stages: tuple[str, ...]
   stage_steps: tuple[int, ...]
+  # prefix_keys[k]: the config without the workdir and the stages after stage k. Runs whose
+  # keys agree up to k train their first k + 1 stages identically (share_stages).
+  prefix_keys: tuple[str, ...] = dataclasses.field(repr=False)
 
   @property
   def seed(self) -> str:
@@ -166,7 +174,18 @@ def make_run(config_ref: str, arg: str, overrides: dict[str, Any], root: str) ->
                        f"{got!r}, not {value!r}.")
   stages = tuple(config.stages)
   return Run(name, tuple(items), (f"--config={path}{suffix}", *field_flags), workdir, stages,
-             tuple(int(config[s].steps) for s in stages))
+             tuple(int(config[s].steps) for s in stages), prefix_keys(config))
+
+
+def prefix_keys(config) -> tuple[str, ...]:
+  """Per stage k, what decides stages 0..k: everything but the workdir and later stages."""
+  common = config.to_dict()
+  for name in ("workdir", "stages", *config.stages):
+    common.pop(name)
+  return tuple(json.dumps({**common, "stages": config.stages[:k + 1],
+                           **{s: config[s].to_dict() for s in config.stages[:k + 1]}},
+                          sort_keys=True, default=repr)
+               for k in range(len(config.stages)))
 
 
 def expand(config_ref: str, root: str) -> list[Run]:
@@ -196,21 +215,49 @@ def repo_path(path: str) -> str:
 # ----------------------------------------------------------------------------- running
 
 
-def finished(run: Run) -> bool:
-  """Every stage's latest checkpoint is marked done (a rerun would skip them all)."""
+def stage_done(workdir: str, stage: str) -> bool:
+  """The stage's latest checkpoint is marked done (a rerun skips the stage)."""
   from corpo_jax.train.checkpoint import Checkpointer  # jax and orbax: only when needed
-  for stage in run.stages:
-    directory = os.path.join(run.path, "checkpoints", stage)
-    if not os.path.isdir(directory):
-      return False
-    ckpt = Checkpointer(directory, async_save=False)
-    try:
-      latest = ckpt.latest_step()
-      if latest is None or not ckpt.restore_meta(latest).get("done"):
-        return False
-    finally:
-      ckpt.close()
-  return True
+  directory = os.path.join(workdir, "checkpoints", stage)
+  if not os.path.isdir(directory):
+    return False
+  ckpt = Checkpointer(directory, async_save=False)
+  try:
+    latest = ckpt.latest_step()
+    return latest is not None and bool(ckpt.restore_meta(latest).get("done"))
+  finally:
+    ckpt.close()
+
+
+def finished(run: Run) -> bool:
+  return all(stage_done(run.path, stage) for stage in run.stages)
+
+
+def share_stages(run: Run, runs: list[Run]) -> tuple[Run, int] | None:
+  """Starts a fresh run from another run's finished first k stages when their configs agree up
+  to there (prefix_keys): copies those stages' checkpoints and their metrics, eval and samples
+  rows. The trainer then skips them, as on a resume. Returns (the other run, k) or None."""
+  if os.path.exists(os.path.join(run.path, "checkpoints")):
+    return None
+  for k in range(len(run.stages), 0, -1):
+    for other in runs:
+      if (other is not run and other.prefix_keys[:k] == run.prefix_keys[:k]
+          and all(stage_done(other.path, s) for s in run.stages[:k])):
+        copy_stages(other.path, run.path, run.stages[:k])
+        return other, k
+  return None
+
+
+def copy_stages(source: str, target: str, stages: tuple[str, ...]) -> None:
+  for stage in stages:
+    shutil.copytree(os.path.join(source, "checkpoints", stage),
+                    os.path.join(target, "checkpoints", stage))
+  for filename in ("metrics.jsonl", "eval.jsonl", "samples.jsonl"):
+    path = os.path.join(source, filename)
+    if os.path.exists(path):
+      rows = [r for r in read_jsonl(path) if r["stage"] in stages]
+      with open(os.path.join(target, filename), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
 def commands(run: Run, tpu: bool) -> list[list[str]]:
@@ -223,13 +270,18 @@ def commands(run: Run, tpu: bool) -> list[list[str]]:
           [TPU_VM, "copy", run.workdir, os.path.dirname(run.workdir)]]
 
 
-def execute(runs: list[Run], tpu: bool, env: dict[str, str]) -> list[str]:
-  """Runs each run's commands in turn, output to <workdir>/sweep.log; returns the failed names."""
+def execute(todo: list[Run], runs: list[Run], tpu: bool, env: dict[str, str]) -> list[str]:
+  """Runs each run of `todo` in turn, output to <workdir>/sweep.log; locally, a fresh run first
+  takes the stages it shares with another run of `runs`. Returns the names of failed runs."""
   failed = []
-  for i, run in enumerate(runs, 1):
+  for i, run in enumerate(todo, 1):
     os.makedirs(run.path, exist_ok=True)
     log = os.path.join(run.path, "sweep.log")
-    print(f"[{i}/{len(runs)}] {run.name}: running (output in {log})", flush=True)
+    shared = None if tpu else share_stages(run, runs)
+    if shared:
+      print(f"[{i}/{len(todo)}] {run.name}: stages {', '.join(run.stages[:shared[1]])} taken "
+            f"from {shared[0].name}", flush=True)
+    print(f"[{i}/{len(todo)}] {run.name}: running (output in {log})", flush=True)
     t0, rc = time.perf_counter(), 0
     with open(log, "a") as f:
       for cmd in commands(run, tpu):
@@ -243,7 +295,7 @@ def execute(runs: list[Run], tpu: bool, env: dict[str, str]) -> list[str]:
       failed.append(run.name)
     else:  # the trainer also exits 0 after a preemption checkpoint
       status = "done" if finished(run) else "stopped early (rerun the sweep to resume it)"
-    print(f"[{i}/{len(runs)}] {run.name}: {status} in {time.perf_counter() - t0:.0f}s", flush=True)
+    print(f"[{i}/{len(todo)}] {run.name}: {status} in {time.perf_counter() - t0:.0f}s", flush=True)
   return failed
 
 
@@ -295,7 +347,7 @@ def main(argv: list[str]) -> int:
     print(f"{len(runs)} runs under {root}: {len(done)} finished, {len(todo)} to run.", flush=True)
     env = dict(os.environ)
     env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, root, "jax_cache"))
-    failed = execute(todo, args.tpu, env)
+    failed = execute(todo, runs, args.tpu, env)
   written = report.write(runs, os.path.join(ROOT, root), title=args.config)
   print(f"results: {', '.join(written)}")
   if failed:

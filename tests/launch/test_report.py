@@ -29,7 +29,7 @@ def _runs(tmp_path):
   for (setting, seed), accuracy in final.items():
     name = f"est={setting},seed={seed}"
     run = sweep.Run(name, (("est", setting), ("seed", str(seed))), (), str(tmp_path / name),
-                    ("sft", "rl"), (2, 3))
+                    ("sft", "rl"), (2, 3), ())
     evals = [_eval("sft", 2, 0.1)] + ([_eval("rl", 3, accuracy)] if accuracy is not None else [])
     _write(tmp_path / name / "eval.jsonl", evals)
     _write(tmp_path / name / "metrics.jsonl",

@@ -179,3 +179,35 @@ def test_study_sweeps():
       ("arithmetic",), 5.0, (("ordinal", 1.0),))
   assert [(c.model.thinking_layers, c.sft.with_trace) for c in list(built.values())[2:]] == [
       (0, False), (0, True), (2, True), (4, True)]
+
+
+def _finish_stage(workdir, stage, steps):
+  """A checkpoint marked done, as the trainer leaves a finished stage."""
+  import jax.numpy as jnp
+  from corpo_jax.train.checkpoint import Checkpointer
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints", stage), async_save=False)
+  ckpt.save(steps, {"x": jnp.zeros(())}, {"stage": stage, "step": steps, "done": True})
+  ckpt.close()
+
+
+def test_runs_share_their_common_first_stages(tmp_path):
+  config = _config_file(tmp_path, "def sweep(add):\n"
+                        "  for beta in (0.1, 0.2):\n"
+                        "    add('smoke', seed=0, **{'rl.beta': beta})\n"
+                        "  add('smoke', seed=1, **{'rl.beta': 0.1})\n")
+  runs = sweep.expand(config, str(tmp_path / "s"))
+  first, other_beta, other_seed = runs
+  assert first.prefix_keys[0] == other_beta.prefix_keys[0] != other_seed.prefix_keys[0]
+  assert first.prefix_keys[1] != other_beta.prefix_keys[1]
+  assert sweep.share_stages(other_beta, runs) is None  # nothing finished yet
+  _finish_stage(first.path, "sft", 3)
+  _finish_stage(first.path, "rl", 3)
+  with open(os.path.join(first.path, "metrics.jsonl"), "w") as f:
+    f.writelines(f'{{"stage": "{s}", "step": {k}}}\n' for s in ("sft", "rl") for k in (1, 2, 3))
+  assert sweep.share_stages(other_seed, runs) is None  # another seed trains another sft
+  assert sweep.share_stages(other_beta, runs) == (first, 1)  # the same sft, another rl
+  assert sweep.stage_done(other_beta.path, "sft") and not sweep.stage_done(other_beta.path, "rl")
+  assert [(r["stage"], r["step"]) for r in read_jsonl(
+      os.path.join(other_beta.path, "metrics.jsonl"))] == [("sft", 1), ("sft", 2), ("sft", 3)]
+  assert not os.path.exists(os.path.join(other_beta.path, "eval.jsonl"))
+  assert sweep.share_stages(other_beta, runs) is None  # it has checkpoints of its own now
