@@ -5,8 +5,10 @@ Per task (argument task=):
               configurations (both_right, first_right, second_right, both_wrong)
   arithmetic  1-2 digit arithmetic with ordinal partial credit (digits right): grade 1..5, tau 5
 a supervised warm start on the task's reference traces, then RL whose reward is the raw grade,
-evaluated every 10 RL steps. What the estimators do to failed completions is in metrics.jsonl:
-adv/frac_failed_positive (failures with A > 0) and adv/pos_neg_ratio, every step.
+evaluated after the warm start and every 20 RL steps. What the estimators do to failed
+completions is in metrics.jsonl, every step: adv/frac_failed_positive (failures with A > 0) and
+adv/pos_neg_ratio. The four estimators of a task and seed share one warm start (launch/sweep.py
+trains it once).
 
 Run the study (4 estimators x 2 tasks x 3 seeds = 24 runs; tables and plots in
 workdir/sweeps/study_estimators/results.md):
@@ -38,7 +40,7 @@ def get_config(arg=None):
   config.rl = common.rl_stage(
       steps=40, tasks=(arg.task,), prompts_per_step=8, group_size=8, max_new_tokens=96,
       rewards=(("ordinal", 1.0),), advantage="corpo", scale="none", tau=TAU[arg.task], beta=0.1,
-      learning_rate=2e-4, warmup_steps=5, eval_every=10)
+      learning_rate=2e-4, warmup_steps=5, eval_every=20)
   config.eval.tasks = (arg.task,)
   config.eval.max_new_tokens = 96
   return common.smoke(config) if arg.smoke else config

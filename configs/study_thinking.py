@@ -6,8 +6,8 @@
   thinking=2, 4    the reference traces, a thinking head of 2 / 4 decoder layers
 Each: a supervised warm start (the step classifier trains where there is a head), then GRPO with
 the exact-match reward (the same objective for every variant; the thinking itself is measured,
-not rewarded), evaluated every 10 RL steps: accuracy, pass@k, transparency, step structure,
-coherence, alignment (eval.jsonl).
+not rewarded), evaluated after the warm start and every 20 RL steps: accuracy, pass@k,
+transparency, step structure, coherence, alignment (eval.jsonl).
 
 Run the study (4 variants x 3 seeds = 12 runs; tables and plots in
 workdir/sweeps/study_thinking/results.md):
@@ -36,7 +36,7 @@ def get_config(arg=None):
                                 with_trace=arg.thinking != "none")
   config.rl = common.rl_stage(steps=40, prompts_per_step=8, group_size=8, max_new_tokens=96,
                               advantage="grpo", scale="group", beta=0.1, learning_rate=2e-4,
-                              warmup_steps=5, eval_every=10)
+                              warmup_steps=5, eval_every=20)
   config.eval.max_new_tokens = 96
   config = common.smoke(config) if arg.smoke else config
   config.model.thinking_layers = int(arg.thinking) if arg.thinking.isdigit() else 0  # 0: no head
