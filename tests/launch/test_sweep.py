@@ -113,7 +113,7 @@ def test_tiny_sweep_end_to_end(tmp_path, capsys):
   cmd = [PYTHON, os.path.join(sweep.ROOT, "launch", "sweep.py"), f"--config={config}",
          f"--root={root}"]
   env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-  result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+  result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
   assert result.returncode == 0, result.stdout + result.stderr
   assert "2 runs under" in result.stdout and "0 finished, 2 to run" in result.stdout
   assert os.listdir(root / "jax_cache")  # the second run reused the first one's compiles
