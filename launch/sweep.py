@@ -349,7 +349,7 @@ def main(argv: list[str]) -> int:
     env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, root, "jax_cache"))
     failed = execute(todo, runs, args.tpu, env)
   written = report.write(runs, os.path.join(ROOT, root), title=args.config)
-  print(f"results: {', '.join(written)}")
+  print(f"results in {root}: {', '.join(written)}")
   if failed:
     print(f"{len(failed)} runs failed: {', '.join(failed)}", file=sys.stderr)
   return 1 if failed else 0
