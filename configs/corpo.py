@@ -9,6 +9,9 @@ Run:
 
 Arguments (after the colon): model=<preset>, seed=<int>, workdir=<path>,
 reward=exact_match|ordinal (default ordinal), smoke.
+
+Sweep (estimator x tau x seed of the RL stage; results in workdir/sweeps/corpo):
+  python launch/sweep.py --config=configs/corpo.py --dry-run
 """
 
 from configs import common
@@ -16,3 +19,10 @@ from configs import common
 
 def get_config(arg=None):
   return common.estimator_config(arg, advantage="corpo", scale="none", reward="ordinal")
+
+
+def sweep(add):
+  for advantage in ("corpo", "static"):
+    for tau in (4.0, 5.0):
+      for seed in (0, 1, 2):
+        add(seed=seed, **{"rl.advantage": advantage, "rl.tau": tau})

@@ -129,15 +129,8 @@ def test_trace_share_keeps_that_share_of_traces(share):
   kept = [source.keeps_trace(i) for i in range(200)]
   for start in (0, 37, 150):  # any run of rows holds the share to within one row
     assert abs(sum(kept[start:start + 50]) - 50 * share) <= 1
-  plain = kept.index(False) if share < 1 else None
-  if plain is not None:
-    ex = TASKS[0].example("train", plain)
-    row = source[plain]
-    assert TOK.decode(row["tokens"]) == f"{ex.prompt}\n<think>\n\n</think>\n{ex.answer}"
-    assert not row["step_labels"].any()
-  if share > 0:
-    traced = kept.index(True)
-    assert TOK.decode(source[traced]["tokens"]).count("\n") > 4
+  texts = [TOK.decode(source[i]["tokens"]) for i in range(20)]
+  assert [("\n<think>\n\n</think>\n" not in t) for t in texts] == kept[:20]
 
 
 def test_trace_share_out_of_range_is_an_error():
@@ -168,3 +161,20 @@ def test_sources_pickle_for_grain_workers():
   assert repr(clone) == repr(source)
   for i in (0, 1, 17):
     _assert_same([clone[i]], [source[i]])
+
+
+def test_sft_without_trace_is_a_plain_answer():
+  """trace_share=0 (the no-thinking baseline): an empty think block, the same answer targets."""
+  ex = TASKS[1].example("train", 0)
+  source = pipeline.SftSource(pipeline.TaskTraces(TASKS[1]), TOK, trace_share=0.0)
+  row = source[0]
+  tokens = row["tokens"]
+  assert TOK.decode(tokens) == f"{ex.prompt}\n<think>\n\n</think>\n{ex.answer}"
+  assert TOK.decode(tokens[row["trace_mask"]]) == "\n\n</think>"
+  assert TOK.decode(tokens[row["answer_mask"]]) == "<think>\n" + ex.answer
+  assert not row["step_labels"].any()
+  assert repr(source).endswith(", trace_share=0.0)") and "trace_share" not in repr(
+      pipeline.SftSource(pipeline.TaskTraces(TASKS[1]), TOK))
+  # The same rows with the trace differ only inside the think block.
+  full = pipeline.SftSource(pipeline.TaskTraces(TASKS[1]), TOK)[0]
+  np.testing.assert_array_equal(full["tokens"][full["answer_mask"]], tokens[row["answer_mask"]])

@@ -1,0 +1,198 @@
+#!/usr/bin/env bash
+# Cloud TPU VMs for corpo_jax: create, set up, run a config on every worker, copy results, delete.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+usage: launch/tpu_vm.sh [FLAGS] COMMAND [ARGS...]
+
+Commands:
+  create                  create the TPU VM (a queued resource with --queued)
+  setup                   copy this checkout (tracked and untracked, not ignored files) to every
+                          worker, make a venv there and pip install -e ".[tpu]"
+  run CONFIG [FLAGS...]   python -m corpo_jax.main --config=CONFIG FLAGS... on all workers at
+                          once (--worker=all); each worker's output goes to LOG_DIR/<worker>.log
+  copy REMOTE [LOCAL]     copy REMOTE (a path in the remote checkout, e.g. a workdir) from worker 0
+                          into the local directory LOCAL (default .)
+  delete                  delete the TPU VM (the queued resource and its node with --queued)
+
+Flags (before COMMAND; each has an environment variable, the flag wins):
+  --name=NAME             TPU_NAME              TPU VM (and queued resource) name [corpo-jax]
+  --project=PROJECT       TPU_PROJECT           Google Cloud project [gcloud's default]
+  --zone=ZONE             TPU_ZONE              zone [gcloud's default]
+  --accelerator-type=T    TPU_ACCELERATOR_TYPE  e.g. v4-8, v4-32, v5litepod-16 [v4-8]
+  --runtime-version=V     TPU_RUNTIME_VERSION   TPU software version [tpu-ubuntu2204-base]
+  --queued                TPU_QUEUED=1          a queued resource instead of a plain TPU VM
+  --spot | --reserved     TPU_PROVISIONING      spot / reserved capacity [on-demand]
+  --remote-dir=DIR        TPU_REMOTE_DIR        checkout on the workers, from $HOME [corpo_jax]
+  --python=PYTHON         TPU_PYTHON            interpreter for the remote venv [python3.11]
+  --log-dir=DIR           TPU_LOG_DIR           local directory for run logs [logs/NAME]
+  --dry-run                                     print every command instead of running it
+  -h, --help                                    this text
+GCLOUD (environment) names the gcloud binary [gcloud].
+
+Example:
+  launch/tpu_vm.sh --zone=us-central2-b --accelerator-type=v4-8 --queued --spot create
+  launch/tpu_vm.sh --zone=us-central2-b setup
+  launch/tpu_vm.sh --zone=us-central2-b run configs/corpo.py --config.workdir=workdir/corpo
+  launch/tpu_vm.sh --zone=us-central2-b copy workdir/corpo results/
+  launch/tpu_vm.sh --zone=us-central2-b --queued delete
+A queued resource is usable (setup, run) once `gcloud compute tpus queued-resources describe NAME`
+reports ACTIVE. On a multi-host slice only worker 0's workdir holds metrics.jsonl and eval.jsonl.
+EOF
+}
+
+die() {
+  echo "tpu_vm.sh: error: $*" >&2
+  exit 2
+}
+
+name=${TPU_NAME:-corpo-jax}
+project=${TPU_PROJECT:-}
+zone=${TPU_ZONE:-}
+accelerator=${TPU_ACCELERATOR_TYPE:-v4-8}
+runtime=${TPU_RUNTIME_VERSION:-tpu-ubuntu2204-base}
+queued=${TPU_QUEUED:-0}
+provisioning=${TPU_PROVISIONING:-}
+remote_dir=${TPU_REMOTE_DIR:-corpo_jax}
+python=${TPU_PYTHON:-python3.11}
+log_dir=${TPU_LOG_DIR:-}
+gcloud=${GCLOUD:-gcloud}
+dry_run=0
+
+while [[ $# -gt 0 && $1 == -* ]]; do
+  case $1 in
+    --name=*) name=${1#*=} ;;
+    --project=*) project=${1#*=} ;;
+    --zone=*) zone=${1#*=} ;;
+    --accelerator-type=*) accelerator=${1#*=} ;;
+    --runtime-version=*) runtime=${1#*=} ;;
+    --queued) queued=1 ;;
+    --spot) provisioning=spot ;;
+    --reserved) provisioning=reserved ;;
+    --remote-dir=*) remote_dir=${1#*=} ;;
+    --python=*) python=${1#*=} ;;
+    --log-dir=*) log_dir=${1#*=} ;;
+    --dry-run) dry_run=1 ;;
+    -h | --help) usage; exit 0 ;;
+    *) die "unknown flag '$1' (flags go before the command; see --help)" ;;
+  esac
+  shift
+done
+[[ $# -gt 0 ]] || { usage >&2; exit 2; }
+command=$1
+shift
+case $provisioning in
+  "" | spot | reserved) ;;
+  *) die "TPU_PROVISIONING=$provisioning: use spot, reserved or leave it empty" ;;
+esac
+[[ $queued == 0 || $queued == 1 ]] || die "TPU_QUEUED=$queued: use 0 or 1"
+log_dir=${log_dir:-logs/$name}
+
+if [[ $dry_run == 0 ]] && ! command -v "$gcloud" >/dev/null 2>&1; then
+  die "'$gcloud' not found on PATH: install the Google Cloud SDK" \
+      "(https://cloud.google.com/sdk/docs/install), or pass --dry-run to print the commands"
+fi
+
+# One shell word as it would be typed: bare when safe, else single-quoted (after a --flag=).
+quote() {
+  if [[ $1 =~ ^[A-Za-z0-9_./:=@,+%-]+$ ]]; then
+    printf '%s' "$1"
+  elif [[ $1 =~ ^(--[A-Za-z0-9_.-]+=)(.*)$ ]]; then
+    printf "%s'%s'" "${BASH_REMATCH[1]}" "${BASH_REMATCH[2]//\'/\'\\\'\'}"
+  else
+    printf "'%s'" "${1//\'/\'\\\'\'}"
+  fi
+}
+
+quote_all() {
+  local out=() word
+  for word in "$@"; do out+=("$(quote "$word")"); done
+  echo "${out[*]}"
+}
+
+# Runs a command, or prints it under --dry-run.
+run() {
+  if [[ $dry_run == 1 ]]; then
+    quote_all "$@"
+  else
+    "$@"
+  fi
+}
+
+location=()
+if [[ -n $zone ]]; then location+=("--zone=$zone"); fi
+if [[ -n $project ]]; then location+=("--project=$project"); fi
+tpu=("$gcloud" compute tpus tpu-vm)
+
+ssh_all() {  # ssh_all COMMAND [extra gcloud flags]
+  local remote=$1
+  shift
+  run "${tpu[@]}" ssh "$name" "${location[@]}" --worker=all "--command=$remote" "$@"
+}
+
+create() {
+  local extra=()
+  if [[ -n $provisioning ]]; then extra+=("--$provisioning"); fi
+  if [[ $queued == 1 ]]; then
+    run "$gcloud" compute tpus queued-resources create "$name" "${location[@]}" \
+        "--node-id=$name" "--accelerator-type=$accelerator" "--runtime-version=$runtime" \
+        "${extra[@]}"
+  else
+    run "${tpu[@]}" create "$name" "${location[@]}" "--accelerator-type=$accelerator" \
+        "--version=$runtime" "${extra[@]}"
+  fi
+}
+
+setup() {
+  local root files archive remote
+  root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+  files=${TMPDIR:-/tmp}/$name-checkout.files
+  archive=${TMPDIR:-/tmp}/$name-checkout.tar.gz
+  # The file list is written under --dry-run too (it reads the checkout only).
+  git -C "$root" ls-files -z --cached --others --exclude-standard >"$files"
+  run tar -czf "$archive" -C "$root" --null "--files-from=$files" --ignore-failed-read
+  run "${tpu[@]}" scp "$archive" "$name:$remote_dir.tar.gz" "${location[@]}" --worker=all
+  remote="set -e; command -v $python >/dev/null || { sudo apt-get update -q"
+  remote+=" && sudo apt-get install -y -q $python $python-venv; }"
+  remote+="; mkdir -p $remote_dir && tar -xzf $remote_dir.tar.gz -C $remote_dir"
+  remote+=" && cd $remote_dir && $python -m venv .venv && .venv/bin/pip install -q -e \".[tpu]\""
+  ssh_all "$remote"
+}
+
+run_config() {
+  [[ $# -ge 1 && $1 != -* ]] || die "run needs a config: run CONFIG [--config.FIELD=VALUE ...]"
+  local config=$1
+  shift
+  run mkdir -p "$log_dir"
+  ssh_all "cd $remote_dir && .venv/bin/python -m corpo_jax.main $(quote_all "--config=$config" "$@")" \
+      "--output-directory=$log_dir"
+}
+
+copy() {
+  [[ $# -ge 1 && $# -le 2 ]] || die "copy needs REMOTE [LOCAL]"
+  local local_dir=${2:-.}
+  run mkdir -p "$local_dir"
+  run "${tpu[@]}" scp --recurse "$name:$remote_dir/$1" "$local_dir" "${location[@]}" --worker=0
+}
+
+delete() {
+  if [[ $queued == 1 ]]; then
+    run "$gcloud" compute tpus queued-resources delete "$name" "${location[@]}" --force --quiet
+  else
+    run "${tpu[@]}" delete "$name" "${location[@]}" --quiet
+  fi
+}
+
+no_args() {
+  [[ $# -eq 0 ]] || die "$command takes no arguments, got '$*' (flags go before the command)"
+}
+
+case $command in
+  create) no_args "$@"; create ;;
+  setup) no_args "$@"; setup ;;
+  run) run_config "$@" ;;
+  copy) copy "$@" ;;
+  delete) no_args "$@"; delete ;;
+  *) die "unknown command '$command'; one of create, setup, run, copy, delete (see --help)" ;;
+esac

@@ -1,0 +1,113 @@
+"""launch/tpu_vm.sh: the exact gcloud commands of every subcommand (--dry-run), that a real run
+executes the same argv, and the error when gcloud is missing."""
+
+import os
+import shlex
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(ROOT, "launch", "tpu_vm.sh")
+LOC = "--zone=us-central2-b --project=my-proj"
+TPU = "gcloud compute tpus tpu-vm"
+
+
+def tpu_vm(*args, tmp_path, path=None, **env):
+  env = {"PATH": path if path is not None else os.environ["PATH"], "TMPDIR": str(tmp_path),
+         "TPU_ZONE": "us-central2-b", "TPU_PROJECT": "my-proj", **env}
+  return subprocess.run(["/bin/bash", SCRIPT, *args], env=env, cwd=tmp_path, capture_output=True,
+                        text=True, timeout=30)
+
+
+def dry_run(*args, tmp_path, **env):
+  result = tpu_vm("--dry-run", *args, tmp_path=tmp_path, **env)
+  assert result.returncode == 0, result.stderr
+  return result.stdout.splitlines()
+
+
+def test_create_on_demand_spot_reserved(tmp_path):
+  base = f"{TPU} create corpo-jax {LOC} --accelerator-type=v4-8 --version=tpu-ubuntu2204-base"
+  assert dry_run("create", tmp_path=tmp_path) == [base]
+  assert dry_run("--spot", "create", tmp_path=tmp_path) == [base + " --spot"]
+  assert dry_run("create", tmp_path=tmp_path, TPU_PROVISIONING="reserved") == [base + " --reserved"]
+
+
+def test_queued_resource_create_and_delete(tmp_path):
+  flags = ("--queued", "--spot", "--name=exp1", "--accelerator-type=v5litepod-16",
+           "--runtime-version=v2-alpha-tpuv5-lite")
+  assert dry_run(*flags, "create", tmp_path=tmp_path) == [
+      f"gcloud compute tpus queued-resources create exp1 {LOC} --node-id=exp1 "
+      "--accelerator-type=v5litepod-16 --runtime-version=v2-alpha-tpuv5-lite --spot"]
+  assert dry_run("delete", tmp_path=tmp_path, TPU_QUEUED="1", TPU_NAME="exp1") == [
+      f"gcloud compute tpus queued-resources delete exp1 {LOC} --force --quiet"]
+
+
+def test_setup(tmp_path):
+  archive = f"{tmp_path}/corpo-jax-checkout.tar.gz"
+  remote = ("set -e; command -v python3.11 >/dev/null || { sudo apt-get update -q && sudo "
+            "apt-get install -y -q python3.11 python3.11-venv; }; mkdir -p corpo_jax && tar -xzf "
+            "corpo_jax.tar.gz -C corpo_jax && cd corpo_jax && python3.11 -m venv .venv && "
+            '.venv/bin/pip install -q -e ".[tpu]"')
+  assert dry_run("setup", tmp_path=tmp_path) == [
+      f"tar -czf {archive} -C {ROOT} --null --files-from={tmp_path}/corpo-jax-checkout.files "
+      "--ignore-failed-read",
+      f"{TPU} scp {archive} corpo-jax:corpo_jax.tar.gz {LOC} --worker=all",
+      f"{TPU} ssh corpo-jax {LOC} --worker=all --command='{remote}'"]
+  files = (tmp_path / "corpo-jax-checkout.files").read_text().split("\0")
+  assert "launch/tpu_vm.sh" in files and "corpo_jax/main.py" in files
+  assert not any(f.startswith((".git/", "workdir")) or "__pycache__" in f for f in files)
+
+
+def test_run_copy_delete(tmp_path):
+  lines = dry_run("--log-dir=logs/a", "run", "configs/corpo.py:smoke",
+                  "--config.rl.rewards=((\"ordinal\", 1.0),)", "--config.workdir=w/a",
+                  tmp_path=tmp_path)
+  assert lines == [
+      "mkdir -p logs/a",
+      f"{TPU} ssh corpo-jax {LOC} --worker=all --command='cd corpo_jax && .venv/bin/python -m "
+      "corpo_jax.main --config=configs/corpo.py:smoke --config.rl.rewards='\\''((\"ordinal\", "
+      "1.0),)'\\'' --config.workdir=w/a' --output-directory=logs/a"]
+  # The remote command, once the local shell and the remote shell have split it, is the argv.
+  remote = shlex.split(lines[1])[9].removeprefix("--command=")
+  assert shlex.split(remote)[-3:] == ["--config=configs/corpo.py:smoke",
+                                      "--config.rl.rewards=((\"ordinal\", 1.0),)",
+                                      "--config.workdir=w/a"]
+  assert dry_run("copy", "w/a", "results", tmp_path=tmp_path) == [
+      "mkdir -p results", f"{TPU} scp --recurse corpo-jax:corpo_jax/w/a results {LOC} --worker=0"]
+  assert dry_run("delete", tmp_path=tmp_path) == [f"{TPU} delete corpo-jax {LOC} --quiet"]
+
+
+def test_runs_the_printed_commands(tmp_path):
+  fake = tmp_path / "fake_gcloud"
+  log = tmp_path / "argv.txt"
+  fake.write_text(f'#!/bin/bash\nfor a in "$@"; do printf "%s\\0" "$a"; done >> {log}\n'
+                  f'printf "\\n\\0" >> {log}\n')
+  fake.chmod(0o755)
+  args = ("--queued", "run", "configs/grpo.py", "--config.seed=1")
+  printed = [shlex.split(line) for line in dry_run(*args, tmp_path=tmp_path, GCLOUD=str(fake))]
+  result = tpu_vm(*args, tmp_path=tmp_path, GCLOUD=str(fake))
+  assert result.returncode == 0, result.stderr
+  calls = [c.split("\0")[:-1] for c in log.read_text().split("\n\0")[:-1]]
+  assert calls == [printed[1][1:]]  # printed[0] is the mkdir, run locally
+  assert (tmp_path / "logs" / "corpo-jax").is_dir()
+
+
+def test_missing_gcloud(tmp_path):
+  empty = tmp_path / "bin"
+  empty.mkdir()
+  result = tpu_vm("create", tmp_path=tmp_path, path=str(empty))
+  assert result.returncode == 2
+  assert "'gcloud' not found on PATH" in result.stderr and "--dry-run" in result.stderr
+  assert dry_run("create", tmp_path=tmp_path, path=str(empty))[0].startswith(f"{TPU} create")
+
+
+@pytest.mark.parametrize("args, message", [
+    (("frob",), "unknown command 'frob'"),
+    (("run",), "run needs a config"),
+    (("create", "--spot"), "create takes no arguments, got '--spot' (flags go before"),
+    (("--bogus", "create"), "unknown flag '--bogus'"),
+])
+def test_usage_errors(tmp_path, args, message):
+  result = tpu_vm("--dry-run", *args, tmp_path=tmp_path)
+  assert result.returncode == 2 and message in result.stderr and not result.stdout
