@@ -181,6 +181,10 @@ def base_config(arg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                       "seed": 0},
       "verify": {"kind": "verify", "max_operand": 99, "seed": 0},
       "jsonl": {"kind": "jsonl", "path": "", "reward": "exact_match"},  # {"prompt", "answer"} rows
+      # Python functions graded by unit tests in a sandbox ("" = the bundled problems); pair it
+      # with rewards=(("execution", 1.0),) and e.g. max_new_tokens=128.
+      "code": {"kind": "code", "path": "", "eval_fraction": 0.25, "wall_s": 5.0,
+               "memory_mb": 512},
   })
   config.stages = ("rl",)
   config.eval = ml_collections.ConfigDict({

@@ -96,7 +96,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       if stage.group_size < 2:
         raise ValueError(f"config.{name}.group_size={stage.group_size}: group-relative "
                          f"advantages need at least 2 completions per prompt.")
-      rewards_lib.check_spec(stage.rewards)
+      _check_task_rewards(config, name)
     else:
       sft_lib.check_loss_on(stage.loss_on)
     rl_config(config, name)  # validates the RL / optimizer fields
@@ -104,6 +104,18 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if not 1 <= k <= config.eval.num_samples:
       raise ValueError(f"config.eval.ks contains {k}; each k must be in [1, "
                        f"config.eval.num_samples={config.eval.num_samples}].")
+
+
+def _check_task_rewards(config: ml_collections.ConfigDict, name: str) -> None:
+  """Rewards defined for some task kinds only (e.g. execution: code) get only those tasks."""
+  stage = config[name]
+  for reward, _ in rewards_lib.check_spec(stage.rewards):
+    kinds = rewards_lib.TASK_REWARDS.get(reward)
+    for task in stage.tasks if kinds else ():
+      kind = config.tasks[task].kind if task in config.tasks else None
+      if kind not in kinds:
+        raise ValueError(f"config.{name}.rewards uses {reward!r}, defined for tasks of kind "
+                         f"{kinds} only, but config.{name}.tasks has {task!r} (kind {kind!r}).")
 
 
 _RL_FIELDS = tuple(f.name for f in dataclasses.fields(RLConfig))
@@ -232,6 +244,7 @@ def _rl_plan(run: Run, name: str, stage, index: int, ref_params: Any) -> StagePl
     batch = rl_step.make_batch(prompts["tokens"], prompts["token_mask"], rollout, rewards_BG)
     state, metrics = update(state, batch, ref)
     host = {f"reward/{k}": float(v.mean()) for k, v in scores.components.items()}
+    host.update({f"reward/{k}/errors": v for k, v in scores.errors.items()})
     host.update({"reward/scoring_failures": scores.num_failed, "time/rollout_s": t_rollout,
                  "tokens": int(mask.sum()),
                  "samples": [{"completion": texts[i], "reward": float(scores.total_N[i]),
