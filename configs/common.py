@@ -83,6 +83,7 @@ def sft_stage(**overrides: Any) -> ml_collections.ConfigDict:
   stage.update({k: optimizer[k] for k in SFT_OPTIMIZER_FIELDS})
   stage.checkpoint_every = 100
   stage.eval_every = 0  # 0: evaluate only at the end of the stage
+  stage.max_skipped_steps = 10  # stop once more steps than this had a non-finite loss or grad
   stage.update(overrides)
   return stage
 
@@ -105,6 +106,7 @@ def rl_stage(**overrides: Any) -> ml_collections.ConfigDict:
   stage.checkpoint_every = 20
   stage.eval_every = 0
   stage.samples_every = 10  # log two decoded completions every this many steps (0: never)
+  stage.max_skipped_steps = 10  # stop once more steps than this had a non-finite loss or grad
   stage.update(overrides)
   return stage
 

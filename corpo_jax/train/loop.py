@@ -92,6 +92,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.{name}.kind={stage.kind!r} is not one of {STAGE_KINDS}.")
     if stage.steps < 1:
       raise ValueError(f"config.{name}.steps={stage.steps} must be >= 1.")
+    if stage.max_skipped_steps < 0:
+      raise ValueError(f"config.{name}.max_skipped_steps={stage.max_skipped_steps} must be >= 0.")
     if stage.kind == "rl":
       if stage.group_size < 2:
         raise ValueError(f"config.{name}.group_size={stage.group_size}: group-relative "
@@ -306,6 +308,20 @@ def _drop_rows_after(path: str, stage: str, step: int) -> None:
     f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
+def _stop_diverged(name: str, stage, ckpt: Checkpointer, k: int, skipped: int) -> None:
+  """Raises once too many steps were skipped, after pending saves are on disk; the stage's
+  latest checkpoint predates the limit, so a rerun resumes from it."""
+  ckpt.wait()
+  last = ckpt.latest_step()
+  ckpt.close()
+  kept = (f"the last good checkpoint is step {last} in {ckpt.directory}" if last is not None
+          else "no checkpoint of this stage was written yet")
+  raise ValueError(f"stage {name}: {skipped} optimizer steps up to step {k} had a non-finite loss "
+                   f"or gradient and were skipped, more than config.{name}.max_skipped_steps="
+                   f"{stage.max_skipped_steps}; {kept}. Lower config.{name}.learning_rate (or check "
+                   f"the data and rewards), then rerun to resume from it.")
+
+
 def run_stage(run: Run, index: int, name: str, start_params: Any) -> tuple[Any, list[dict]]:
   """Runs (or resumes, or skips if done) one stage; returns its final params and eval rows."""
   stage = run.config[name]
@@ -343,6 +359,8 @@ def run_stage(run: Run, index: int, name: str, start_params: Any) -> tuple[Any, 
       run.writer.write_samples(k, name, samples)
     run.writer.write(k, name, host)
     progress.update(k, host)
+    if host.get("skipped", 0) > stage.max_skipped_steps:
+      _stop_diverged(name, stage, ckpt, k, host["skipped"])
 
   saved = {latest}
 
