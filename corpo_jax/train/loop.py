@@ -99,6 +99,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.{name}.group_size={stage.group_size}: group-relative "
                          f"advantages need at least 2 completions per prompt.")
       _check_task_rewards(config, name)
+      if stage.long_prompts not in pipeline.LONG_PROMPTS:
+        raise ValueError(f"config.{name}.long_prompts={stage.long_prompts!r} is not one of "
+                         f"{pipeline.LONG_PROMPTS}.")
     else:
       sft_lib.check_loss_on(stage.loss_on)
     rl_config(config, name)  # validates the RL / optimizer fields
@@ -155,12 +158,33 @@ def load_tokenizer(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Token
   return tok
 
 
+def check_workdir_model(workdir: str, cfg: ModelConfig) -> None:
+  """Refuses a workdir whose checkpoints hold parameters of other shapes (its config.json's
+  model), naming the model fields that differ; runs before config.json is overwritten."""
+  path = os.path.join(workdir, "config.json")
+  if not (os.path.exists(path) and os.path.isdir(os.path.join(workdir, "checkpoints"))):
+    return
+  with open(path) as f:
+    saved = json.load(f)["model"]
+  now = json.loads(json.dumps(cfg.to_dict()))  # tuples as lists, like the saved file
+  if saved == now:
+    return
+  shapes = lambda c: jax.tree.map(lambda x: (x.shape, x.dtype), nn.unbox(model.abstract_params(c)))
+  if shapes(ModelConfig.from_dict(saved)) != shapes(cfg):
+    diff = ", ".join(f"model.{k}={v!r} (this run: {now.get(k)!r})" for k, v in saved.items()
+                     if now.get(k) != v)
+    raise ValueError(f"The checkpoints in {workdir} are of a model with {diff}; they cannot be "
+                     f"restored into this run's model. Rerun with those model fields or use a "
+                     f"fresh --config.workdir.")
+
+
 def setup(config: ml_collections.ConfigDict) -> Run:
   check_config(config)
   cfg = ModelConfig.from_dict(config.model)
   mesh = sharding.make_mesh(config.mesh)
   tokenizer = load_tokenizer(config, cfg)
   is_main = jax.process_index() == 0
+  check_workdir_model(config.workdir, cfg)
   if is_main:
     os.makedirs(config.workdir, exist_ok=True)
     with open(os.path.join(config.workdir, "config.json"), "w") as f:
@@ -222,7 +246,8 @@ def _rl_plan(run: Run, name: str, stage, index: int, ref_params: Any) -> StagePl
   update = rl_step.make_update(run.cfg, rl_cfg, run.mesh, optimizer)
   tasks = [run.task(t) for t in stage.tasks]
   loader = pipeline.rl_prompts(tasks, run.tokenizer, batch_size=stage.prompts_per_step,
-                               seed=run.config.seed + index)
+                               seed=run.config.seed + index, max_prompt_len=stage.max_prompt_len,
+                               long_prompts=stage.long_prompts)
   stage_rng = jax.random.fold_in(jax.random.key(run.config.seed), index)
   spec, G, tok = rewards_lib.check_spec(stage.rewards), stage.group_size, run.tokenizer
   max_think = stage.max_thinking_tokens or None
@@ -247,6 +272,7 @@ def _rl_plan(run: Run, name: str, stage, index: int, ref_params: Any) -> StagePl
     state, metrics = update(state, batch, ref)
     host = {f"reward/{k}": float(v.mean()) for k, v in scores.components.items()}
     host.update({f"reward/{k}/errors": v for k, v in scores.errors.items()})
+    host["data/prompts_truncated"] = int(prompts["truncated"].sum())
     host.update({"reward/scoring_failures": scores.num_failed, "time/rollout_s": t_rollout,
                  "tokens": int(mask.sum()),
                  "samples": [{"completion": texts[i], "reward": float(scores.total_N[i]),

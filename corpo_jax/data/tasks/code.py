@@ -30,7 +30,7 @@ from importlib import resources
 from corpo_jax import sandbox
 from corpo_jax.data import text as text_lib
 from corpo_jax.data.tasks import base
-from corpo_jax.data.tasks.jsonl import read_objects
+from corpo_jax.data.tasks.jsonl import read_numbered
 
 _FENCE = re.compile(r"```[A-Za-z0-9_+-]*[ \t]*\n(.*?)```", re.DOTALL)
 _CACHE_SIZE = 512
@@ -66,10 +66,13 @@ class Code(base.Task):
     self.path, self.eval_fraction = path, eval_fraction  # repr: "" for the bundled set
     self._limits = sandbox.Limits(wall_s=wall_s, memory_bytes=memory_mb << 20)
     sandbox.isolation()  # fails now, saying what it tried, if this machine cannot run it
-    rows = read_objects(path or bundled_path(), "code problem file",
-                        '{"name": ..., "prompt": ..., "solution": ..., "tests": [...]}', _check_row)
+    file = path or bundled_path()
+    rows = read_numbered(file, "code problem file",
+                         '{"name": ..., "prompt": ..., "solution": ..., "tests": [...]}', _check_row)
     examples = [base.Example(prompt=r["prompt"], answer=r["solution"], trace=r.get("trace", ""),
-                             key=r["name"], meta={"tests": tuple(r["tests"])}) for r in rows]
+                             key=r["name"], meta={"tests": tuple(r["tests"]),
+                                                  "source": f"{file}:{line}"})
+                for line, r in rows]
     self._rows = {split: [e for e in examples
                           if base.in_eval_split(e.key, eval_fraction) == (split == "eval")]
                   for split in base.SPLITS}
