@@ -37,7 +37,7 @@ from corpo_jax.rl import step as rl_step
 from corpo_jax.rl.config import RLConfig
 from corpo_jax.train import sft as sft_lib
 from corpo_jax.train.checkpoint import Checkpointer
-from corpo_jax.train.metrics import MetricsWriter, OneStepLate, Progress, read_jsonl
+from corpo_jax.train.metrics import MetricsWriter, OneStepLate, Progress
 
 STAGE_KINDS = ("sft", "rl")
 
@@ -186,9 +186,15 @@ def setup(config: ml_collections.ConfigDict) -> Run:
   is_main = jax.process_index() == 0
   check_workdir_model(config.workdir, cfg)
   if is_main:
-    os.makedirs(config.workdir, exist_ok=True)
-    with open(os.path.join(config.workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    try:
+      os.makedirs(config.workdir, exist_ok=True)
+      path = os.path.join(config.workdir, "config.json")
+      with open(path + ".tmp", "w") as f:  # then renamed: a failed write keeps the old file
+        f.write(config.to_json_best_effort(indent=2))
+      os.replace(path + ".tmp", path)
+    except OSError as e:
+      raise ValueError(f"Cannot write to --config.workdir={config.workdir!r} ({e}); choose a "
+                       f"writable directory with free space.") from e
   writer = MetricsWriter(config.workdir, enabled=is_main, tensorboard=config.log.tensorboard)
   return Run(config, cfg, mesh, tokenizer, writer, is_main)
 
@@ -326,12 +332,22 @@ def _evaluate(run: Run, params: Any, stage_name: str, step: int, rng: jax.Array)
 
 
 def _drop_rows_after(path: str, stage: str, step: int) -> None:
-  """Removes metrics rows of `stage` with step > `step` (written after the restored checkpoint)."""
+  """Removes the rows of `stage` with step > `step` (written after the checkpoint the stage
+  resumes from) and any line torn by a kill. Atomic: a kill while rewriting keeps the old file."""
   if not os.path.exists(path):
     return
-  rows = [r for r in read_jsonl(path) if not (r["stage"] == stage and r["step"] > step)]
-  with open(path, "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in rows)
+  keep = []
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if not (row["stage"] == stage and row["step"] > step):
+        keep.append(json.dumps(row) + "\n")
+  with open(path + ".tmp", "w") as f:
+    f.writelines(keep)
+  os.replace(path + ".tmp", path)
 
 
 def _stop_diverged(name: str, stage, ckpt: Checkpointer, k: int, skipped: int) -> None:
@@ -364,11 +380,11 @@ def run_stage(run: Run, index: int, name: str, start_params: Any) -> tuple[Any, 
       ckpt.close()
       return state.params, []
     run.say(f"stage {name}: resuming from the checkpoint at step {latest}")
-    if run.is_main:
-      _drop_rows_after(run.writer.path, name, latest)
-      _drop_rows_after(run.path("eval.jsonl"), name, latest)
   else:
     state = rl_step.init_state(run.cfg, plan.optimizer, start_params, run.mesh)
+  if run.is_main:  # rows an interrupted attempt wrote after its last complete checkpoint
+    for log in (run.writer.path, run.path("eval.jsonl"), run.path("samples.jsonl")):
+      _drop_rows_after(log, name, latest or 0)
 
   eval_rng = jax.random.fold_in(jax.random.key(run.config.seed + 1), index)
   progress = Progress(name, stage.steps, plan.progress_keys,
