@@ -104,18 +104,39 @@ def test_writes_outside_the_working_directory_are_refused(tmp_path, how):
   assert inside.status == "passed"  # the working directory itself is writable
 
 
-def test_loopback_connection_is_refused():
+def _launchers():
+  """The launcher in use and, if it adds namespaces, the same interpreter without them (the
+  fallback on machines without unprivileged namespaces: the audit hook alone)."""
+  launcher = sandbox._launcher()
+  return [launcher] + ([launcher[len(sandbox._UNSHARE):]] if launcher[0] == "unshare" else [])
+
+
+@pytest.mark.parametrize("layers", range(len(_launchers())), ids=["in_use", "audit_hook_only"][
+    :len(_launchers())])
+def test_loopback_connection_is_refused(layers):
+  launcher = _launchers()[layers]
   with socket.socket() as listener:
     listener.bind(("127.0.0.1", 0))
     listener.listen()
     listener.settimeout(0.5)
     port = listener.getsockname()[1]
     code = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\n" + ADD
-    result = sandbox.run_tests(code, TESTS, FAST)
+    result = sandbox._run(launcher, code, TESTS, FAST)
     assert (result.status, result.passed) == ("failed", 0)
+    assert "socket.connect is not allowed" in result.output
     with pytest.raises(socket.timeout):
       listener.accept()  # nothing ever connected
-  _assert_still_scores_correct_code()
+    assert sandbox._run(launcher, ADD, TESTS, FAST).status == "passed"  # and it keeps working
+
+
+def test_the_network_namespace_alone_has_no_route_to_the_host():
+  if sandbox._launcher()[0] != "unshare":
+    pytest.skip("no unprivileged namespaces here; the audit hook is the only network block")
+  # Behind the audit hook: a fresh network namespace holds only its own loopback interface,
+  # so code that got past the hook would still reach nothing outside the sandbox.
+  code = "import socket\nnames = [n for _, n in socket.if_nameindex()]\n"
+  result = sandbox.run_tests(code, ["assert names == ['lo'], names"], FAST)
+  assert result.status == "passed", result.output
 
 
 def test_output_flood_is_bounded():

@@ -59,7 +59,8 @@ def test_smoke_config_runs_all_three_stages(tmp_path):
   for key in ("loss", "reward/mean", "adv/frac_failed_positive", "adv/pos_neg_ratio",
               "adv/frac_correctness_mode", "reward/frac_zero_std", "kl", "entropy", "clip_frac",
               "grad_norm", "completion/length_mean", "completion/truncated_frac",
-              "load_balance_loss", "tokens_per_s", "skipped"):
+              "load_balance_loss", "tokens_per_s", "skipped", "reward/exact_match/errors",
+              "data/prompts_truncated"):
     assert key in rl_row, key
   evals = read_jsonl(str(tmp_path / "eval.jsonl"))
   assert {(r["stage"], r["task"]) for r in evals} == {
