@@ -183,12 +183,20 @@ def isolation() -> dict[str, str]:
           "python": command[-len(_PYTHON_FLAGS) - 1]}
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def _kill_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+  """SIGKILLs the child's process group and waits (up to grace_s) until all of it is gone."""
   try:
     os.killpg(proc.pid, signal.SIGKILL)
   except ProcessLookupError:
     pass
   proc.wait()
+  deadline = time.monotonic() + grace_s
+  while time.monotonic() < deadline:
+    try:
+      os.killpg(proc.pid, 0)  # succeeds while any member still exists
+    except ProcessLookupError:
+      return
+    time.sleep(0.01)
 
 
 def _tail(path: str) -> str:

@@ -53,7 +53,7 @@ def test_infinite_loops_are_stopped(code, status):
   limits = sandbox.Limits(wall_s=1.5, cpu_s=1)
   result = sandbox.run_tests(code + ADD, TESTS, limits)
   assert result.status in status and result.passed == 0
-  assert result.seconds < limits.wall_s + 1
+  assert result.seconds < limits.wall_s + 5  # + the wait for the killed group (loaded machine)
   _assert_still_scores_correct_code()
 
 
