@@ -96,7 +96,8 @@ def test_writes_outside_the_working_directory_are_refused(tmp_path, how):
     result = sandbox.run_tests(code + ADD, TESTS, FAST)
     assert (result.status, result.passed) == ("failed", 0)
     assert "is not allowed" in result.output
-    assert open(target).read() == ""
+    with open(target) as f:
+      assert f.read() == ""
   finally:
     os.remove(target)
   inside = sandbox.run_tests("open('scratch.txt', 'w').write('ok')\n" + ADD,
