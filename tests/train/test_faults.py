@@ -119,9 +119,11 @@ def test_disk_full_during_an_async_save_is_a_clear_error_and_keeps_earlier_check
                      r"\(steps \[1\]\) are intact; free disk space"):
     ckpt.wait()
   monkeypatch.undo()
+  ckpt.close()
   rerun = Checkpointer(str(tmp_path))
   assert rerun.latest_step() == 1
   restored, meta = rerun.restore(1, checkpoint.abstract_like(state))
+  rerun.close()
   np.testing.assert_array_equal(restored["w"], np.arange(8.0))
   assert meta == {"stage": "rl"}
 
