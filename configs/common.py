@@ -84,6 +84,7 @@ def sft_stage(**overrides: Any) -> ml_collections.ConfigDict:
   stage.update({k: optimizer[k] for k in SFT_OPTIMIZER_FIELDS})
   stage.checkpoint_every = 100
   stage.eval_every = 0  # 0: evaluate only at the end of the stage
+  stage.max_skipped_steps = 10  # stop once more steps than this had a non-finite loss or grad
   stage.update(overrides)
   return stage
 
@@ -102,10 +103,13 @@ def rl_stage(**overrides: Any) -> ml_collections.ConfigDict:
   stage.top_k = 0  # 0: off
   stage.top_p = 1.0  # 1.0: off
   stage.max_thinking_tokens = 0  # 0: no thinking budget; else force </think> after this many
+  stage.max_prompt_len = 256  # prompt tokens (with <bos>); longer ones are handled by long_prompts
+  stage.long_prompts = "reject"  # "reject": stop naming the row; "truncate": keep the last tokens
   stage.rewards = (("exact_match", 1.0),)  # (name, weight) pairs, corpo_jax/rl/rewards.py
   stage.checkpoint_every = 20
   stage.eval_every = 0
   stage.samples_every = 10  # log two decoded completions every this many steps (0: never)
+  stage.max_skipped_steps = 10  # stop once more steps than this had a non-finite loss or grad
   stage.update(overrides)
   return stage
 
@@ -182,6 +186,10 @@ def base_config(arg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                       "seed": 0},
       "verify": {"kind": "verify", "max_operand": 99, "seed": 0},
       "jsonl": {"kind": "jsonl", "path": "", "reward": "exact_match"},  # {"prompt", "answer"} rows
+      # Python functions graded by unit tests in a sandbox ("" = the bundled problems); pair it
+      # with rewards=(("execution", 1.0),) and e.g. max_new_tokens=128.
+      "code": {"kind": "code", "path": "", "eval_fraction": 0.25, "wall_s": 5.0,
+               "memory_mb": 512},
   })
   config.stages = ("rl",)
   config.eval = ml_collections.ConfigDict({

@@ -57,7 +57,11 @@ def parse_response(row: dict) -> dict | None:
   return out
 
 
-def _row(line: str) -> tuple[dict | None, str]:
+def _row(raw: bytes) -> tuple[dict | None, str]:
+  try:
+    line = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    return None, f"not UTF-8 ({e.reason} at byte {e.start})"
   try:
     row = json.loads(line.strip())
   except json.JSONDecodeError as e:
@@ -72,12 +76,12 @@ def distill(input_path: str, output_path: str) -> Report:
   if not os.path.isfile(input_path):
     raise ValueError(f"--input {input_path!r} does not exist.")
   report = Report(input_path, output_path)
-  with open(input_path, encoding="utf-8") as src, open(output_path, "w", encoding="utf-8") as dst:
-    for lineno, line in enumerate(src, 1):
-      if not line.strip():
+  with open(input_path, "rb") as src, open(output_path, "w", encoding="utf-8") as dst:
+    for lineno, raw in enumerate(src, 1):
+      if not raw.strip():
         continue
       report.lines += 1
-      row, why = _row(line)
+      row, why = _row(raw)
       if row is None:
         report.malformed.append((lineno, why))
         continue

@@ -13,8 +13,10 @@ guard `__main__` and parse absl flags before iterating).
 
 RL batch (prompts left-padded so generation appends on the right), B rows:
   tokens [B, T] int32, token_mask [B, T] bool, task_id [B] int32 (index into `tasks`),
-  index [B] int64 (example index in the split); `examples(batch, tasks, split)` rebuilds the
-  Examples the rewards need.
+  index [B] int64 (example index in the split), truncated [B] bool (the prompt was longer than
+  `max_prompt_len` and kept only <bos> and its last tokens); `examples(batch, tasks, split)`
+  rebuilds the Examples the rewards need. A longer prompt raises ValueError naming its source
+  (file:line for jsonl tasks) when long_prompts="reject" (the default), or is cut when "truncate".
 SFT batch (right-padded), B rows of <bos> prompt <think> trace </think> answer <eos>:
   tokens, token_mask, trace_mask (tokens after <think> up to and including </think>: the
   thinking head's targets), answer_mask (the base head's targets: the <think> that opens the
@@ -39,6 +41,7 @@ from corpo_jax.data.tokenizer import Tokenizer
 
 DEFAULT_BUCKETS = (32, 64, 128, 256, 512, 1024)
 _GOLDEN = (5 ** 0.5 - 1) / 2
+LONG_PROMPTS = ("reject", "truncate")
 SFT_FIELDS = ("prompt", "thinking_trace", "final_output")
 
 
@@ -86,12 +89,19 @@ class _PadBatch:
 class PromptSource(grain.sources.RandomAccessDataSource):
   """Record i is example i // len(tasks) of task i % len(tasks) (a round-robin mixture)."""
 
-  def __init__(self, tasks: Sequence[Task], tokenizer: Tokenizer, split: str):
+  def __init__(self, tasks: Sequence[Task], tokenizer: Tokenizer, split: str,
+               max_prompt_len: int = DEFAULT_BUCKETS[-1], long_prompts: str = "reject"):
+    if long_prompts not in LONG_PROMPTS:
+      raise ValueError(f"long_prompts={long_prompts!r} is not one of {LONG_PROMPTS}.")
+    if max_prompt_len < 2:
+      raise ValueError(f"max_prompt_len={max_prompt_len} must be >= 2 (<bos> and a token).")
     self.tasks, self.tokenizer, self.split = list(tasks), tokenizer, split
+    self.max_prompt_len, self.long_prompts = max_prompt_len, long_prompts
     self._len = len(self.tasks) * max(t.size(split) for t in self.tasks)
 
   def __repr__(self) -> str:  # grain compares it when restoring an iterator
-    return f"PromptSource({self.tasks!r}, {self.tokenizer!r}, split={self.split!r})"
+    return (f"PromptSource({self.tasks!r}, {self.tokenizer!r}, split={self.split!r}, "
+            f"max_prompt_len={self.max_prompt_len}, long_prompts={self.long_prompts!r})")
 
   def __len__(self) -> int:
     return self._len
@@ -100,8 +110,18 @@ class PromptSource(grain.sources.RandomAccessDataSource):
     task_id, index = record % len(self.tasks), record // len(self.tasks)
     ex = self.tasks[task_id].example(self.split, index)
     tokens = np.asarray(prompt_ids(self.tokenizer, ex.prompt), np.int32)
+    truncated = len(tokens) > self.max_prompt_len
+    if truncated and self.long_prompts == "reject":
+      where = ex.meta.get("source", f"{self.split} example {index} of {self.tasks[task_id]!r}")
+      raise ValueError(f"The prompt of {where} has {len(tokens)} tokens, more than "
+                       f"max_prompt_len={self.max_prompt_len}; shorten it, raise "
+                       f"config.<stage>.max_prompt_len, or set config.<stage>.long_prompts="
+                       f"'truncate' to keep <bos> and its last tokens.")
+    if truncated:
+      tokens = np.concatenate([tokens[:1], tokens[len(tokens) - self.max_prompt_len + 1:]])
     return {"tokens": tokens, "token_mask": np.ones(len(tokens), bool),
-            "task_id": np.int32(task_id), "index": np.int64(index)}
+            "task_id": np.int32(task_id), "index": np.int64(index),
+            "truncated": np.bool_(truncated)}
 
 
 def examples(batch: dict[str, np.ndarray], tasks: Sequence[Task], split: str) -> list[Example]:
@@ -123,10 +143,16 @@ def _loader(source, batch_fn, *, batch_size: int, seed: int,
 
 def rl_prompts(tasks: Sequence[Task], tokenizer: Tokenizer, *, batch_size: int, seed: int,
                split: str = "train", buckets: Sequence[int] = DEFAULT_BUCKETS,
+               max_prompt_len: int | None = None, long_prompts: str = "reject",
                shard_options: grain.sharding.ShardOptions | None = None,
                worker_count: int = 0) -> grain.DataLoader:
-  """Batches of left-padded prompts for rollouts; `batch_size` is per process."""
-  return _loader(PromptSource(tasks, tokenizer, split),
+  """Batches of left-padded prompts for rollouts; `batch_size` is per process. Prompts longer
+  than max_prompt_len (default: the largest bucket) are rejected or truncated (module doc)."""
+  max_prompt_len = max_prompt_len or max(buckets)
+  if max_prompt_len > max(buckets):
+    raise ValueError(f"max_prompt_len={max_prompt_len} is longer than the largest bucket "
+                     f"{max(buckets)}; lower it or add a bucket.")
+  return _loader(PromptSource(tasks, tokenizer, split, max_prompt_len, long_prompts),
                  _PadBatch(buckets, tokenizer.pad_id, left=True), batch_size=batch_size,
                  seed=seed, shard_options=shard_options, worker_count=worker_count)
 

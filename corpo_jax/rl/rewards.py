@@ -15,16 +15,20 @@ Every reward maps (completion text, Example, Task) to a float:
   alignment    1 if the result stated on the trace's last line equals the final answer
                (Task.final_value on both), else 0.
   thinking     0.3 coherence + 0.2 structure + 0.3 quality + 0.2 alignment, in [0, 1].
+  execution    code task only: share of the problem's unit tests that the code after `</think>`
+               passes in the sandbox (corpo_jax/sandbox.py), in [0, 1].
 
 A completion without a closed think block has no trace: structure, coherence and alignment are 0.
 `compute` takes the configured weighted list and returns R [N] with every component [N] for
-logging. Scoring never raises on model output: if scoring one completion fails unexpectedly, all of
-its rewards take their minimum (0, or 1 for ordinal) and the failure is counted.
+logging. Scoring never raises on model output: a reward that raises or returns a non-finite value
+on one completion scores its minimum there (0, or 1 for ordinal); `Scores.errors` counts these per
+reward and the other rewards of that completion are unaffected.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Callable, Sequence
 
@@ -104,21 +108,28 @@ def thinking(completion: str, example: Example, task: Task) -> float:
   return sum(w * REWARDS[name](completion, example, task) for name, w in THINKING_WEIGHTS)
 
 
+def execution(completion: str, example: Example, task: Task) -> float:
+  return task.execution(completion, example).fraction  # tasks/code.py Code.execution
+
+
 REWARDS: dict[str, Callable[[str, Example, Task], float]] = {
     "exact_match": exact_match, "ordinal": ordinal, "format": format_reward,
     "quality": quality, "structure": structure, "coherence": coherence,
-    "alignment": alignment, "thinking": thinking,
+    "alignment": alignment, "thinking": thinking, "execution": execution,
 }
+TASK_REWARDS = {"execution": ("code",)}  # rewards defined for these task kinds only
 _FLOOR = {"ordinal": 1.0}  # the lowest value of each reward (0 for the others)
 
 
 @dataclasses.dataclass(frozen=True)
 class Scores:
   """total_N: the weighted sum; components: every reward computed, [N] each (the thinking
-  composite's four parts included); num_failed: completions whose scoring raised."""
+  composite's four parts included); errors: per reward, the completions where it raised or was
+  not finite; num_failed: completions with at least one such error."""
 
   total_N: np.ndarray
   components: dict[str, np.ndarray]
+  errors: dict[str, int]
   num_failed: int
 
 
@@ -151,14 +162,28 @@ def compute(spec: Sequence[tuple[str, float]], completions: Sequence[str],
   if "thinking" in names:
     names += [name for name, _ in THINKING_WEIGHTS if name not in names]
   values = {name: np.full(n, _FLOOR.get(name, 0.0), np.float32) for name in names}
+  errors = dict.fromkeys(names, 0)
   failed = 0
   for i, (completion, example, task) in enumerate(zip(completions, examples, tasks)):
-    try:
-      row = {name: REWARDS[name](completion, example, task) for name in names}
-    except Exception:  # pylint: disable=broad-except  # a scoring bug must not kill the step
-      failed += 1
-      continue
-    for name, value in row.items():
-      values[name][i] = value
+    row_failed = False
+    for name in names:
+      value = _score(REWARDS[name], completion, example, task)
+      if value is None:
+        errors[name] += 1
+        row_failed = True
+      else:
+        values[name][i] = value
+    failed += row_failed
   total = sum(w * values[name] for name, w in spec).astype(np.float32)
-  return Scores(total_N=total, components=values, num_failed=failed)
+  return Scores(total_N=total, components=values, errors=errors, num_failed=failed)
+
+
+def _score(fn: Callable[[str, Example, Task], float], completion: str, example: Example,
+           task: Task) -> float | None:
+  """fn's finite value, or None if it raised or was not finite (a scoring bug must not kill
+  the step)."""
+  try:
+    value = float(fn(completion, example, task))
+  except Exception:  # pylint: disable=broad-except
+    return None
+  return value if math.isfinite(value) else None

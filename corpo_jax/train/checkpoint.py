@@ -61,7 +61,10 @@ class Checkpointer:
     items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    try:  # also raises a previous asynchronous save's error
+      return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    except OSError as e:
+      raise self._write_error(e) from e
 
   def restore(self, step: int, abstract_state: Any,
               data_iterator: Any | None = None) -> tuple[Any, dict[str, Any]]:
@@ -91,11 +94,22 @@ class Checkpointer:
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk."""
-    self._manager.wait_until_finished()
+    try:
+      self._manager.wait_until_finished()
+    except OSError as e:
+      raise self._write_error(e) from e
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    self.wait()
     self._manager.close()
+
+  def _write_error(self, e: OSError) -> ValueError:
+    """A failed write (disk full, permissions): the complete checkpoints are untouched (orbax
+    renames a checkpoint into place only once all of it is written)."""
+    done = sorted(int(d) for d in os.listdir(self.directory) if d.isdigit())
+    return ValueError(f"Writing a checkpoint under {self.directory} failed: {e}. The complete "
+                      f"checkpoints (steps {done}) are intact; free disk space or fix the "
+                      f"permissions, then rerun to resume from the latest.")
 
 
 def abstract_like(tree: Any) -> Any:

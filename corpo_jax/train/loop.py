@@ -37,7 +37,7 @@ from corpo_jax.rl import step as rl_step
 from corpo_jax.rl.config import RLConfig
 from corpo_jax.train import sft as sft_lib
 from corpo_jax.train.checkpoint import Checkpointer
-from corpo_jax.train.metrics import MetricsWriter, OneStepLate, Progress, read_jsonl
+from corpo_jax.train.metrics import MetricsWriter, OneStepLate, Progress
 
 STAGE_KINDS = ("sft", "rl")
 
@@ -92,11 +92,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.{name}.kind={stage.kind!r} is not one of {STAGE_KINDS}.")
     if stage.steps < 1:
       raise ValueError(f"config.{name}.steps={stage.steps} must be >= 1.")
+    if stage.max_skipped_steps < 0:
+      raise ValueError(f"config.{name}.max_skipped_steps={stage.max_skipped_steps} must be >= 0.")
     if stage.kind == "rl":
       if stage.group_size < 2:
         raise ValueError(f"config.{name}.group_size={stage.group_size}: group-relative "
                          f"advantages need at least 2 completions per prompt.")
-      rewards_lib.check_spec(stage.rewards)
+      _check_task_rewards(config, name)
+      if stage.long_prompts not in pipeline.LONG_PROMPTS:
+        raise ValueError(f"config.{name}.long_prompts={stage.long_prompts!r} is not one of "
+                         f"{pipeline.LONG_PROMPTS}.")
     else:
       sft_lib.check_loss_on(stage.loss_on)
     rl_config(config, name)  # validates the RL / optimizer fields
@@ -104,6 +109,18 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if not 1 <= k <= config.eval.num_samples:
       raise ValueError(f"config.eval.ks contains {k}; each k must be in [1, "
                        f"config.eval.num_samples={config.eval.num_samples}].")
+
+
+def _check_task_rewards(config: ml_collections.ConfigDict, name: str) -> None:
+  """Rewards defined for some task kinds only (e.g. execution: code) get only those tasks."""
+  stage = config[name]
+  for reward, _ in rewards_lib.check_spec(stage.rewards):
+    kinds = rewards_lib.TASK_REWARDS.get(reward)
+    for task in stage.tasks if kinds else ():
+      kind = config.tasks[task].kind if task in config.tasks else None
+      if kind not in kinds:
+        raise ValueError(f"config.{name}.rewards uses {reward!r}, defined for tasks of kind "
+                         f"{kinds} only, but config.{name}.tasks has {task!r} (kind {kind!r}).")
 
 
 _RL_FIELDS = tuple(f.name for f in dataclasses.fields(RLConfig))
@@ -141,16 +158,43 @@ def load_tokenizer(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Token
   return tok
 
 
+def check_workdir_model(workdir: str, cfg: ModelConfig) -> None:
+  """Refuses a workdir whose checkpoints hold parameters of other shapes (its config.json's
+  model), naming the model fields that differ; runs before config.json is overwritten."""
+  path = os.path.join(workdir, "config.json")
+  if not (os.path.exists(path) and os.path.isdir(os.path.join(workdir, "checkpoints"))):
+    return
+  with open(path) as f:
+    saved = json.load(f)["model"]
+  now = json.loads(json.dumps(cfg.to_dict()))  # tuples as lists, like the saved file
+  if saved == now:
+    return
+  shapes = lambda c: jax.tree.map(lambda x: (x.shape, x.dtype), nn.unbox(model.abstract_params(c)))
+  if shapes(ModelConfig.from_dict(saved)) != shapes(cfg):
+    diff = ", ".join(f"model.{k}={v!r} (this run: {now.get(k)!r})" for k, v in saved.items()
+                     if now.get(k) != v)
+    raise ValueError(f"The checkpoints in {workdir} are of a model with {diff}; they cannot be "
+                     f"restored into this run's model. Rerun with those model fields or use a "
+                     f"fresh --config.workdir.")
+
+
 def setup(config: ml_collections.ConfigDict) -> Run:
   check_config(config)
   cfg = ModelConfig.from_dict(config.model)
   mesh = sharding.make_mesh(config.mesh)
   tokenizer = load_tokenizer(config, cfg)
   is_main = jax.process_index() == 0
+  check_workdir_model(config.workdir, cfg)
   if is_main:
-    os.makedirs(config.workdir, exist_ok=True)
-    with open(os.path.join(config.workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    try:
+      os.makedirs(config.workdir, exist_ok=True)
+      path = os.path.join(config.workdir, "config.json")
+      with open(path + ".tmp", "w") as f:  # then renamed: a failed write keeps the old file
+        f.write(config.to_json_best_effort(indent=2))
+      os.replace(path + ".tmp", path)
+    except OSError as e:
+      raise ValueError(f"Cannot write to --config.workdir={config.workdir!r} ({e}); choose a "
+                       f"writable directory with free space.") from e
   writer = MetricsWriter(config.workdir, enabled=is_main, tensorboard=config.log.tensorboard)
   return Run(config, cfg, mesh, tokenizer, writer, is_main)
 
@@ -208,7 +252,8 @@ def _rl_plan(run: Run, name: str, stage, index: int, ref_params: Any) -> StagePl
   update = rl_step.make_update(run.cfg, rl_cfg, run.mesh, optimizer)
   tasks = [run.task(t) for t in stage.tasks]
   loader = pipeline.rl_prompts(tasks, run.tokenizer, batch_size=stage.prompts_per_step,
-                               seed=run.config.seed + index)
+                               seed=run.config.seed + index, max_prompt_len=stage.max_prompt_len,
+                               long_prompts=stage.long_prompts)
   stage_rng = jax.random.fold_in(jax.random.key(run.config.seed), index)
   spec, G, tok = rewards_lib.check_spec(stage.rewards), stage.group_size, run.tokenizer
   max_think = stage.max_thinking_tokens or None
@@ -232,6 +277,8 @@ def _rl_plan(run: Run, name: str, stage, index: int, ref_params: Any) -> StagePl
     batch = rl_step.make_batch(prompts["tokens"], prompts["token_mask"], rollout, rewards_BG)
     state, metrics = update(state, batch, ref)
     host = {f"reward/{k}": float(v.mean()) for k, v in scores.components.items()}
+    host.update({f"reward/{k}/errors": v for k, v in scores.errors.items()})
+    host["data/prompts_truncated"] = int(prompts["truncated"].sum())
     host.update({"reward/scoring_failures": scores.num_failed, "time/rollout_s": t_rollout,
                  "tokens": int(mask.sum()),
                  "samples": [{"completion": texts[i], "reward": float(scores.total_N[i]),
@@ -285,12 +332,36 @@ def _evaluate(run: Run, params: Any, stage_name: str, step: int, rng: jax.Array)
 
 
 def _drop_rows_after(path: str, stage: str, step: int) -> None:
-  """Removes metrics rows of `stage` with step > `step` (written after the restored checkpoint)."""
+  """Removes the rows of `stage` with step > `step` (written after the checkpoint the stage
+  resumes from) and any line torn by a kill. Atomic: a kill while rewriting keeps the old file."""
   if not os.path.exists(path):
     return
-  rows = [r for r in read_jsonl(path) if not (r["stage"] == stage and r["step"] > step)]
-  with open(path, "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in rows)
+  keep = []
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if not (row["stage"] == stage and row["step"] > step):
+        keep.append(json.dumps(row) + "\n")
+  with open(path + ".tmp", "w") as f:
+    f.writelines(keep)
+  os.replace(path + ".tmp", path)
+
+
+def _stop_diverged(name: str, stage, ckpt: Checkpointer, k: int, skipped: int) -> None:
+  """Raises once too many steps were skipped, after pending saves are on disk; the stage's
+  latest checkpoint predates the limit, so a rerun resumes from it."""
+  ckpt.wait()
+  last = ckpt.latest_step()
+  ckpt.close()
+  kept = (f"the last good checkpoint is step {last} in {ckpt.directory}" if last is not None
+          else "no checkpoint of this stage was written yet")
+  raise ValueError(f"stage {name}: {skipped} optimizer steps up to step {k} had a non-finite loss "
+                   f"or gradient and were skipped, more than config.{name}.max_skipped_steps="
+                   f"{stage.max_skipped_steps}; {kept}. Lower config.{name}.learning_rate (or check "
+                   f"the data and rewards), then rerun to resume from it.")
 
 
 def run_stage(run: Run, index: int, name: str, start_params: Any) -> tuple[Any, list[dict]]:
@@ -309,11 +380,11 @@ def run_stage(run: Run, index: int, name: str, start_params: Any) -> tuple[Any, 
       ckpt.close()
       return state.params, []
     run.say(f"stage {name}: resuming from the checkpoint at step {latest}")
-    if run.is_main:
-      _drop_rows_after(run.writer.path, name, latest)
-      _drop_rows_after(run.path("eval.jsonl"), name, latest)
   else:
     state = rl_step.init_state(run.cfg, plan.optimizer, start_params, run.mesh)
+  if run.is_main:  # rows an interrupted attempt wrote after its last complete checkpoint
+    for log in (run.writer.path, run.path("eval.jsonl"), run.path("samples.jsonl")):
+      _drop_rows_after(log, name, latest or 0)
 
   eval_rng = jax.random.fold_in(jax.random.key(run.config.seed + 1), index)
   progress = Progress(name, stage.steps, plan.progress_keys,
@@ -330,6 +401,8 @@ def run_stage(run: Run, index: int, name: str, start_params: Any) -> tuple[Any, 
       run.writer.write_samples(k, name, samples)
     run.writer.write(k, name, host)
     progress.update(k, host)
+    if host.get("skipped", 0) > stage.max_skipped_steps:
+      _stop_diverged(name, stage, ckpt, k, host["skipped"])
 
   saved = {latest}
 

@@ -151,7 +151,7 @@ def test_read_traces_errors(tmp_path, line, message):
 def test_too_long_prompt_names_the_fix():
   loader = pipeline.rl_prompts(TASKS, TOK, batch_size=2, seed=0, buckets=(8,),
                                shard_options=grain.sharding.NoSharding())
-  with pytest.raises(ValueError, match="longer than the largest bucket 8"):
+  with pytest.raises(ValueError, match="more than max_prompt_len=8; shorten it"):
     next(iter(loader))
 
 

@@ -10,7 +10,7 @@ from corpo_jax.data import tasks
 from corpo_jax.data.tasks import base
 from corpo_jax.rl import rewards
 
-ALL = [(name, 1.0) for name in rewards.REWARDS]
+ALL = [(name, 1.0) for name in rewards.REWARDS if name not in rewards.TASK_REWARDS]
 MAXIMUM = {"exact_match": 1, "ordinal": 5, "format": 1, "quality": 1, "structure": 1,
            "coherence": 1, "alignment": 1, "thinking": 1}
 
@@ -116,9 +116,21 @@ def test_a_failing_scorer_is_counted_and_scores_the_floor():
   ex = base.Example(prompt="p", answer="1", trace="", key="k")
   scores = rewards.compute([("ordinal", 1.0), ("format", 1.0)],
                            ["<think>a</think>1", "<think>a</think>boom"], [ex, ex], _Broken())
-  assert scores.num_failed == 1
+  assert scores.num_failed == 1 and scores.errors == {"ordinal": 1, "format": 0}
   np.testing.assert_array_equal(scores.components["ordinal"], [5, 1])
-  np.testing.assert_array_equal(scores.components["format"], [1, 0])
+  np.testing.assert_array_equal(scores.components["format"], [1, 1])  # unaffected
+  np.testing.assert_array_equal(scores.total_N, [6, 2])
+
+
+def test_nan_and_inf_rewards_score_the_floor_per_completion(monkeypatch):
+  values = iter([0.5, float("nan"), float("inf"), 1.0])
+  monkeypatch.setitem(rewards.REWARDS, "exact_match", lambda c, e, t: next(values))
+  ex = base.Example(prompt="p", answer="1", trace="", key="k")
+  scores = rewards.compute([("exact_match", 2.0), ("format", 1.0)], ["<think>a</think>1"] * 4,
+                           [ex] * 4, tasks.get("arithmetic"))
+  np.testing.assert_array_equal(scores.components["exact_match"], [0.5, 0, 0, 1])
+  np.testing.assert_array_equal(scores.total_N, [2, 1, 1, 3])
+  assert scores.errors == {"exact_match": 2, "format": 0} and scores.num_failed == 2
 
 
 def test_claims_and_spec_errors():

@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -58,7 +59,8 @@ def test_smoke_config_runs_all_three_stages(tmp_path):
   for key in ("loss", "reward/mean", "adv/frac_failed_positive", "adv/pos_neg_ratio",
               "adv/frac_correctness_mode", "reward/frac_zero_std", "kl", "entropy", "clip_frac",
               "grad_norm", "completion/length_mean", "completion/truncated_frac",
-              "load_balance_loss", "tokens_per_s", "skipped"):
+              "load_balance_loss", "tokens_per_s", "skipped", "reward/exact_match/errors",
+              "data/prompts_truncated"):
     assert key in rl_row, key
   evals = read_jsonl(str(tmp_path / "eval.jsonl"))
   assert {(r["stage"], r["task"]) for r in evals} == {
@@ -74,24 +76,59 @@ def test_smoke_config_runs_all_three_stages(tmp_path):
   assert len(read_jsonl(str(tmp_path / "eval.jsonl"))) == len(evals) + 2
 
 
-@pytest.mark.slow
-def test_kill_9_mid_rl_then_rerun_equals_uninterrupted(tmp_path):
-  env = dict(os.environ, PYTHONUNBUFFERED="1")
-  subprocess.run(_rl_only(tmp_path / "ref"), cwd=ROOT, env=env, check=True,
-                 capture_output=True)
-  reference = _comparable(read_jsonl(str(tmp_path / "ref" / "metrics.jsonl")))
-  assert [r["step"] for r in reference] == [1, 2, 3, 4, 5, 6]
+def _two_stages(workdir):
+  return ["--config=configs/grpo.py:smoke", f"--config.workdir={workdir}",
+          "--config.stages=('sft', 'rl')", "--config.sft.steps=4", "--config.rl.steps=4",
+          "--config.eval.tasks=()", "--config.log.progress=false"]
 
-  workdir = tmp_path / "killed"
-  proc = subprocess.Popen(_rl_only(workdir), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-  _wait_for_row(str(workdir / "metrics.jsonl"), "rl", 3, proc)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  killed_at = max(r["step"] for r in read_jsonl(str(workdir / "metrics.jsonl")))
-  assert killed_at < 6
-  subprocess.run(_rl_only(workdir), cwd=ROOT, env=env, check=True, capture_output=True)
-  assert _comparable(read_jsonl(str(workdir / "metrics.jsonl"))) == reference
+
+@pytest.fixture(scope="module")
+def two_stage_reference(tmp_path_factory):
+  """(env, metrics rows) of an uninterrupted sft + rl run. The env shares a persistent JAX
+  compilation cache, so later runs in this module skip most compilation."""
+  root = tmp_path_factory.mktemp("two_stage")
+  env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  subprocess.run([sys.executable, "-m", "corpo_jax.main", *_two_stages(root / "ref")], cwd=ROOT,
+                 env=env, check=True, capture_output=True)
+  rows = _comparable(read_jsonl(str(root / "ref" / "metrics.jsonl")))
+  assert [(r["stage"], r["step"]) for r in rows] == [(s, k) for s in ("sft", "rl") for k in range(1, 5)]
+  return env, rows
+
+
+@pytest.mark.slow
+def test_same_config_and_seed_give_bit_identical_metrics(tmp_path, two_stage_reference):
+  env, reference = two_stage_reference
+  subprocess.run([sys.executable, "-m", "corpo_jax.main", *_two_stages(tmp_path)], cwd=ROOT,
+                 env=env, check=True, capture_output=True)
+  assert _comparable(read_jsonl(str(tmp_path / "metrics.jsonl"))) == reference  # floats exact
+
+
+@pytest.mark.slow
+def test_kill_9_in_each_stage_and_mid_checkpoint_then_rerun_equals_uninterrupted(
+    tmp_path, two_stage_reference):
+  """SIGKILL after a random sft step, while rl's step-2 checkpoint is being written, and after
+  rl step 3; each rerun resumes from the last complete checkpoint (never the partial one)."""
+  env, reference = two_stage_reference
+  sft_step = random.Random(0).randint(1, 3)
+  outputs = []
+  for point in (f"row:sft:{sft_step}", "save:rl:2", "row:rl:3"):
+    out = subprocess.run([sys.executable, "-m", "tests.train.crash_main", point,
+                          *_two_stages(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                         text=True)
+    assert out.returncode == -signal.SIGKILL, out.stderr
+    outputs.append(out.stderr)
+    if point == "save:rl:2":  # killed mid-write: only orbax's temporary directory exists
+      assert [p.name for p in (tmp_path / "checkpoints" / "rl").iterdir()] == [
+          "2.orbax-checkpoint-tmp"]
+  out = subprocess.run([sys.executable, "-m", "corpo_jax.main", *_two_stages(tmp_path)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+  resumed_sft = "stage sft: resuming from the checkpoint at step 2" in outputs[1]
+  assert resumed_sft == (sft_step == 3)  # row 2 is written just before checkpoint 2
+  assert "stage rl: resuming" not in outputs[2]  # the partial step-2 checkpoint was not used
+  assert "stage rl: resuming from the checkpoint at step 2" in out.stderr
+  assert _comparable(read_jsonl(str(tmp_path / "metrics.jsonl"))) == reference
 
 
 @pytest.mark.slow
@@ -152,6 +189,7 @@ def test_every_stage_field_is_an_rl_config_field_or_read_by_the_loop():
   stage = common.rl_stage()
   loop_fields = {"kind", "steps", "tasks", "prompts_per_step", "group_size", "max_new_tokens",
                  "temperature", "top_k", "top_p", "max_thinking_tokens", "rewards",
-                 "checkpoint_every", "eval_every", "samples_every"}
+                 "checkpoint_every", "eval_every", "samples_every", "max_skipped_steps",
+                 "max_prompt_len", "long_prompts"}
   rl_fields = set(loop._RL_FIELDS) - set(common.DERIVED_RL_FIELDS)
   assert set(stage.keys()) == loop_fields | rl_fields

@@ -1,4 +1,5 @@
-"""Tasks by name: the bundled generated tasks (arithmetic, verify) and a user's jsonl file."""
+"""Tasks by name: the bundled generated tasks (arithmetic, verify), the bundled code problems
+(run in the sandbox) and a user's jsonl file."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ from typing import Any
 from corpo_jax.data import text as text_lib
 from corpo_jax.data.tasks.arithmetic import Arithmetic
 from corpo_jax.data.tasks.base import NUM_GRADES, Example, Task, in_eval_split
+from corpo_jax.data.tasks.code import Code
 from corpo_jax.data.tasks.jsonl import Jsonl
 from corpo_jax.data.tasks.verify import Verify
 
-TASKS = {"arithmetic": Arithmetic, "verify": Verify, "jsonl": Jsonl}
+TASKS = {"arithmetic": Arithmetic, "verify": Verify, "jsonl": Jsonl, "code": Code}
 
 
 def get(name: str, **kwargs: Any) -> Task:
@@ -31,5 +33,5 @@ def bundled_corpus(num_examples: int = 2000) -> list[str]:
                   for task in sources for ex in (task.example("train", i) for i in range(num_examples))]
 
 
-__all__ = ["Arithmetic", "Example", "Jsonl", "NUM_GRADES", "TASKS", "Task", "Verify",
+__all__ = ["Arithmetic", "Code", "Example", "Jsonl", "NUM_GRADES", "TASKS", "Task", "Verify",
            "bundled_corpus", "get", "in_eval_split"]

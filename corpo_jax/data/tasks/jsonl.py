@@ -28,11 +28,18 @@ def read_objects(path: str, what: str, fmt: str,
   what: the file's role for messages ("jsonl task file"); fmt: one line's expected form;
   check(row) -> None or what is wrong with it. Every error names file:line.
   """
+  return [row for _, row in read_numbered(path, what, fmt, check)]
+
+
+def read_numbered(path: str, what: str, fmt: str,
+                  check: Callable[[Any], str | None]) -> list[tuple[int, dict]]:
+  """read_objects with each object's line number: [(line, object), ...]."""
   if not os.path.isfile(path):
     raise ValueError(f"{what} {path!r} does not exist.")
   rows = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, 1):
+      line = decode_line(path, lineno, raw)
       if not line.strip():
         continue
       try:
@@ -43,10 +50,18 @@ def read_objects(path: str, what: str, fmt: str,
       problem = check(row) if isinstance(row, dict) else f"need an object like {fmt}"
       if problem:
         raise ValueError(f"{path}:{lineno}: {problem}, got {line.strip()[:80]!r}.")
-      rows.append(row)
+      rows.append((lineno, row))
   if not rows:
     raise ValueError(f"{what} {path!r} has no rows.")
   return rows
+
+
+def decode_line(path: str, lineno: int, raw: bytes) -> str:
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path}:{lineno}: not UTF-8 ({e.reason} at byte {e.start}); save the file "
+                     f"as UTF-8.") from None
 
 
 def _check_task_row(row: dict) -> str | None:
@@ -57,15 +72,13 @@ def _check_task_row(row: dict) -> str | None:
   return None
 
 
-def read_rows(path: str) -> list[dict]:
-  """The rows of a user's task file; a malformed line raises ValueError naming file:line."""
-  return read_objects(path, "jsonl task file", '{"prompt": "...", "answer": "..."}',
-                      _check_task_row)
-
-
-def _to_example(row: dict) -> base.Example:
-  return base.Example(prompt=row["prompt"], answer=str(row["answer"]),
-                      trace=row.get("trace", ""), key=row["prompt"])
+def read_rows(path: str) -> list[base.Example]:
+  """The rows of a user's task file as Examples (meta["source"] = "file:line"); a malformed line
+  raises ValueError naming file:line."""
+  rows = read_numbered(path, "jsonl task file", '{"prompt": "...", "answer": "..."}',
+                       _check_task_row)
+  return [base.Example(prompt=row["prompt"], answer=str(row["answer"]), trace=row.get("trace", ""),
+                       key=row["prompt"], meta={"source": f"{path}:{line}"}) for line, row in rows]
 
 
 class Jsonl(base.Task):
@@ -77,12 +90,12 @@ class Jsonl(base.Task):
     if reward not in REWARDS:
       raise ValueError(f"jsonl reward={reward!r}; choose one of {REWARDS}.")
     self.reward, self.tolerance = reward, tolerance
-    rows = [_to_example(r) for r in read_rows(path)]
+    rows = read_rows(path)
     if eval_path is None:
       self._rows = {"train": [e for e in rows if not base.in_eval_split(e.key, eval_fraction)],
                     "eval": [e for e in rows if base.in_eval_split(e.key, eval_fraction)]}
     else:
-      self._rows = {"train": rows, "eval": [_to_example(r) for r in read_rows(eval_path)]}
+      self._rows = {"train": rows, "eval": read_rows(eval_path)}
     self.path = path
 
   def size(self, split: str) -> int:

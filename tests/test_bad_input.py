@@ -1,0 +1,126 @@
+"""Bad input fails with a ValueError naming the file:line or config field and the fix, before
+anything saved is touched (the catalogue is docs/reliability.md)."""
+
+import json
+import os
+
+import grain
+import numpy as np
+import pytest
+
+from configs import grpo as grpo_config
+from corpo_jax.data import pipeline, tasks, tokenizer
+from corpo_jax.model import ModelConfig
+from corpo_jax.train import loop
+
+TOK = tokenizer.bundled()
+GOOD = {"prompt": "What is 2 + 2?", "answer": "4"}
+CODE = {"name": "f", "prompt": "p", "solution": "def f(): pass", "tests": ["assert f() is None"]}
+TRACE = {"prompt": "p", "thinking_trace": "t", "final_output": "4"}
+
+
+def _read(kind, path):
+  if kind == "jsonl":
+    return tasks.get("jsonl", path=path)
+  if kind == "code":
+    return tasks.get("code", path=path)
+  return pipeline.read_traces(path)
+
+
+@pytest.mark.parametrize("kind,good,missing", [
+    ("jsonl", GOOD, {"prompt": "p"}),
+    ("code", CODE, {**CODE, "tests": "assert True"}),
+    ("traces", TRACE, {"prompt": "p", "final_output": "4"}),
+])
+def test_malformed_lines_missing_fields_and_empty_files_name_file_and_line(tmp_path, kind, good,
+                                                                            missing):
+  path = tmp_path / "data.jsonl"
+  path.write_text(f"{json.dumps(good)}\n\n{{\"prompt\": \"p\",\n")
+  with pytest.raises(ValueError, match=r"data\.jsonl:3: invalid JSON .* each line must be one"):
+    _read(kind, str(path))
+  path.write_text(f"{json.dumps(good)}\n{json.dumps(missing)}\n")
+  with pytest.raises(ValueError, match=r"data\.jsonl:2: (need|\"tests\" must be)"):
+    _read(kind, str(path))
+  path.write_bytes(json.dumps(good).encode() + b"\n\xff\xfe{}\n")
+  with pytest.raises(ValueError, match=r"data\.jsonl:2: not UTF-8 .*save the file as UTF-8"):
+    _read(kind, str(path))
+  path.write_text("\n  \n")
+  with pytest.raises(ValueError, match="data.jsonl' has no rows"):
+    _read(kind, str(path))
+  with pytest.raises(ValueError, match="does not exist"):
+    _read(kind, str(tmp_path / "missing.jsonl"))
+
+
+def test_an_empty_split_names_the_fix(tmp_path):
+  path = tmp_path / "t.jsonl"
+  path.write_text(json.dumps(GOOD) + "\n")
+  task = tasks.get("jsonl", path=str(path), eval_fraction=0.01)
+  assert task.size("train") == 1
+  with pytest.raises(ValueError, match="has no eval rows; pass eval_path or change eval_fraction"):
+    task.size("eval")
+
+
+def _long_prompt_loader(tmp_path, long_prompts):
+  path = tmp_path / "t.jsonl"
+  rows = [GOOD, {"prompt": "Add up " + " + ".join(["1"] * 40) + ".", "answer": "40"}]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  task = tasks.get("jsonl", path=str(path), eval_path=str(path))
+  return pipeline.rl_prompts([task], TOK, batch_size=2, seed=0, max_prompt_len=24,
+                             long_prompts=long_prompts, buckets=(16, 32),
+                             shard_options=grain.sharding.NoSharding())
+
+
+def test_too_long_prompt_is_rejected_naming_file_and_line(tmp_path):
+  with pytest.raises(ValueError, match=r"The prompt of .*t\.jsonl:2 has \d+ tokens, more than "
+                     r"max_prompt_len=24; .*long_prompts='truncate'"):
+    next(iter(_long_prompt_loader(tmp_path, "reject")))
+
+
+def test_too_long_prompt_is_truncated_and_counted(tmp_path):
+  batch = next(iter(_long_prompt_loader(tmp_path, "truncate")))
+  long_row = int(np.argmax(batch["truncated"]))
+  assert batch["truncated"].tolist().count(True) == 1
+  tokens = batch["tokens"][long_row][batch["token_mask"][long_row]]
+  full = pipeline.prompt_ids(TOK, "Add up " + " + ".join(["1"] * 40) + ".")
+  assert len(tokens) == 24 and tokens[0] == TOK.bos_id
+  assert tokens[1:].tolist() == full[-23:]  # the prompt's end (and its newline) is kept
+
+
+def test_bad_prompt_limits_are_rejected():
+  config = grpo_config.get_config("smoke")
+  config.rl.long_prompts = "drop"
+  with pytest.raises(ValueError, match=r"config\.rl\.long_prompts='drop' is not one of"):
+    loop.check_config(config)
+  with pytest.raises(ValueError, match="max_prompt_len=2048 is longer than the largest bucket"):
+    pipeline.rl_prompts([tasks.get("verify")], TOK, batch_size=1, seed=0, max_prompt_len=2048)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("vocab_size", 512, r"The tokenizer has 833 tokens but model\.vocab_size=512; set "
+                        r"--config\.model\.vocab_size=833"),
+    ("think_start_id", 7, r"model\.think_start_id=7 but the tokenizer's id is 4"),
+    ("pad_id", 6, r"model\.pad_id=6 but the tokenizer's id is 0"),
+])
+def test_tokenizer_model_mismatch_names_the_field(field, value, message):
+  config = grpo_config.get_config("smoke")
+  cfg = ModelConfig.from_dict({**config.model.to_dict(), field: value})
+  with pytest.raises(ValueError, match=message):
+    loop.load_tokenizer(config, cfg)
+
+
+def test_workdir_of_another_model_is_refused_naming_fields_and_kept(tmp_path):
+  config = grpo_config.get_config("smoke")
+  config.workdir = str(tmp_path)
+  os.makedirs(tmp_path / "checkpoints" / "sft")
+  saved = config.to_json_best_effort(indent=2)
+  (tmp_path / "config.json").write_text(saved)
+  # Same parameter shapes: resuming is allowed (here: only the MoE capacity changes).
+  config.model.capacity_factor = 3.0
+  loop.check_workdir_model(str(tmp_path), ModelConfig.from_dict(config.model))
+  config.model.num_layers += 1
+  config.model.d_ff = 64
+  with pytest.raises(ValueError, match=r"are of a model with model\.num_layers=2 \(this run: 3\), "
+                     r"model\.d_ff=128 \(this run: 64\), model\.capacity_factor=2\.0 \(this run: 3\.0\); "
+                     r"they cannot be restored"):
+    loop.setup(config)
+  assert (tmp_path / "config.json").read_text() == saved  # the old run's record is intact
