@@ -241,7 +241,7 @@ def _rl_plan(run: Run, name: str, stage, index: int, ref_params: Any) -> StagePl
           max_new_tokens=stage.max_new_tokens, strategy=_strategy(stage), eos_id=tok.eos_id,
           max_thinking_tokens=max_think)
     tokens, mask, ids = distributed.fetch(
-        (rollout.tokens, rollout.mask, {k: prompts[k] for k in ("task_id", "index")}))
+        (rollout.tokens, rollout.mask, {f: prompts[f] for f in ("task_id", "index")}))
     t_rollout = time.perf_counter() - t0
     texts = [tok.decode(t[m]) for t, m in zip(tokens, mask)]
     examples = [ex for ex in pipeline.examples(ids, tasks, "train") for _ in range(G)]
