@@ -28,6 +28,10 @@ Design (train/loop.py follows it):
   coordinator) dies, within `heartbeat_timeout_s` (10 s: 7 s) when another does, whatever the
   survivor was doing (blocked in a collective included). Rerunning the same command on every
   process resumes from the last complete checkpoint.
+- CPU (gloo) only: the processes must reach their first cross-process collective within 30 s
+  of each other (gloo's context set-up waits 30 s for its peers; jaxlib fixes that timeout).
+  On the loaded 2-core test machine a shared persistent compilation cache (one process loading
+  executables the other compiled) skewed them past it, so tests do not share one.
 """
 
 from __future__ import annotations
