@@ -11,6 +11,9 @@ Equality is to a tight tolerance, not bitwise: the sampled tokens, lengths and r
 identical, but the gradient and metric reductions across the two processes go through gloo,
 which sums in another order than XLA:CPU's in-process all-reduce (float32 last-bit differences,
 measured ~1e-7 relative on metrics, < 1e-5 absolute on parameters).
+
+Cost (measured): ~155 s of CPU for the five trainer processes, each compiling its own programs
+(one 1-process run, two 2-process runs); 9-11 min wall on the 2-core machine at load 10-15.
 """
 
 import json
