@@ -2,6 +2,13 @@
 
 Runs the config's stages (corpo_jax/train/loop.py), resuming from `workdir` if a previous run of
 the same command stopped early. SIGTERM (preemption) writes a checkpoint and exits 0.
+
+Multi-process (corpo_jax/distributed.py): on a Cloud TPU VM slice, run the same command on every
+worker (jax.distributed starts by itself); elsewhere give every process the coordinator flags,
+e.g. two processes on one machine with 4 fake CPU devices each:
+  XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m corpo_jax.main --config=... \
+      --coordinator_address=localhost:12345 --num_processes=2 --process_id=0   # and =1
+Only process 0 prints and writes logs; every process writes its checkpoint shards.
 """
 
 from __future__ import annotations
@@ -10,14 +17,24 @@ import os
 import sys
 import time
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from corpo_jax import distributed
 from corpo_jax.train import checkpoint, loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 flags.mark_flags_as_required(["config"])
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0's coordinator (multi-process runs off "
+    "Cloud TPU; with --num_processes and --process_id).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 .. n-1.")
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout_s", 60, "A multi-process run stops this many seconds after a process "
+    "stops responding.")
 
 
 def main(argv):
@@ -28,6 +45,8 @@ def main(argv):
   checkpoint.install_sigterm_handler()
   t0 = time.perf_counter()
   try:
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           heartbeat_timeout_s=_HEARTBEAT.value)
     results = loop.run(config)
   except loop.Preempted as e:
     print(f"corpo_jax: {e}; rerun the same command to resume.")
@@ -36,6 +55,8 @@ def main(argv):
     logging.error("%s", e)
     print(f"corpo_jax: error: {e}", file=sys.stderr)
     sys.exit(2)
+  if jax.process_index():
+    return
   workdir = os.path.abspath(config.workdir)
   print(f"corpo_jax: finished {', '.join(config.stages)} in {time.perf_counter() - t0:.0f}s.")
   for stage, rows in results.items():

@@ -8,6 +8,7 @@ import importlib
 
 _COMMANDS = {
     "rollout": ("corpo_jax.bench.rollout", "generated tokens/s of sampling.generate"),
+    "scale": ("corpo_jax.bench.scale", "per-device memory of the RL update on a big fake mesh"),
 }
 
 

@@ -8,8 +8,11 @@ DataLoaderIterator has get_state()/set_state() and is saved by orbax through
 grain.checkpoint.CheckpointHandler / CheckpointSave / CheckpointRestore. A restored iterator
 continues with exactly the batches the uninterrupted one yields. The batch order and the saved
 state depend on worker_count (grain gives each worker its own records) and on the number of
-processes. Sources and tokenizers pickle, so worker_count > 0 works (grain spawns workers:
-guard `__main__` and parse absl flags before iterating).
+processes. With `batch_rows` (the trainer's way, corpo_jax/distributed.py) the stream is instead
+one unsharded shuffle cut into global batches of `batch_size` records, the same for any number
+of processes, and this process loads only rows `batch_rows` of each (the saved state then
+depends on those rows). Sources and tokenizers pickle, so worker_count > 0 works (grain spawns
+workers: guard `__main__` and parse absl flags before iterating).
 
 RL batch (prompts left-padded so generation appends on the right), B rows:
   tokens [B, T] int32, token_mask [B, T] bool, task_id [B] int32 (index into `tasks`),
@@ -86,6 +89,19 @@ class _PadBatch:
     return out
 
 
+def pad_to(batch: dict[str, np.ndarray], length: int, pad_id: int, left: bool) -> dict:
+  """A batch with every [B, T] field padded to `length` as the loaders pad (tokens with pad_id,
+  the other fields with zeros; on the left for RL prompts, on the right for SFT sequences)."""
+  out = {}
+  for key, value in batch.items():
+    if value.ndim < 2:
+      out[key] = value
+      continue
+    fill = (length - value.shape[1], 0) if left else (0, length - value.shape[1])
+    out[key] = np.pad(value, [(0, 0), fill], constant_values=pad_id if key == "tokens" else 0)
+  return out
+
+
 class PromptSource(grain.sources.RandomAccessDataSource):
   """Record i is example i // len(tasks) of task i % len(tasks) (a round-robin mixture)."""
 
@@ -129,15 +145,41 @@ def examples(batch: dict[str, np.ndarray], tasks: Sequence[Task], split: str) ->
   return [tasks[t].example(split, int(i)) for t, i in zip(batch["task_id"], batch["index"])]
 
 
+class _RowsSampler:
+  """Global batch s holds records s*B .. s*B+B-1 of an unsharded sampler; this sampler's
+  records are rows `rows` of each, in order (local record i is row rows[i % b] of batch i // b)."""
+
+  def __init__(self, sampler: grain.samplers.IndexSampler, batch_size: int, rows: Sequence[int]):
+    self.sampler, self.batch_size, self.rows = sampler, batch_size, tuple(int(r) for r in rows)
+
+  def __repr__(self) -> str:  # grain compares it when restoring an iterator
+    return f"_RowsSampler({self.sampler!r}, batch_size={self.batch_size}, rows={self.rows})"
+
+  def __len__(self) -> int:
+    return len(self.sampler) // self.batch_size * len(self.rows)
+
+  def __getitem__(self, index: int):
+    batch, row = divmod(index, len(self.rows))
+    return self.sampler[batch * self.batch_size + self.rows[row]]
+
+
 def _loader(source, batch_fn, *, batch_size: int, seed: int,
-            shard_options: grain.sharding.ShardOptions | None, worker_count: int):
+            shard_options: grain.sharding.ShardOptions | None, worker_count: int,
+            batch_rows: Sequence[int] | None):
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size} must be >= 1.")
-  shard_options = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True)
+  if batch_rows is None:
+    shard_options = shard_options or grain.sharding.ShardByJaxProcess(drop_remainder=True)
+  else:
+    assert shard_options is None and len(batch_rows) and all(
+        0 <= r < batch_size for r in batch_rows), batch_rows
+    shard_options = grain.sharding.NoSharding()
   sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard_options,
                                         shuffle=True, num_epochs=None, seed=seed)
+  if batch_rows is not None:
+    sampler, batch_size = _RowsSampler(sampler, batch_size, batch_rows), len(batch_rows)
   return grain.DataLoader(
-      data_source=source, sampler=sampler, worker_count=worker_count,
+      data_source=source, sampler=sampler, worker_count=worker_count, shard_options=shard_options,
       operations=[grain.transforms.Batch(batch_size, drop_remainder=True, batch_fn=batch_fn)])
 
 
@@ -145,8 +187,10 @@ def rl_prompts(tasks: Sequence[Task], tokenizer: Tokenizer, *, batch_size: int, 
                split: str = "train", buckets: Sequence[int] = DEFAULT_BUCKETS,
                max_prompt_len: int | None = None, long_prompts: str = "reject",
                shard_options: grain.sharding.ShardOptions | None = None,
-               worker_count: int = 0) -> grain.DataLoader:
-  """Batches of left-padded prompts for rollouts; `batch_size` is per process. Prompts longer
+               worker_count: int = 0,
+               batch_rows: Sequence[int] | None = None) -> grain.DataLoader:
+  """Batches of left-padded prompts for rollouts: `batch_size` per process, or with
+  `batch_rows` (module doc) those rows of each global batch of `batch_size`. Prompts longer
   than max_prompt_len (default: the largest bucket) are rejected or truncated (module doc)."""
   max_prompt_len = max_prompt_len or max(buckets)
   if max_prompt_len > max(buckets):
@@ -154,7 +198,8 @@ def rl_prompts(tasks: Sequence[Task], tokenizer: Tokenizer, *, batch_size: int, 
                      f"{max(buckets)}; lower it or add a bucket.")
   return _loader(PromptSource(tasks, tokenizer, split, max_prompt_len, long_prompts),
                  _PadBatch(buckets, tokenizer.pad_id, left=True), batch_size=batch_size,
-                 seed=seed, shard_options=shard_options, worker_count=worker_count)
+                 seed=seed, shard_options=shard_options, worker_count=worker_count,
+                 batch_rows=batch_rows)
 
 
 def sft_example(tokenizer: Tokenizer, prompt: str, trace: str, answer: str) -> dict:
@@ -238,9 +283,12 @@ class SftSource(grain.sources.RandomAccessDataSource):
 def sft_sequences(rows, tokenizer: Tokenizer, *, batch_size: int, seed: int,
                   trace_share: float = 1.0, buckets: Sequence[int] = DEFAULT_BUCKETS,
                   shard_options: grain.sharding.ShardOptions | None = None,
-                  worker_count: int = 0) -> grain.DataLoader:
+                  worker_count: int = 0,
+                  batch_rows: Sequence[int] | None = None) -> grain.DataLoader:
   """Batches of right-padded SFT sequences. `rows`: read_traces(path), TaskTraces(task) or any
-  sequence of {prompt, thinking_trace, final_output} dicts; trace_share: see SftSource."""
-  return _loader(SftSource(rows, tokenizer, trace_share), _PadBatch(buckets, tokenizer.pad_id, left=False),
+  sequence of {prompt, thinking_trace, final_output} dicts; trace_share: see SftSource;
+  `batch_rows` as in rl_prompts."""
+  return _loader(SftSource(rows, tokenizer, trace_share),
+                 _PadBatch(buckets, tokenizer.pad_id, left=False),
                  batch_size=batch_size, seed=seed, shard_options=shard_options,
-                 worker_count=worker_count)
+                 worker_count=worker_count, batch_rows=batch_rows)

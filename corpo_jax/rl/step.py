@@ -422,4 +422,5 @@ def make_update(model_cfg: ModelConfig, rl_cfg: RLConfig, mesh: Mesh | None,
       return jitted(state, jax.device_put(batch, batch_shardings(mesh, rl_cfg.router_replay)),
                     ref_params)
 
+  update.jitted = jitted  # for ahead-of-time lowering (corpo_jax/bench/scale.py)
   return update

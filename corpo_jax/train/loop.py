@@ -6,6 +6,9 @@ resumes an unfinished one from its latest checkpoint (state, data iterator, step
 rest. A stage starts from the previous stage's final parameters (the first from the seeded
 initialisation); an RL stage's reference policy is its starting point.
 
+Multi-process runs follow corpo_jax/distributed.py: each process loads its rows of every global
+batch, every process scores all completions, process 0 alone logs, all processes checkpoint.
+
 Randomness: step k of stage s uses fold_in(fold_in(key(seed), s), k), so a resumed run draws
 the same samples as an uninterrupted one. Metrics rows of steps after the restored checkpoint
 are dropped from metrics.jsonl on resume, so the file reads as one uninterrupted run.
@@ -26,8 +29,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from corpo_jax import evaluate, model, sampling, sharding
+from corpo_jax import distributed, evaluate, model, sampling, sharding
 from corpo_jax.data import pipeline
 from corpo_jax.data import tasks as tasks_lib
 from corpo_jax.data.tokenizer import Tokenizer, bundled
@@ -213,6 +217,14 @@ class StagePlan:
   tasks: list
 
 
+def _global_batch(run: Run, batch: dict, rows_sharding: Any, num_rows: int, left: bool) -> dict:
+  """This process's rows of a loader batch as global arrays, padded to the widest process's
+  width (corpo_jax/distributed.py)."""
+  width = distributed.max_over_processes(batch["tokens"].shape[1])
+  batch = pipeline.pad_to(batch, width, run.tokenizer.pad_id, left)
+  return distributed.to_global(batch, rows_sharding, num_rows)
+
+
 def _sft_plan(run: Run, name: str, stage, index: int) -> StagePlan:
   opt_cfg, optimizer = stage_optimizer(run, name)
   update = sft_lib.make_sft_update(run.cfg, optimizer, opt_cfg.freeze, run.mesh,
@@ -225,11 +237,14 @@ def _sft_plan(run: Run, name: str, stage, index: int) -> StagePlan:
     if rows is None:
       raise ValueError(f"config.{name}.tasks={tuple(stage.tasks)}: SFT on generated traces takes "
                        f"one task (or set config.{name}.traces).")
+  rows_sh = NamedSharding(run.mesh, P(rl_step.BATCH_AXES))  # the update's batch sharding
   loader = pipeline.sft_sequences(rows, run.tokenizer, batch_size=stage.batch_size,
-                                  seed=run.config.seed + index, trace_share=stage.trace_share)
+                                  seed=run.config.seed + index, trace_share=stage.trace_share,
+                                  batch_rows=distributed.process_rows(rows_sh, stage.batch_size))
 
   def step(state, batch, k):
     del k
+    batch = _global_batch(run, batch, rows_sh, stage.batch_size, left=False)
     state, metrics = update(state, sft_lib.SftBatch.from_numpy(batch))
     return state, metrics, {"tokens": int(batch["token_mask"].sum())}
 
@@ -251,9 +266,12 @@ def _rl_plan(run: Run, name: str, stage, index: int, ref_params: Any) -> StagePl
   rl_cfg, optimizer = stage_optimizer(run, name)
   update = rl_step.make_update(run.cfg, rl_cfg, run.mesh, optimizer)
   tasks = [run.task(t) for t in stage.tasks]
-  loader = pipeline.rl_prompts(tasks, run.tokenizer, batch_size=stage.prompts_per_step,
-                               seed=run.config.seed + index, max_prompt_len=stage.max_prompt_len,
-                               long_prompts=stage.long_prompts)
+  B = stage.prompts_per_step
+  prompt_sh = sharding.batch_sharding(run.mesh, (B,))
+  loader = pipeline.rl_prompts(tasks, run.tokenizer, batch_size=B, seed=run.config.seed + index,
+                               max_prompt_len=stage.max_prompt_len,
+                               long_prompts=stage.long_prompts,
+                               batch_rows=distributed.process_rows(prompt_sh, B))
   stage_rng = jax.random.fold_in(jax.random.key(run.config.seed), index)
   spec, G, tok = rewards_lib.check_spec(stage.rewards), stage.group_size, run.tokenizer
   max_think = stage.max_thinking_tokens or None
@@ -261,24 +279,26 @@ def _rl_plan(run: Run, name: str, stage, index: int, ref_params: Any) -> StagePl
 
   def step(state, prompts, k):
     t0 = time.perf_counter()
+    prompts = _global_batch(run, prompts, prompt_sh, B, left=True)
     with jax.set_mesh(run.mesh):
       rollout = sampling.generate(
           state.params, run.cfg, prompts["tokens"], prompts["token_mask"],
           rng=jax.random.fold_in(stage_rng, k), num_samples=G,
           max_new_tokens=stage.max_new_tokens, strategy=_strategy(stage), eos_id=tok.eos_id,
           max_thinking_tokens=max_think)
-    tokens, mask = jax.device_get((rollout.tokens, rollout.mask))
+    tokens, mask, ids = distributed.fetch(
+        (rollout.tokens, rollout.mask, {f: prompts[f] for f in ("task_id", "index", "truncated")}))
     t_rollout = time.perf_counter() - t0
     texts = [tok.decode(t[m]) for t, m in zip(tokens, mask)]
-    examples = [ex for ex in pipeline.examples(prompts, tasks, "train") for _ in range(G)]
-    row_tasks = [tasks[t] for t in prompts["task_id"] for _ in range(G)]
+    examples = [ex for ex in pipeline.examples(ids, tasks, "train") for _ in range(G)]
+    row_tasks = [tasks[t] for t in ids["task_id"] for _ in range(G)]
     scores = rewards_lib.compute(spec, texts, examples, row_tasks)
     rewards_BG = scores.total_N.reshape(-1, G)
     batch = rl_step.make_batch(prompts["tokens"], prompts["token_mask"], rollout, rewards_BG)
     state, metrics = update(state, batch, ref)
     host = {f"reward/{k}": float(v.mean()) for k, v in scores.components.items()}
     host.update({f"reward/{k}/errors": v for k, v in scores.errors.items()})
-    host["data/prompts_truncated"] = int(prompts["truncated"].sum())
+    host["data/prompts_truncated"] = int(ids["truncated"].sum())
     host.update({"reward/scoring_failures": scores.num_failed, "time/rollout_s": t_rollout,
                  "tokens": int(mask.sum()),
                  "samples": [{"completion": texts[i], "reward": float(scores.total_N[i]),
@@ -311,7 +331,7 @@ def _evaluate(run: Run, params: Any, stage_name: str, step: int, rng: jax.Array)
                                   rng=jax.random.fold_in(rng, next(calls)), num_samples=n,
                                   max_new_tokens=ev.max_new_tokens, strategy=strategy,
                                   eos_id=run.tokenizer.eos_id)
-    tokens, m = jax.device_get((rollout.tokens, rollout.mask))
+    tokens, m = distributed.fetch((rollout.tokens, rollout.mask))
     return [run.tokenizer.decode(t[k]) for t, k in zip(tokens, m)]
 
   rows = []

@@ -1,0 +1,179 @@
+"""Ahead-of-time scale check: `python -m corpo_jax.bench scale [--write_docs]`.
+
+--write_docs rewrites the figures in docs/scale.md and keeps its "## Analysis" section.
+
+Lowers and compiles the RL update (rl/step.py make_update: policy, reference policy, AdamW state
+donated) of a model preset for a mesh of fake CPU devices, allocating nothing, and reports per
+device: the parameters, optimizer state and reference parameters (their shard sizes), the batch,
+and the compiler's memory analysis (arguments, temporaries = activations, gradients and update
+buffers, outputs not aliased to the donated state). The peak a TPU chip needs is about
+arguments + temporaries + unaliased outputs (XLA:TPU lays buffers out differently; the CPU
+compiler's figure is an estimate of the same program). It must be the first JAX user in its
+process: it sets the CPU device count itself.
+
+Defaults: mixtral_8x7b on 256 devices, data 4 x fsdp 16 x expert 4 x tensor 1, 64 prompts x 8
+samples of 512 + 1024 tokens in 2 micro-batches, beta 0.04 (the reference pass is compiled in).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from corpo_jax import model, sharding
+from corpo_jax.model import ModelConfig
+from corpo_jax.rl import step as rl_step
+from corpo_jax.rl.config import RLConfig
+
+_DOCS = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "scale.md")
+GIB = 1024 ** 3
+_NOTES = "\n## Analysis"
+# Per TPU generation: HBM per chip (GiB) and the slice name for n chips (v4 and v5p names
+# count TensorCores, two per chip; v5e and v6e slices stop at 256 chips).
+TPU_HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
+_SLICE = {"v4": lambda n: f"v4-{2 * n}", "v5e": lambda n: f"v5litepod-{n}" if n <= 256 else "-",
+          "v5p": lambda n: f"v5p-{2 * n}", "v6e": lambda n: f"v6e-{n}" if n <= 256 else "-"}
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--model", default="mixtral_8x7b", help="a ModelConfig preset")
+  p.add_argument("--mesh", default="4,16,4,1", help="data,fsdp,expert,tensor sizes")
+  p.add_argument("--prompts", type=int, default=64)
+  p.add_argument("--group", type=int, default=8)
+  p.add_argument("--prompt_len", type=int, default=512)
+  p.add_argument("--completion_len", type=int, default=1024)
+  p.add_argument("--micro_batches", type=int, default=2)
+  p.add_argument("--beta", type=float, default=0.04, help="> 0 compiles the reference pass")
+  p.add_argument("--write_docs", action="store_true", help="write docs/scale.md")
+
+
+def _per_device_bytes(tree, shardings) -> int:
+  return sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+             for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
+
+
+def _abstract(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def measure(args) -> dict:
+  mesh_shape = tuple(int(s) for s in args.mesh.split(","))
+  devices = math.prod(mesh_shape)
+  jax.config.update("jax_platforms", "cpu")
+  jax.config.update("jax_num_cpu_devices", devices)
+  mesh = sharding.make_mesh(mesh_shape)
+  cfg = ModelConfig.preset(args.model)
+  T = args.prompt_len + args.completion_len
+  rl_cfg = RLConfig(beta=args.beta, num_micro_batches=args.micro_batches,
+                    max_completion_len=args.completion_len)
+  optimizer = rl_step.make_optimizer(rl_cfg, model.abstract_params(cfg))
+  update = rl_step.make_update(cfg, rl_cfg, mesh, optimizer)
+
+  params = nn.unbox(model.abstract_params(cfg))
+  state = jax.eval_shape(lambda p: rl_step.TrainState(
+      step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),
+      skipped=jnp.zeros((), jnp.int32)), params)
+  state_sh = rl_step.state_shardings(cfg, optimizer, mesh)
+  param_sh = model.param_shardings(cfg, mesh)
+  BG = args.prompts * args.group
+  rows = lambda dtype, *shape: jax.ShapeDtypeStruct(shape, dtype)
+  batch = rl_step.Batch(tokens=rows(jnp.int32, BG, T), token_mask=rows(bool, BG, T),
+                        loss_mask=rows(bool, BG, T), rewards=rows(jnp.float32, args.prompts,
+                                                                  args.group),
+                        truncated=rows(bool, BG), experts=None)
+  batch_sh = rl_step.batch_shardings(mesh, with_experts=False)
+  ref = _abstract(params, param_sh) if args.beta > 0 else None
+
+  start = time.perf_counter()
+  with jax.set_mesh(mesh):
+    lowered = update.jitted.lower(_abstract(state, state_sh), _abstract(batch, batch_sh), ref)
+  lower_s = time.perf_counter() - start
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start - lower_s
+  mem = compiled.memory_analysis()
+  figures = {
+      "params": _per_device_bytes(state.params, state_sh.params),
+      "optimizer": _per_device_bytes(state.opt_state, state_sh.opt_state),
+      "reference": _per_device_bytes(params, param_sh) if ref is not None else 0,
+      "batch": _per_device_bytes(batch, batch_sh),
+      "arguments": mem.argument_size_in_bytes,
+      "temporaries": mem.temp_size_in_bytes,
+      "outputs_not_aliased": mem.output_size_in_bytes - mem.alias_size_in_bytes,
+  }
+  figures["peak"] = (figures["arguments"] + figures["temporaries"]
+                     + figures["outputs_not_aliased"])
+  return {"model": args.model, "parameters": model.count_params(params), "mesh": mesh_shape,
+          "devices": devices, "rows": BG, "tokens_per_row": T, "per_device_bytes": figures,
+          "fits": fits(figures["peak"]), "lower_s": round(lower_s, 1),
+          "compile_s": round(compile_s, 1)}
+
+
+def fits(peak_bytes: int) -> dict[str, bool]:
+  """Whether `peak_bytes` per chip fits each TPU generation's HBM (whole GiB, no headroom)."""
+  return {name: peak_bytes <= gib * GIB for name, gib in TPU_HBM_GIB.items()}
+
+
+def _command(args) -> str:
+  flags = " ".join(f"--{k}={v}" for k, v in sorted(vars(args).items())
+                   if k not in ("command", "write_docs"))
+  return f"python -m corpo_jax.bench scale {flags} --write_docs"
+
+
+def _write_docs(args, r: dict) -> None:
+  f = r["per_device_bytes"]
+  gib = lambda b: f"{b / GIB:.2f}"
+  date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+  lines = [
+      "# Scale: the RL update compiled ahead of time for a TPU-sized mesh",
+      "",
+      f"Written by `{_command(args)}` ({date} UTC, jax {jax.__version__}, fake CPU devices).",
+      "",
+      f"The RL update (`rl/step.py` make_update: policy, reference policy, AdamW state, donated "
+      f"state) of `{r['model']}` ({r['parameters'] / 1e9:.1f}B parameters, float32 parameters "
+      f"and optimizer state, bfloat16 compute, full remat) lowered in {r['lower_s']} s and "
+      f"compiled in {r['compile_s']} s for {r['devices']} devices, mesh data x fsdp x expert x "
+      f"tensor = {' x '.join(map(str, r['mesh']))}, on {r['rows']} rows (prompts x samples) of "
+      f"{r['tokens_per_row']} tokens in {args.micro_batches} micro-batches.",
+      "",
+      "| per device | GiB |",
+      "|---|---|",
+      f"| parameters | {gib(f['params'])} |",
+      f"| AdamW state | {gib(f['optimizer'])} |",
+      f"| reference parameters | {gib(f['reference'])} |",
+      f"| batch | {gib(f['batch'])} |",
+      f"| arguments (compiler; = the four above) | {gib(f['arguments'])} |",
+      f"| temporaries (activations, gradients, update buffers) | {gib(f['temporaries'])} |",
+      f"| outputs not aliased to the donated state | {gib(f['outputs_not_aliased'])} |",
+      f"| **peak estimate** (arguments + temporaries + unaliased outputs) | "
+      f"**{gib(f['peak'])}** |",
+      "",
+      f"| TPU generation | slice of {r['devices']} chips | HBM per chip | peak fits |",
+      "|---|---|---|---|",
+      *[f"| {k} | {_SLICE[k](r['devices'])} | {TPU_HBM_GIB[k]} GiB | {'yes' if ok else 'no'} |"
+        for k, ok in r["fits"].items()],
+      "",
+  ]
+  notes = ""  # the hand-written analysis below the figures survives a rewrite
+  if os.path.exists(_DOCS):
+    with open(_DOCS) as f:
+      text = f.read()
+    notes = text[text.index(_NOTES):] if _NOTES in text else ""
+  with open(_DOCS, "w") as out:
+    out.write("\n".join(lines) + notes)
+
+
+def main(args) -> None:
+  result = measure(args)
+  if args.write_docs:
+    _write_docs(args, result)
+  print(json.dumps(result))
