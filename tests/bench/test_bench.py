@@ -113,4 +113,5 @@ def test_step_bench_needs_five_runs():
 def test_rollout_bench_prints_json(capsys):
   rollout.main(_args(rollout, TINY[:10] + ["--runs=1"]))
   out = _json_line(capsys)
-  assert out["tokens_per_s"] > 0 and out["decode_step_ms"] > 0
+  assert out["tokens_per_s"] > 0 and out["generate_ms"] > 0
+  assert {"decode_step_ms", "decode_step_cpu_ms", "prefill_ms"} <= set(out)
