@@ -142,7 +142,8 @@ def dispatch_blocks(x_ND, experts_NA, gates_NA, token_mask_N, weights, block: in
   """Dropless dispatch: assignments sorted by expert, each expert's group padded to a multiple of
   `block` rows; block b runs through its expert's weights (batched matmul over blocks with the
   weights gathered per block). R = N * A + E * (block - 1) rows, rounded up to whole blocks
-  (unused blocks are zeros): the cost follows top_k, not the E * C capacity rows. Returns y_ND."""
+  (unused blocks are zeros): the cost follows top_k, not the E * C capacity rows. Shape letters:
+  M assignments (N * A), R block rows, b blocks, c rows per block. Returns y_ND."""
   w_gate, w_up, w_down = weights
   N, D = x_ND.shape
   E, A = w_gate.shape[0], experts_NA.shape[1]
