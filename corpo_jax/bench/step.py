@@ -111,7 +111,7 @@ def measure(args) -> dict:
 
 
 def main(args) -> None:
-  keys = ("step_s", "rollout_s", "update_s")
+  keys = ("step_s", "step_cpu_s", "rollout_s", "update_s")
   for run_args, r in common.sweep(args, measure, keys):
     if args.write_docs:
       common.append_row(SECTION, COLUMNS, [

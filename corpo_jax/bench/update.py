@@ -152,7 +152,7 @@ def docs_cells(args, r: dict) -> list:
 
 
 def main(args) -> None:
-  for run_args, result in common.sweep(args, measure, ("update_s",)):
+  for run_args, result in common.sweep(args, measure, ("update_s", "update_cpu_s")):
     if args.write_docs:
       common.append_row(SECTION, COLUMNS, docs_cells(run_args, result))
     print(json.dumps(result), flush=True)
