@@ -8,6 +8,8 @@ import importlib
 
 _COMMANDS = {
     "rollout": ("corpo_jax.bench.rollout", "generated tokens/s of sampling.generate"),
+    "update": ("corpo_jax.bench.update", "time, FLOP/s, MFU and memory of the RL update"),
+    "step": ("corpo_jax.bench.step", "one GRPO step: rollout, reward, reference forward, update"),
     "scale": ("corpo_jax.bench.scale", "per-device memory of the RL update on a big fake mesh"),
 }
 

@@ -52,12 +52,11 @@ def rope(x_BTNH: jax.Array, pos_BT: jax.Array, theta: float) -> jax.Array:
 class Attention(nn.Module):
   """Causal grouped-query attention with RoPE and an optional KV cache.
 
-  Without a cache the keys are this call's tokens (S == T). With a cache ({"k", "v"}: [B, S, K, H])
-  the queries attend over the cached slots before `write_index` and this call's T tokens, which
-  belong at slots write_index .. write_index + T - 1; `mask_BTS` says which of the S slots each
-  query may see (causality, padding, unwritten slots). Returns (new_cache, out_BTD): new_cache
-  holds only this call's keys and values ({"k", "v"}: [B, T, K, H]) for the caller to write into
-  its cache (in place, outside the layer stack); None without a cache.
+  Without a cache the keys are this call's tokens (S == T). With a cache ({"k", "v"}: [B, K, S, H])
+  this call's T keys and values are first written at slots write_index .. write_index + T - 1
+  (dynamic-update-slice, in place in a decode loop's carry) and the queries attend over all S
+  slots; `mask_BTS` says which slots each query may see (causality, padding, unwritten slots).
+  Returns (new_cache, out_BTD): new_cache is the updated {"k", "v"}; None without a cache.
   """
 
   cfg: ModelConfig
@@ -81,42 +80,24 @@ class Attention(nn.Module):
 
     B, T = x_BTD.shape[:2]
     q_BTKQH = q_BTNH.reshape(B, T, K, N // K, H)  # Q: query heads per kv head
-    logits_BKQTT = jnp.einsum("BTKQH,BSKH->BKQTS", q_BTKQH, k_BTKH,
-                              preferred_element_type=jnp.float32) * H ** -0.5
     if cache is None:
-      probs_BKQTT = _softmax(logits_BKQTT, mask_BTS, dt)
-      out_BTKQH = jnp.einsum("BKQTS,BSKH->BTKQH", probs_BKQTT, v_BTKH)
-      new_cache = None
-    else:  # cached slots before write_index, then this call's T tokens; the caller writes k, v
-      S = cache["k"].shape[1]
-      old_BTS = mask_BTS & (jnp.arange(S) < write_index)
-      new_BTT = jax.lax.dynamic_slice_in_dim(mask_BTS, write_index, T, axis=2)
-      logits_BKQTS = _cached_scores(q_BTKQH, cache["k"].astype(dt)) * H ** -0.5
-      probs = _softmax(jnp.concatenate([logits_BKQTS, logits_BKQTT], -1),
-                       jnp.concatenate([old_BTS, new_BTT], -1), dt)
-      out_BTKQH = (_cached_mix(probs[..., :S], cache["v"].astype(dt))
-                   + jnp.einsum("BKQTS,BSKH->BTKQH", probs[..., S:], v_BTKH))
-      new_cache = {"k": k_BTKH.astype(cache["k"].dtype), "v": v_BTKH.astype(cache["v"].dtype)}
+      k_BSKH, v_BSKH, new_cache = k_BTKH, v_BTKH, None
+      logits_BKQTS = jnp.einsum("BTKQH,BSKH->BKQTS", q_BTKQH, k_BSKH,
+                                preferred_element_type=jnp.float32)
+    else:  # write first, then read the whole buffer: XLA keeps the write in place (no copy)
+      write = lambda c_BKSH, x_BTKH: jax.lax.dynamic_update_slice(
+          c_BKSH, jnp.swapaxes(x_BTKH, 1, 2).astype(c_BKSH.dtype), (0, 0, write_index, 0))
+      new_cache = {"k": write(cache["k"], k_BTKH), "v": write(cache["v"], v_BTKH)}
+      logits_BKQTS = jnp.einsum("BTKQH,BKSH->BKQTS", q_BTKQH, new_cache["k"].astype(dt),
+                                preferred_element_type=jnp.float32)
+    probs_BKQTS = _softmax(logits_BKQTS * H ** -0.5, mask_BTS, dt)
+    if cache is None:
+      out_BTKQH = jnp.einsum("BKQTS,BSKH->BTKQH", probs_BKQTS, v_BSKH)
+    else:
+      out_BTKQH = jnp.einsum("BKQTS,BKSH->BTKQH", probs_BKQTS, new_cache["v"].astype(dt))
     out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTKQH.reshape(B, T, N, H), w_o.astype(dt))
     return new_cache, constrain(out_BTD, ("batch", "length", "act_embed"))
 
 
 def _softmax(logits_BKQTS: jax.Array, mask_BTS: jax.Array, dt: Any) -> jax.Array:
   return jax.nn.softmax(jnp.where(mask_BTS[:, None, None], logits_BKQTS, NEG_INF), -1).astype(dt)
-
-
-def _cached_scores(q_BTKQH: jax.Array, k_BSKH: jax.Array) -> jax.Array:
-  """Query-key scores over cache slots (float32). One decode token (T == 1) uses a
-  multiply-reduce that XLA fuses with the read of the cache: no copy or transpose of it."""
-  if q_BTKQH.shape[1] > 1:
-    return jnp.einsum("BTKQH,BSKH->BKQTS", q_BTKQH, k_BSKH, preferred_element_type=jnp.float32)
-  prod = q_BTKQH[:, 0, None].astype(jnp.float32) * k_BSKH[:, :, :, None].astype(jnp.float32)
-  return jnp.sum(prod, -1).transpose(0, 2, 3, 1)[:, :, :, None]  # BSKQ -> BKQ1S
-
-
-def _cached_mix(probs_BKQTS: jax.Array, v_BSKH: jax.Array) -> jax.Array:
-  """Probability-weighted cache values [B, T, K, Q, H] (multiply-reduce for T == 1, as above)."""
-  if probs_BKQTS.shape[3] > 1:
-    return jnp.einsum("BKQTS,BSKH->BTKQH", probs_BKQTS, v_BSKH)
-  p_BSKQ1 = probs_BKQTS[:, :, :, 0].transpose(0, 3, 1, 2)[..., None]
-  return jnp.sum(p_BSKQ1 * v_BSKH[:, :, :, None], axis=1)[:, None]

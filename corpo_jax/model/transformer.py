@@ -71,10 +71,10 @@ class Hidden:
 class Cache:
   """Decoding state for B rows and S slots; slot s of every row is written at the same step."""
 
-  k: jax.Array  # [L, B, S, K, H]
-  v: jax.Array
-  think_k: jax.Array | None  # [L_think, B, S, K, H]
-  think_v: jax.Array | None
+  k: tuple[jax.Array, ...]  # L arrays [B, K, S, H], one per layer (see `init_cache`)
+  v: tuple[jax.Array, ...]
+  think_k: tuple[jax.Array, ...] | None  # L_think arrays [B, K, S, H]
+  think_v: tuple[jax.Array, ...] | None
   valid_BS: jax.Array  # slots holding real (non-padding) tokens
   end: jax.Array  # int32 scalar: next slot to write
   next_pos_B: jax.Array  # int32: rotary position of each row's next real token
@@ -157,10 +157,18 @@ def think_mask(tokens_BT: jax.Array, token_mask_BT: jax.Array, cfg: ModelConfig,
 
 
 def init_cache(cfg: ModelConfig, batch: int, size: int) -> Cache:
-  """An empty cache of `size` slots per row (size <= cfg.max_seq_len)."""
+  """An empty cache of `size` slots per row (size <= cfg.max_seq_len).
+
+  Keys and values are one [B, K, S, H] array per layer, not one stacked [L, ...] array: in a
+  decode loop's carry each layer's buffer is then read by its attention and written in place,
+  where slicing a stacked buffer per layer made XLA copy it (measured: two copies of the whole
+  cache plus a slice copy per layer each step). [B, K, S, H] makes the cached attention a
+  batched matmul over (B, K) with no transpose of the cache.
+  """
   if size > cfg.max_seq_len:
     raise ValueError(f"KV cache of {size} slots exceeds model.max_seq_len={cfg.max_seq_len}.")
-  kv = lambda L: jnp.zeros((L, batch, size, cfg.num_kv_heads, cfg.head_dim), cfg.dtype)
+  kv = lambda L: tuple(jnp.zeros((batch, cfg.num_kv_heads, size, cfg.head_dim), cfg.dtype)
+                       for _ in range(L))
   think = cfg.has_thinking_head
   return Cache(k=kv(cfg.num_layers), v=kv(cfg.num_layers),
                think_k=kv(cfg.thinking_layers) if think else None,
@@ -171,8 +179,8 @@ def init_cache(cfg: ModelConfig, batch: int, size: int) -> Cache:
 
 def cache_logical_axes(cfg: ModelConfig) -> Cache:
   """Logical axis names of every Cache field (for shardings)."""
-  kv = ("layers", "batch", "length", "kv_heads", "head_dim")
-  think = kv if cfg.has_thinking_head else None
+  kv = (("batch", "kv_heads", "length", "head_dim"),) * cfg.num_layers
+  think = (kv[0],) * cfg.thinking_layers if cfg.has_thinking_head else None
   return Cache(k=kv, v=kv, think_k=think, think_v=think, valid_BS=("batch", "length"), end=(),
                next_pos_B=("batch",), think_open_B=("batch",))
 
@@ -214,7 +222,10 @@ def run(params: Any, cfg: ModelConfig, tokens_BT: jax.Array, token_mask_BT: jax.
     valid_BS = jax.lax.dynamic_update_slice(cache.valid_BS, token_mask_BT, (0, cache.end))
     mask_BTS = _attention_mask(cache.end + jnp.arange(T), jnp.arange(cache.size), valid_BS)
     write_index, open_in = cache.end, cache.think_open_B
-    cache_in = {"k": cache.k, "v": cache.v, "think_k": cache.think_k, "think_v": cache.think_v}
+    # Stacked for the (unrolled) layer scan, whose per-layer slices XLA folds back to the arrays.
+    stack = lambda c: None if c is None else jnp.stack(c)
+    cache_in = {"k": stack(cache.k), "v": stack(cache.v), "think_k": stack(cache.think_k),
+                "think_v": stack(cache.think_v)}
   if think_mask_BT is None:
     think_mask_BT = think_mask(tokens_BT, token_mask_BT, cfg, open_in)
 
@@ -225,11 +236,10 @@ def run(params: Any, cfg: ModelConfig, tokens_BT: jax.Array, token_mask_BT: jax.
 
   new_cache = None
   if cache is not None:
-    write = lambda c, new: None if c is None else jax.lax.dynamic_update_slice(
-        c, new, (0, 0, cache.end, 0, 0))  # in place in a decode loop's carry
-    new_cache = Cache(k=write(cache.k, base_out["k"]), v=write(cache.v, base_out["v"]),
-                      think_k=write(cache.think_k, think_out["k"]),
-                      think_v=write(cache.think_v, think_out["v"]), valid_BS=valid_BS,
+    split = lambda c_L: None if c_L is None else tuple(c_L)  # the layer scan stacked them
+    new_cache = Cache(k=split(base_out["k"]), v=split(base_out["v"]),
+                      think_k=split(think_out["k"]), think_v=split(think_out["v"]),
+                      valid_BS=valid_BS,
                       end=cache.end + T,
                       next_pos_B=cache.next_pos_B + token_mask_BT.sum(1, dtype=jnp.int32),
                       think_open_B=think_mask_BT[:, -1])

@@ -384,7 +384,8 @@ def make_update(model_cfg: ModelConfig, rl_cfg: RLConfig, mesh: Mesh | None,
   `state` is donated. `ref_params` (the frozen reference policy, laid out like the parameters)
   is required when rl_cfg.beta > 0 and ignored otherwise. Batch rows must divide into
   num_micro_batches and over the mesh's data * fsdp * expert devices. metrics: replicated
-  float32 scalars (expert_load [L + L_think, E]).
+  float32 scalars (expert_load [L + L_think, E]). `update.lower(state, batch, ref_params)`
+  returns the jitted step lowered for those arguments (benchmarks read its cost and memory).
   """
   trainable = trainable_mask(rl_cfg.freeze, model.abstract_params(model_cfg))
   step_fn = functools.partial(_train_step, model_cfg=model_cfg, rl_cfg=rl_cfg, optimizer=optimizer,
@@ -400,7 +401,7 @@ def make_update(model_cfg: ModelConfig, rl_cfg: RLConfig, mesh: Mesh | None,
                      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
     row_devices = math.prod(mesh.shape[a] for a in BATCH_AXES)
 
-  def update(state: TrainState, batch: Batch, ref_params: Any = None):
+  def prepare(state: TrainState, batch: Batch, ref_params: Any):
     rows = batch.tokens.shape[0]
     B, G = batch.rewards.shape
     if rows != B * G:
@@ -416,11 +417,23 @@ def make_update(model_cfg: ModelConfig, rl_cfg: RLConfig, mesh: Mesh | None,
     if not rl_cfg.router_replay:
       batch = batch.replace(experts=None)
     ref_params = ref_params if rl_cfg.beta > 0 else None
-    if mesh is None:
-      return jitted(state, batch, ref_params)
-    with jax.set_mesh(mesh):
-      return jitted(state, jax.device_put(batch, batch_shardings(mesh, rl_cfg.router_replay)),
-                    ref_params)
+    if mesh is not None:
+      batch = jax.device_put(batch, batch_shardings(mesh, rl_cfg.router_replay))
+    return state, batch, ref_params
 
-  update.jitted = jitted  # for ahead-of-time lowering (corpo_jax/bench/scale.py)
+  def update(state: TrainState, batch: Batch, ref_params: Any = None):
+    if mesh is None:
+      return jitted(*prepare(state, batch, ref_params))
+    with jax.set_mesh(mesh):
+      return jitted(*prepare(state, batch, ref_params))
+
+  def lower(state: TrainState, batch: Batch, ref_params: Any = None) -> jax.stages.Lowered:
+    """The jitted step lowered for these arguments (for cost and memory analysis)."""
+    if mesh is None:
+      return jitted.lower(*prepare(state, batch, ref_params))
+    with jax.set_mesh(mesh):
+      return jitted.lower(*prepare(state, batch, ref_params))
+
+  update.lower = lower
+  update.jitted = jitted  # lowering with abstract, pre-sharded arguments (bench/scale.py)
   return update

@@ -163,3 +163,26 @@ def test_moe_layer_capacity_equals_sort_without_drops():
   np.testing.assert_allclose(y_cap[mask_BT], y_sort[mask_BT], rtol=1e-5, atol=1e-6)
   for k in s_cap["intermediates"]:
     np.testing.assert_allclose(s_cap["intermediates"][k][0], s_sort["intermediates"][k][0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("E,A,block", [(4, 2, 8), (4, 1, 4), (8, 2, 16), (2, 2, 3)])
+def test_block_dispatch_equals_capacity_without_drops(E, A, block):
+  N, D, F = 24, 16, 32
+  x_ND, experts_NA, gates_NA = _x_and_routing(N, D, E, A)
+  mask_N = jnp.arange(N) % 7 != 3  # padding tokens inside the sequence
+  weights = _weights(E, D, F)
+  y_cap = moe.dispatch_capacity(x_ND, experts_NA, gates_NA, mask_N, weights, N)
+  y_blk = moe.dispatch_blocks(x_ND, experts_NA, gates_NA, mask_N, weights, block)
+  np.testing.assert_allclose(y_blk, y_cap, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(y_blk[~np.asarray(mask_N)], 0.0)
+  loss = lambda f: lambda w, x: jnp.sum(f(x, experts_NA, gates_NA, mask_N, w) ** 2)
+  g_cap = jax.grad(loss(lambda *a: moe.dispatch_capacity(*a, N)), (0, 1))(weights, x_ND)
+  g_blk = jax.grad(loss(lambda *a: moe.dispatch_blocks(*a, block)), (0, 1))(weights, x_ND)
+  for a, b in zip(jax.tree.leaves(g_blk), jax.tree.leaves(g_cap)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_block_size():
+  assert moe.block_size(3072 * 2, 4) == 256  # the demo's update: 384 -> capped
+  assert moe.block_size(640, 4) == 32  # a quarter of 160 = 40 -> 32
+  assert moe.block_size(64, 4) == 8  # floor
