@@ -23,6 +23,7 @@ for the policy loss and KL.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import re
@@ -421,17 +422,15 @@ def make_update(model_cfg: ModelConfig, rl_cfg: RLConfig, mesh: Mesh | None,
       batch = jax.device_put(batch, batch_shardings(mesh, rl_cfg.router_replay))
     return state, batch, ref_params
 
+  in_mesh = lambda: contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
+
   def update(state: TrainState, batch: Batch, ref_params: Any = None):
-    if mesh is None:
-      return jitted(*prepare(state, batch, ref_params))
-    with jax.set_mesh(mesh):
+    with in_mesh():
       return jitted(*prepare(state, batch, ref_params))
 
   def lower(state: TrainState, batch: Batch, ref_params: Any = None) -> jax.stages.Lowered:
     """The jitted step lowered for these arguments (for cost and memory analysis)."""
-    if mesh is None:
-      return jitted.lower(*prepare(state, batch, ref_params))
-    with jax.set_mesh(mesh):
+    with in_mesh():
       return jitted.lower(*prepare(state, batch, ref_params))
 
   update.lower = lower
