@@ -11,10 +11,16 @@ Mixtral's softmax-over-all, top-k, renormalise). Dispatch computes only the chos
   (grouped matmul kernels on TPU/GPU; on CPU measured several times slower than dense).
 
 When capacity C = N (cf * A >= E, e.g. the demo's E 4, top-2, cf 2) the capacity path can drop
-nothing, so two cheaper dispatches give the same result: one decode token per row uses
-`dispatch_decode` (C sized to the busiest expert at run time); a multi-token pass without
-expert sharding uses `dispatch_blocks` (each expert's tokens padded to blocks: about N * A rows
-instead of the E * N capacity rows; measured 1.5x faster forward+backward on CPU, docs/benchmarks.md).
+nothing, so two cheaper dispatches give the same result:
+* `dispatch_fitted`: capacity dispatch with C sized at run time to the busiest expert's load
+  (lax.switch over a few static sizes). Used when decoding (one token per row) and for passes of
+  at most `FITTED_MAX_TOKENS` tokens (prefill, short prompts).
+* `dispatch_blocks` for larger passes without expert sharding (the update): each expert's tokens
+  padded to blocks, about N * A rows instead of the E * N capacity rows.
+Measured on CPU (one layer, E 4, top-2, D 256, F 1024; docs/benchmarks.md): the forward pass of
+`dispatch_fitted` is faster at every N from 32 to 3072 (at N 128: 4.4 vs 29.7 ms, blocks gathers
+each block's expert weights), but its backward pass keeps the residuals of every switch branch,
+so forward+backward it wins only up to N = 256 (58 vs 95 ms at N 128; 617 vs 383 ms at 3072).
 
 Auxiliary losses (sown into the "intermediates" collection, one value per layer):
 * ``load_balance_loss`` (Switch Transformer): E * sum_e f_e * P_e, f_e the fraction of the
@@ -118,10 +124,11 @@ def dispatch_sort(x_ND, experts_NA, gates_NA, token_mask_N, weights):
   return jnp.sum(y_MD.reshape(N, A, D) * gates_NA[..., None].astype(x_ND.dtype), axis=1)
 
 
-def dispatch_decode(x_ND, experts_NA, gates_NA, token_mask_N, weights, steps: int = 8):
-  """Capacity dispatch for one decode token per row when full capacity (C = N) drops nothing:
-  C is instead the smallest multiple of N / steps that holds the busiest expert's tokens, picked
-  at run time with lax.switch. Same result as C = N (nothing can be dropped), fewer FLOPs."""
+def dispatch_fitted(x_ND, experts_NA, gates_NA, token_mask_N, weights, steps: int = 8):
+  """Capacity dispatch where full capacity (C = N) drops nothing, with C instead the smallest
+  multiple of N / steps that holds the busiest expert's tokens, picked at run time with
+  lax.switch (one compiled branch per size). Same result as C = N, fewer FLOPs: E * C rows
+  instead of E * N (at decode, N 32: C 20-24 instead of 32)."""
   N, E = x_ND.shape[0], weights[0].shape[0]
   sizes = sorted({max(1, -(-N * i // steps)) for i in range(1, steps + 1)})
   live_NA = token_mask_N[:, None].astype(jnp.int32)
@@ -129,6 +136,11 @@ def dispatch_decode(x_ND, experts_NA, gates_NA, token_mask_N, weights, steps: in
   branch = jnp.searchsorted(jnp.asarray(sizes), jnp.max(load_E))
   branches = [lambda *a, C=C: dispatch_capacity(*a, C=C) for C in sizes]
   return jax.lax.switch(branch, branches, x_ND, experts_NA, gates_NA, token_mask_N, weights)
+
+
+# Largest pass (B * T tokens) that uses `dispatch_fitted` when it may be differentiated: the
+# measured forward+backward crossover with `dispatch_blocks` (module docstring).
+FITTED_MAX_TOKENS = 256
 
 
 def block_size(num_assignments: int, num_experts: int) -> int:
@@ -202,8 +214,9 @@ class MoE(nn.Module):
 
     weights = tuple(w.astype(cfg.dtype) for w in (w_gate, w_up, w_down))
     no_drops = cfg.moe_dispatch == "capacity" and capacity(B * T, cfg) == B * T
-    if no_drops and T == 1:
-      y_ND = dispatch_decode(x_ND, experts_NA, gates_NA, mask_N, weights)
+    # T == 1: decoding (never differentiated, and the fitted forward is faster at every N).
+    if no_drops and (T == 1 or B * T <= FITTED_MAX_TOKENS):
+      y_ND = dispatch_fitted(x_ND, experts_NA, gates_NA, mask_N, weights)
     elif no_drops and not _expert_sharded():
       y_ND = dispatch_blocks(x_ND, experts_NA, gates_NA, mask_N, weights,
                              block_size(B * T * cfg.top_k, E))
