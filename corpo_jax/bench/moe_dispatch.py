@@ -5,7 +5,7 @@
 
 With `--tokens`: instead, the two dispatches that replace capacity dispatch when it can drop
 nothing (E 4, top-2), `fitted` and `blocks`, per number of tokens N, printed (the data behind
-`moe.FITTED_MAX_TOKENS`).
+the choice in `moe.MoE`).
 
 Layer: router + top-k routing + SwiGLU experts (D 256, F 1024, top-2, 32 x 96 tokens: the demo
 sizes), float32, jitted; "fwd+bwd" is the gradient w.r.t. the input and every weight. Each cell

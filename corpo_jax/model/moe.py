@@ -13,14 +13,15 @@ Mixtral's softmax-over-all, top-k, renormalise). Dispatch computes only the chos
 When capacity C = N (cf * A >= E, e.g. the demo's E 4, top-2, cf 2) the capacity path can drop
 nothing, so two cheaper dispatches give the same result:
 * `dispatch_fitted`: capacity dispatch with C sized at run time to the busiest expert's load
-  (lax.switch over a few static sizes). Used when decoding (one token per row) and for passes of
-  at most `FITTED_MAX_TOKENS` tokens (prefill, short prompts).
-* `dispatch_blocks` for larger passes without expert sharding (the update): each expert's tokens
-  padded to blocks, about N * A rows instead of the E * N capacity rows.
-Measured on CPU (one layer, E 4, top-2, D 256, F 1024; docs/benchmarks.md): the forward pass of
-`dispatch_fitted` is faster at every N from 32 to 3072 (at N 128: 4.4 vs 29.7 ms, blocks gathers
-each block's expert weights), but its backward pass keeps the residuals of every switch branch,
-so forward+backward it wins only up to N = 256 (58 vs 95 ms at N 128; 617 vs 383 ms at 3072).
+  (lax.switch over a few static sizes). Used by passes with a KV cache (`decoding`: the prefill
+  and each decode step), which are never differentiated.
+* `dispatch_blocks` for the other passes without expert sharding (training, reference forward):
+  each expert's tokens padded to blocks, about N * A rows instead of the E * N capacity rows.
+Measured on CPU (one layer, E 4, top-2, D 256, F 1024; `python -m corpo_jax.bench.moe_dispatch
+--tokens ...`, docs/benchmarks.md): the forward pass of `dispatch_fitted` is faster at every N
+from 32 to 3072 (N 128: 4.0 vs 25.6 ms; `dispatch_blocks` gathers every block's expert
+weights), but its backward pass keeps the residuals of every switch branch: forward+backward it
+is 2x slower at N 3072, and a tiny model's training step (N 128) compiled and ran 1.6x slower.
 
 Auxiliary losses (sown into the "intermediates" collection, one value per layer):
 * ``load_balance_loss`` (Switch Transformer): E * sum_e f_e * P_e, f_e the fraction of the
@@ -138,11 +139,6 @@ def dispatch_fitted(x_ND, experts_NA, gates_NA, token_mask_N, weights, steps: in
   return jax.lax.switch(branch, branches, x_ND, experts_NA, gates_NA, token_mask_N, weights)
 
 
-# Largest pass (B * T tokens) that uses `dispatch_fitted` when it may be differentiated: the
-# measured forward+backward crossover with `dispatch_blocks` (module docstring).
-FITTED_MAX_TOKENS = 256
-
-
 def block_size(num_assignments: int, num_experts: int) -> int:
   """Rows per block of `dispatch_blocks`: the power of two nearest a quarter of the mean
   assignments per expert, in [8, 256] (256 measured fastest on CPU at the demo sizes)."""
@@ -195,7 +191,9 @@ class MoE(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD: jax.Array, token_mask_BT: jax.Array,
-               experts_BTA: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+               experts_BTA: jax.Array | None = None,
+               decoding: bool = False) -> tuple[jax.Array, jax.Array]:
+    """decoding: a pass with a KV cache (never differentiated; picks the dispatch)."""
     cfg = self.cfg
     D, F, E = cfg.d_model, cfg.d_ff, cfg.num_experts
     w_router = param(self, "router", (D, E), ("embed", None), fan_in_init(0, 1), cfg)
@@ -214,8 +212,7 @@ class MoE(nn.Module):
 
     weights = tuple(w.astype(cfg.dtype) for w in (w_gate, w_up, w_down))
     no_drops = cfg.moe_dispatch == "capacity" and capacity(B * T, cfg) == B * T
-    # T == 1: decoding (never differentiated, and the fitted forward is faster at every N).
-    if no_drops and (T == 1 or B * T <= FITTED_MAX_TOKENS):
+    if no_drops and decoding:
       y_ND = dispatch_fitted(x_ND, experts_NA, gates_NA, mask_N, weights)
     elif no_drops and not _expert_sharded():
       y_ND = dispatch_blocks(x_ND, experts_NA, gates_NA, mask_N, weights,

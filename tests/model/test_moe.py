@@ -208,16 +208,18 @@ def test_fitted_dispatch_equals_full_capacity():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("B,T,path", [(300, 1, "fitted"), (2, 128, "fitted"), (3, 86, "blocks")])
-def test_moe_layer_dispatch_selection(B, T, path):
-  """Without drops: decoding (T 1) and passes of <= FITTED_MAX_TOKENS tokens take the run-time
-  capacity switch, larger passes the block dispatch; both equal capacity dispatch at C = N."""
+@pytest.mark.parametrize("B,T,decoding,path", [(300, 1, True, "fitted"), (2, 64, True, "fitted"),
+                                               (2, 64, False, "blocks")])
+def test_moe_layer_dispatch_selection(B, T, decoding, path):
+  """Without drops: passes with a KV cache (decode, prefill) take the run-time capacity switch,
+  other passes the block dispatch; both equal capacity dispatch at C = N."""
   cfg = ModelConfig.preset("tiny", capacity_factor=2.0)  # E 4, top-2: C = N, nothing dropped
   x_BTD = jnp.asarray(np.random.default_rng(0).standard_normal((B, T, cfg.d_model)), jnp.float32)
   mask_BT = jnp.asarray(np.random.default_rng(1).random((B, T)) > 0.2)
   module = moe.MoE(cfg)
   params = jax.jit(module.init)(jax.random.key(0), x_BTD[:1, :1], mask_BT[:1, :1])["params"]
-  apply = lambda p: module.apply({"params": p}, x_BTD, mask_BT, mutable=["intermediates"])[0]
+  apply = lambda p: module.apply({"params": p}, x_BTD, mask_BT, decoding=decoding,
+                                 mutable=["intermediates"])[0]
   assert ("cond[" in str(jax.make_jaxpr(apply)(params))) == (path == "fitted")
   y_BTD, experts_BTA = jax.jit(apply)(params)
   N, p = B * T, nn.unbox(params)
