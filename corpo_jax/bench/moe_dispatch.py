@@ -1,6 +1,11 @@
 """Times one MoE layer with both dispatch paths against a dense matmul of the same FLOPs.
 
   python -m corpo_jax.bench.moe_dispatch [--experts 4,8,16,32] [--runs 7] [--out docs/moe_dispatch.md]
+  python -m corpo_jax.bench.moe_dispatch --tokens 32,128,256,512,3072 [--runs 7]
+
+With `--tokens`: instead, the two dispatches that replace capacity dispatch when it can drop
+nothing (E 4, top-2), `fitted` and `blocks`, per number of tokens N, printed (the data behind
+the choice in `moe.MoE`).
 
 Layer: router + top-k routing + SwiGLU experts (D 256, F 1024, top-2, 32 x 96 tokens: the demo
 sizes), float32, jitted; "fwd+bwd" is the gradient w.r.t. the input and every weight. Each cell
@@ -84,12 +89,48 @@ def measure(num_experts: int, runs: int, D: int = 256, F: int = 1024, top_k: int
   return result
 
 
+def measure_no_drops(num_tokens: int, runs: int, D: int = 256, F: int = 1024, E: int = 4,
+                     top_k: int = 2) -> dict[str, float]:
+  """Median seconds per call: {fitted,blocks} x {fwd,fwd+bwd} for one layer of N tokens."""
+  rng = np.random.default_rng(0)
+  normal = lambda *s: jnp.asarray(rng.standard_normal(s) / np.sqrt(s[-2]), jnp.float32)
+  x_ND = jnp.asarray(rng.standard_normal((num_tokens, D)), jnp.float32)
+  params = (normal(D, E), normal(E, D, F), normal(E, D, F), normal(E, F, D))
+  mask_N = jnp.ones((num_tokens,), bool)
+  dispatch = {"fitted": moe.dispatch_fitted,
+              "blocks": lambda *a: moe.dispatch_blocks(*a, moe.block_size(num_tokens * top_k, E))}
+  result = {}
+  for name, fn in dispatch.items():
+    def layer(params, x_ND, fn=fn):
+      w_router, *weights = params
+      experts_NA, gates_NA = moe.route(x_ND @ w_router, top_k)
+      return fn(x_ND, experts_NA, gates_NA, mask_N, weights)
+    fwd, grad = _fwd_and_grad(layer)
+    result[f"{name} fwd"] = _median_seconds(fwd, (params, x_ND), runs)
+    result[f"{name} fwd+bwd"] = _median_seconds(grad, (params, x_ND), runs)
+  return result
+
+
+def main_no_drops(tokens: str, runs: int) -> None:
+  print("One layer, E 4, top-2, D 256, F 1024, float32; milliseconds per call (median).")
+  print("| N | fitted fwd | blocks fwd | fitted fwd+bwd | blocks fwd+bwd |")
+  print("|---|---|---|---|---|")
+  for N in (int(n) for n in tokens.split(",")):
+    r = measure_no_drops(N, runs)
+    cells = [r[f"{n} {p}"] * 1e3 for p in ("fwd", "fwd+bwd") for n in ("fitted", "blocks")]
+    print(f"| {N} | " + " | ".join(f"{c:.1f}" for c in cells) + " |", flush=True)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--experts", default="4,8,16,32", help="comma-separated expert counts")
   parser.add_argument("--runs", type=int, default=7, help="timed calls per cell (median)")
   parser.add_argument("--out", default="docs/moe_dispatch.md", help="markdown report ('' = none)")
+  parser.add_argument("--tokens", default="", help="comma-separated N: fitted vs blocks instead")
   args = parser.parse_args()
+  if args.tokens:
+    main_no_drops(args.tokens, args.runs)
+    return
   cf = ModelConfig.preset("demo").capacity_factor
   load_before = os.getloadavg()
   header = ("| E | capacity fwd | sort fwd | dense fwd | capacity fwd+bwd | sort fwd+bwd "

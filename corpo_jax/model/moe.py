@@ -11,10 +11,17 @@ Mixtral's softmax-over-all, top-k, renormalise). Dispatch computes only the chos
   (grouped matmul kernels on TPU/GPU; on CPU measured several times slower than dense).
 
 When capacity C = N (cf * A >= E, e.g. the demo's E 4, top-2, cf 2) the capacity path can drop
-nothing, so two cheaper dispatches give the same result: one decode token per row uses
-`dispatch_decode` (C sized to the busiest expert at run time); a multi-token pass without
-expert sharding uses `dispatch_blocks` (each expert's tokens padded to blocks: about N * A rows
-instead of the E * N capacity rows; measured 1.5x faster forward+backward on CPU, docs/benchmarks.md).
+nothing, so two cheaper dispatches give the same result:
+* `dispatch_fitted`: capacity dispatch with C sized at run time to the busiest expert's load
+  (lax.switch over a few static sizes). Used by passes with a KV cache (`decoding`: the prefill
+  and each decode step), which are never differentiated.
+* `dispatch_blocks` for the other passes without expert sharding (training, reference forward):
+  each expert's tokens padded to blocks, about N * A rows instead of the E * N capacity rows.
+Measured on CPU (one layer, E 4, top-2, D 256, F 1024; `python -m corpo_jax.bench.moe_dispatch
+--tokens ...`, docs/benchmarks.md): the forward pass of `dispatch_fitted` is faster at every N
+from 32 to 3072 (N 128: 4.0 vs 25.6 ms; `dispatch_blocks` gathers every block's expert
+weights), but its backward pass keeps the residuals of every switch branch: forward+backward it
+is 2x slower at N 3072, and a tiny model's training step (N 128) compiled and ran 1.6x slower.
 
 Auxiliary losses (sown into the "intermediates" collection, one value per layer):
 * ``load_balance_loss`` (Switch Transformer): E * sum_e f_e * P_e, f_e the fraction of the
@@ -118,10 +125,11 @@ def dispatch_sort(x_ND, experts_NA, gates_NA, token_mask_N, weights):
   return jnp.sum(y_MD.reshape(N, A, D) * gates_NA[..., None].astype(x_ND.dtype), axis=1)
 
 
-def dispatch_decode(x_ND, experts_NA, gates_NA, token_mask_N, weights, steps: int = 8):
-  """Capacity dispatch for one decode token per row when full capacity (C = N) drops nothing:
-  C is instead the smallest multiple of N / steps that holds the busiest expert's tokens, picked
-  at run time with lax.switch. Same result as C = N (nothing can be dropped), fewer FLOPs."""
+def dispatch_fitted(x_ND, experts_NA, gates_NA, token_mask_N, weights, steps: int = 8):
+  """Capacity dispatch where full capacity (C = N) drops nothing, with C instead the smallest
+  multiple of N / steps that holds the busiest expert's tokens, picked at run time with
+  lax.switch (one compiled branch per size). Same result as C = N, fewer FLOPs: E * C rows
+  instead of E * N (at decode, N 32: C 20-24 instead of 32)."""
   N, E = x_ND.shape[0], weights[0].shape[0]
   sizes = sorted({max(1, -(-N * i // steps)) for i in range(1, steps + 1)})
   live_NA = token_mask_N[:, None].astype(jnp.int32)
@@ -183,7 +191,9 @@ class MoE(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD: jax.Array, token_mask_BT: jax.Array,
-               experts_BTA: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+               experts_BTA: jax.Array | None = None,
+               decoding: bool = False) -> tuple[jax.Array, jax.Array]:
+    """decoding: a pass with a KV cache (never differentiated; picks the dispatch)."""
     cfg = self.cfg
     D, F, E = cfg.d_model, cfg.d_ff, cfg.num_experts
     w_router = param(self, "router", (D, E), ("embed", None), fan_in_init(0, 1), cfg)
@@ -202,8 +212,8 @@ class MoE(nn.Module):
 
     weights = tuple(w.astype(cfg.dtype) for w in (w_gate, w_up, w_down))
     no_drops = cfg.moe_dispatch == "capacity" and capacity(B * T, cfg) == B * T
-    if no_drops and T == 1:
-      y_ND = dispatch_decode(x_ND, experts_NA, gates_NA, mask_N, weights)
+    if no_drops and decoding:
+      y_ND = dispatch_fitted(x_ND, experts_NA, gates_NA, mask_N, weights)
     elif no_drops and not _expert_sharded():
       y_ND = dispatch_blocks(x_ND, experts_NA, gates_NA, mask_N, weights,
                              block_size(B * T * cfg.top_k, E))

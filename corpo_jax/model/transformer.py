@@ -40,7 +40,8 @@ class Block(nn.Module):
         RMSNorm(self.cfg, name="attn_norm")(x_BTD), pos_BT, mask_BTS, cache, write_index)
     x_BTD = x_BTD + h_BTD
     h_BTD, experts_BTA = MoE(self.cfg, name="moe")(
-        RMSNorm(self.cfg, name="moe_norm")(x_BTD), token_mask_BT, layer_in["experts"])
+        RMSNorm(self.cfg, name="moe_norm")(x_BTD), token_mask_BT, layer_in["experts"],
+        decoding=cache is not None)
     x_BTD = constrain(x_BTD + h_BTD, ("batch", "length", "act_embed"))
     new_cache = new_cache or {"k": None, "v": None}
     return x_BTD, {**new_cache, "experts": experts_BTA}

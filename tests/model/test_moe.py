@@ -2,6 +2,7 @@
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -186,3 +187,44 @@ def test_block_size():
   assert moe.block_size(3072 * 2, 4) == 256  # the demo's update: 384 -> capped
   assert moe.block_size(640, 4) == 32  # a quarter of 160 = 40 -> 32
   assert moe.block_size(64, 4) == 8  # floor
+
+
+def test_fitted_dispatch_equals_full_capacity():
+  """C picked at run time (a branch below C = N) gives the C = N result, gradients included."""
+  N, D, F, E, A = 24, 16, 32, 4, 2
+  x_ND, experts_NA, gates_NA = _x_and_routing(N, D, E, A)
+  mask_N = jnp.arange(N) % 7 != 3
+  weights = _weights(E, D, F)
+  load = np.bincount(np.asarray(experts_NA)[np.asarray(mask_N)].reshape(-1), minlength=E)
+  assert load.max() < N  # a smaller branch than C = N is taken
+  capacity = lambda *a: moe.dispatch_capacity(*a, N)
+  routed = lambda f: jax.jit(lambda w, x: f(x, experts_NA, gates_NA, mask_N, w))
+  np.testing.assert_allclose(routed(moe.dispatch_fitted)(weights, x_ND),
+                             routed(capacity)(weights, x_ND), rtol=1e-5, atol=1e-6)
+  loss = lambda f: jax.jit(jax.grad(lambda w, x: jnp.sum(routed(f)(w, x) ** 2), (0, 1)))
+  g_cap = loss(capacity)(weights, x_ND)
+  g_fit = loss(moe.dispatch_fitted)(weights, x_ND)
+  for a, b in zip(jax.tree.leaves(g_fit), jax.tree.leaves(g_cap)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("B,T,decoding,path", [(300, 1, True, "fitted"), (2, 64, True, "fitted"),
+                                               (2, 64, False, "blocks")])
+def test_moe_layer_dispatch_selection(B, T, decoding, path):
+  """Without drops: passes with a KV cache (decode, prefill) take the run-time capacity switch,
+  other passes the block dispatch; both equal capacity dispatch at C = N."""
+  cfg = ModelConfig.preset("tiny", capacity_factor=2.0)  # E 4, top-2: C = N, nothing dropped
+  x_BTD = jnp.asarray(np.random.default_rng(0).standard_normal((B, T, cfg.d_model)), jnp.float32)
+  mask_BT = jnp.asarray(np.random.default_rng(1).random((B, T)) > 0.2)
+  module = moe.MoE(cfg)
+  params = jax.jit(module.init)(jax.random.key(0), x_BTD[:1, :1], mask_BT[:1, :1])["params"]
+  apply = lambda p: module.apply({"params": p}, x_BTD, mask_BT, decoding=decoding,
+                                 mutable=["intermediates"])[0]
+  assert ("cond[" in str(jax.make_jaxpr(apply)(params))) == (path == "fitted")
+  y_BTD, experts_BTA = jax.jit(apply)(params)
+  N, p = B * T, nn.unbox(params)
+  gates_NA = moe.route(x_BTD.reshape(N, -1) @ p["router"], cfg.top_k)[1]
+  y_ref = jax.jit(moe.dispatch_capacity, static_argnums=5)(
+      x_BTD.reshape(N, -1), experts_BTA.reshape(N, -1), gates_NA, mask_BT.reshape(N),
+      (p["gate"], p["up"], p["down"]), N)
+  np.testing.assert_allclose(y_BTD.reshape(N, -1), y_ref, rtol=1e-5, atol=1e-5)
