@@ -163,7 +163,9 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       stage.batch_size = 8
     else:
       stage.prompts_per_step, stage.group_size, stage.max_new_tokens = 2, 4, 24
-  config.eval.update(num_prompts=4, num_samples=2, ks=(1, 2), prompts_per_batch=4,
+  # Evaluation batches shaped like the RL stages' rollouts (2 prompts x 4 samples, 24 tokens):
+  # they reuse the sampler the RL stage compiles instead of compiling their own.
+  config.eval.update(num_prompts=4, num_samples=4, ks=(1, 2), prompts_per_batch=2,
                      max_new_tokens=24)
   config.log.tensorboard = False
   return config

@@ -65,12 +65,8 @@ def evaluate_task(generate_fn, tokenizer, task, *, num_prompts: int, num_samples
   texts = []
   for start in range(0, num_prompts, prompts_per_batch):
     chunk = examples[start:start + prompts_per_batch]
-    ids = [pipeline.prompt_ids(tokenizer, ex.prompt) for ex in chunk]
-    width = max(map(len, ids))
-    prompts = np.full((len(ids), width), tokenizer.pad_id, np.int32)
-    mask = np.zeros((len(ids), width), bool)
-    for row, seq in enumerate(ids):
-      prompts[row, width - len(seq):], mask[row, width - len(seq):] = seq, True
+    prompts, mask = pipeline.left_pad_prompts(
+        [pipeline.prompt_ids(tokenizer, ex.prompt) for ex in chunk], tokenizer.pad_id)
     texts += generate_fn(prompts, mask, num_samples)
   correct_PN = np.array([[task.exact(texts[p * num_samples + i], ex) for i in range(num_samples)]
                          for p, ex in enumerate(examples)], bool)

@@ -70,6 +70,16 @@ def _pad(rows: Sequence[np.ndarray], length: int, value, left: bool) -> np.ndarr
   return out
 
 
+def left_pad_prompts(ids: Sequence[Sequence[int]], pad_id: int,
+                     buckets: Sequence[int] = DEFAULT_BUCKETS) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens [B, P], mask [B, P]) of prompts left-padded to the bucket of the longest, as the
+  RL loader pads them: evaluation batches then reuse the sampler the RL stage compiled."""
+  rows = [np.asarray(seq, np.int32) for seq in ids]
+  width = _bucket(max(map(len, rows)), buckets)
+  return (_pad(rows, width, pad_id, left=True),
+          _pad([np.ones(len(r), bool) for r in rows], width, False, left=True))
+
+
 class _PadBatch:
   """Stacks rows of variable-length arrays, padding every [T] field to the batch's bucket."""
 

@@ -47,6 +47,16 @@ def test_rl_batch_layout_and_examples():
   assert batch["tokens"].shape[1] == min(b for b in (16, 48, 64) if b >= longest)
 
 
+def test_left_pad_prompts_pads_like_the_rl_loader():
+  tokens, mask = pipeline.left_pad_prompts([[2, 7, 8], [2, 9]], pad_id=0, buckets=(4, 8))
+  np.testing.assert_array_equal(tokens, [[0, 2, 7, 8], [0, 0, 2, 9]])
+  np.testing.assert_array_equal(mask, [[False, True, True, True], [False, False, True, True]])
+  tokens, mask = pipeline.left_pad_prompts([[2] * 5], pad_id=0, buckets=(4, 8))
+  assert tokens.shape == (1, 8) and tokens.dtype == np.int32 and mask.sum() == 5 and mask[0, 3:].all()
+  with pytest.raises(ValueError, match="longer than the largest bucket"):
+    pipeline.left_pad_prompts([[2] * 9], pad_id=0, buckets=(4, 8))
+
+
 def test_rl_shuffle_depends_on_seed_only():
   _assert_same(_take(iter(_rl(seed=1)), 3), _take(iter(_rl(seed=1)), 3))
   a, b = next(iter(_rl(seed=1))), next(iter(_rl(seed=2)))
