@@ -127,10 +127,10 @@ def three_stage(config: ml_collections.ConfigDict, *, advantage: str, scale: str
     raise ValueError(f"reward={reward!r}: choose exact_match or ordinal.")
   tau = 1.0 if reward == "exact_match" else 5.0
   config.stages = ("sft", "rl", "specialize")
-  config.sft = sft_stage(steps=300, learning_rate=3e-3, warmup_steps=20, decay_steps=280)
+  config.sft = sft_stage(steps=500, learning_rate=3e-3, warmup_steps=20, decay_steps=480)
   estimator = dict(advantage=advantage, scale=scale, tau=tau, beta=0.1)
   config.rl = rl_stage(steps=60, prompts_per_step=8, max_new_tokens=96, rewards=((reward, 1.0),),
-                       learning_rate=2e-4, warmup_steps=5, **estimator)
+                       learning_rate=5e-5, warmup_steps=5, **estimator)
   # Mixed rewards: tau moves to the scale of the weighted sum (a perfect answer with a perfect
   # trace scores tau + 0.5 at most; exactly-right answers have reward >= tau).
   config.specialize = rl_stage(
