@@ -4,7 +4,9 @@ The trainer evaluates at the end of every stage (and every `eval_every` steps); 
 run's newest checkpoint again:
   python -m corpo_jax.evaluate --workdir workdir/grpo    # the eval settings of its config.json
 Rows are appended to <workdir>/eval.jsonl: step, stage, task, accuracy, pass_at_k {k: value},
-transparency, structure, coherence, alignment and, for the verifier, per-group results.
+transparency, structure, coherence, alignment, accuracy_thinking / accuracy_direct (accuracy of
+the samples that write a trace / answer directly; null when there are none) and, for the
+verifier, per-group results.
 """
 
 from __future__ import annotations
@@ -41,15 +43,26 @@ def mean_pass_at_k(correct_PN: np.ndarray, ks: Sequence[int]) -> dict[int, float
 # ----------------------------------------------------------------------------- sampled evaluation
 
 
-def thinking_metrics(completions: Sequence[str], examples, task) -> dict[str, float]:
-  """ALGORITHMS.md thinking metrics averaged over completions: transparency (a well-formed,
-  non-empty trace precedes the answer), step structure, coherence and alignment."""
-  scores = rewards.compute((("thinking", 1.0),), completions, examples, task)
+def thinks(completions: Sequence[str]) -> np.ndarray:
+  """bool [N]: a well-formed, non-empty trace precedes the answer (ALGORITHMS.md transparency)."""
   parts = [text_lib.split_completion(c) for c in completions]
-  transparent = [p.well_formed and bool(p.trace) for p in parts]
-  return {"transparency": float(np.mean(transparent)),
+  return np.array([p.well_formed and bool(p.trace) for p in parts], bool)
+
+
+def thinking_metrics(completions: Sequence[str], examples, task) -> dict[str, float]:
+  """ALGORITHMS.md thinking metrics averaged over completions: transparency, step structure,
+  coherence and alignment."""
+  scores = rewards.compute((("thinking", 1.0),), completions, examples, task)
+  return {"transparency": float(thinks(completions).mean()),
           **{name: float(scores.components[name].mean())
              for name in ("structure", "coherence", "alignment")}}
+
+
+def accuracy_by_thinking(correct_N: np.ndarray, thinking_N: np.ndarray) -> dict[str, float | None]:
+  """Accuracy of the samples that think and of those that answer directly (None when there are
+  none): whether a gain comes from thinking more often or from thinking better."""
+  mean = lambda sel: float(correct_N[sel].mean()) if sel.any() else None
+  return {"accuracy_thinking": mean(thinking_N), "accuracy_direct": mean(~thinking_N)}
 
 
 def evaluate_task(generate_fn, tokenizer, task, *, num_prompts: int, num_samples: int,
@@ -72,7 +85,8 @@ def evaluate_task(generate_fn, tokenizer, task, *, num_prompts: int, num_samples
                          for p, ex in enumerate(examples)], bool)
   rep = [ex for ex in examples for _ in range(num_samples)]
   row = {"accuracy": float(correct_PN.mean()), "pass_at_k": mean_pass_at_k(correct_PN, ks),
-         **thinking_metrics(texts, rep, task)}
+         **thinking_metrics(texts, rep, task),
+         **accuracy_by_thinking(correct_PN.reshape(-1), thinks(texts))}
   groups = sorted({ex.group for ex in examples if ex.group})
   if groups:
     row["groups"] = {
@@ -88,8 +102,10 @@ def main(argv) -> None:
   from corpo_jax.train import loop  # pylint: disable=g-import-not-at-top  # loop imports this module
   for row in loop.evaluate_workdir(flags.FLAGS.workdir):
     ks = ", ".join(f"pass@{k} {v:.3f}" for k, v in row["pass_at_k"].items())
+    split = ", ".join(f"{k.split('_')[1]} {v:.3f}" for k in ("accuracy_thinking", "accuracy_direct")
+                      if (v := row[k]) is not None)
     print(f"{row['stage']} step {row['step']} {row['task']}: accuracy {row['accuracy']:.3f}, {ks}, "
-          f"transparency {row['transparency']:.3f}")
+          f"transparency {row['transparency']:.3f} (accuracy when {split})")
 
 
 if __name__ == "__main__":

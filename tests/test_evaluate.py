@@ -35,3 +35,36 @@ def test_bad_arguments():
     pass_at_k(4, 1, 5)
   with pytest.raises(ValueError, match="0 <= c <= n"):
     pass_at_k(4, 5, 1)
+
+
+def test_evaluate_task_with_scripted_samples():
+  """Four arithmetic problems x 2 samples whose correctness and thinking are set by hand."""
+  from corpo_jax.data import tasks, text, tokenizer
+  from corpo_jax.evaluate import evaluate_task
+
+  task = tasks.get("arithmetic", min_digits=2, max_digits=2)
+  examples = [task.example("eval", i) for i in range(4)]
+  wrong = lambda ex: str(int(ex.answer) + 1)
+  # (thinks, right) per sample; problem p's samples are rows 2p, 2p + 1.
+  plan = [(True, True), (True, True), (True, True), (False, False), (False, False),
+          (False, True), (True, False), (False, False)]
+  texts = [text.completion_text(ex.trace, ex.answer if right else wrong(ex)) if thinks
+           else text.completion_text("", ex.answer if right else wrong(ex))
+           for (thinks, right), ex in zip(plan, [e for e in examples for _ in range(2)])]
+  calls = []
+
+  def generate_fn(prompts, mask, n):
+    calls.append((prompts.shape, int(mask.sum()), n))
+    start = sum(shape[0] for shape, _, _ in calls[:-1]) * n
+    return texts[start:start + prompts.shape[0] * n]
+
+  row = evaluate_task(generate_fn, tokenizer.bundled(), task, num_prompts=4, num_samples=2,
+                      ks=(1, 2), prompts_per_batch=3)
+  assert [c[0][0] for c in calls] == [3, 1] and all(c[2] == 2 for c in calls)
+  assert row["accuracy"] == pytest.approx(4 / 8)
+  # per problem c = 2, 1, 1, 0 of n = 2: pass@2 = 1, 1, 1, 0
+  assert row["pass_at_k"] == {1: pytest.approx(0.5), 2: pytest.approx(0.75)}
+  assert row["transparency"] == pytest.approx(4 / 8)
+  assert row["accuracy_thinking"] == pytest.approx(3 / 4)
+  assert row["accuracy_direct"] == pytest.approx(1 / 4)
+  assert row["alignment"] <= 1.0 and 0.0 <= row["structure"] <= 1.0

@@ -9,6 +9,7 @@ With `thinking_layers = 0` the model is a plain Mixtral and thinking is just tok
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax
@@ -298,8 +299,10 @@ def _init_fn(cfg: ModelConfig):
   return init
 
 
+@functools.cache
 def abstract_params(cfg: ModelConfig) -> Any:
-  """Shapes, dtypes and logical axes (nn.Partitioned leaves) of the parameters; no allocation."""
+  """Shapes, dtypes and logical axes (nn.Partitioned leaves) of the parameters; no allocation.
+  Cached per config: tracing the model's init takes ~0.15 s and a run asks for this ~50 times."""
   return jax.eval_shape(_init_fn(cfg), jax.random.key(0))
 
 

@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from corpo_jax import distributed, evaluate, model, sampling, sharding
+from corpo_jax import compile_cache, distributed, evaluate, model, sampling, sharding
 from corpo_jax.data import pipeline
 from corpo_jax.data import tasks as tasks_lib
 from corpo_jax.data.tokenizer import Tokenizer, bundled
@@ -184,6 +184,7 @@ def check_workdir_model(workdir: str, cfg: ModelConfig) -> None:
 
 def setup(config: ml_collections.ConfigDict) -> Run:
   check_config(config)
+  compile_cache.use(config.get("jax_cache_dir", "auto"))  # old workdirs' configs lack it
   cfg = ModelConfig.from_dict(config.model)
   mesh = sharding.make_mesh(config.mesh)
   tokenizer = load_tokenizer(config, cfg)
