@@ -9,6 +9,10 @@ the exact-match reward (the same objective for every variant; the thinking itsel
 not rewarded), evaluated after the warm start and every 20 RL steps: accuracy, pass@k,
 transparency, step structure, coherence, alignment (eval.jsonl).
 
+The warm start (600 steps) and the RL learning rate (5e-5) follow the demo's measurements
+(docs/demo.md): 200-300 warm-start steps left the traces undertrained, and RL at lr >= 1e-4
+lowered held-out accuracy.
+
 Run the study (4 variants x 3 seeds = 12 runs; tables and plots in
 workdir/sweeps/study_thinking/results.md):
   python launch/sweep.py --config=configs/study_thinking.py
@@ -32,10 +36,10 @@ def get_config(arg=None):
     raise ValueError(f"thinking={arg.thinking!r}: choose none, tokens or a number of layers.")
   config = common.base_config(arg)
   config.stages = ("sft", "rl")
-  config.sft = common.sft_stage(steps=200, learning_rate=3e-3, warmup_steps=20, decay_steps=180,
+  config.sft = common.sft_stage(steps=600, learning_rate=3e-3, warmup_steps=20, decay_steps=580,
                                 trace_share=float(arg.thinking != "none"))
   config.rl = common.rl_stage(steps=40, prompts_per_step=8, group_size=8, max_new_tokens=96,
-                              advantage="grpo", scale="group", beta=0.1, learning_rate=2e-4,
+                              advantage="grpo", scale="group", beta=0.1, learning_rate=5e-5,
                               warmup_steps=5, eval_every=20)
   config.eval.max_new_tokens = 96
   config = common.smoke(config) if arg.smoke else config

@@ -164,7 +164,7 @@ def test_study_sweeps():
   assert len(estimators) == 24 and len({r.setting for r in estimators}) == 8
   assert estimators[3].name == "task=verify,advantage=grpo,scale=group,seed=0"
   assert estimators[-1].name == "task=arithmetic,advantage=dr_grpo,scale=none,seed=2"
-  assert estimators[0].stages == ("sft", "rl") and estimators[0].stage_steps == (200, 40)
+  assert estimators[0].stages == ("sft", "rl") and estimators[0].stage_steps == (600, 40)
   thinking = sweep.expand("configs/study_thinking.py", "r")
   assert [r.name for r in thinking[::3]] == [f"thinking={v},seed=0"
                                             for v in ("none", "tokens", "2", "4")]
