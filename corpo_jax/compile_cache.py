@@ -2,8 +2,8 @@
 
 Compiled programs are written to a directory keyed by their HLO, compile options, backend and
 jax version, so a rerun, a resumed run, an evaluation of the workdir or another seed with the
-same shapes loads them from disk instead of compiling again (the smoke config: 79 s cold, 21 s
-warm on the 2-core CPU). `config.jax_cache_dir` selects it:
+same shapes loads them from disk instead of compiling again (`configs/grpo.py:smoke` on the
+2-core CPU: 48 s with an empty cache, 16 s with a warm one). `config.jax_cache_dir` selects it:
 
   "auto"   $JAX_COMPILATION_CACHE_DIR if set, else DEFAULT_DIR
   ""       off
