@@ -49,11 +49,12 @@ def thinks(completions: Sequence[str]) -> np.ndarray:
   return np.array([p.well_formed and bool(p.trace) for p in parts], bool)
 
 
-def thinking_metrics(completions: Sequence[str], examples, task) -> dict[str, float]:
-  """ALGORITHMS.md thinking metrics averaged over completions: transparency, step structure,
-  coherence and alignment."""
+def thinking_metrics(completions: Sequence[str], examples, task,
+                     thinking_N: np.ndarray) -> dict[str, float]:
+  """ALGORITHMS.md thinking metrics averaged over completions: transparency (the share of
+  `thinking_N`, from `thinks`), step structure, coherence and alignment."""
   scores = rewards.compute((("thinking", 1.0),), completions, examples, task)
-  return {"transparency": float(thinks(completions).mean()),
+  return {"transparency": float(thinking_N.mean()),
           **{name: float(scores.components[name].mean())
              for name in ("structure", "coherence", "alignment")}}
 
@@ -84,9 +85,10 @@ def evaluate_task(generate_fn, tokenizer, task, *, num_prompts: int, num_samples
   correct_PN = np.array([[task.exact(texts[p * num_samples + i], ex) for i in range(num_samples)]
                          for p, ex in enumerate(examples)], bool)
   rep = [ex for ex in examples for _ in range(num_samples)]
+  thinking_N = thinks(texts)
   row = {"accuracy": float(correct_PN.mean()), "pass_at_k": mean_pass_at_k(correct_PN, ks),
-         **thinking_metrics(texts, rep, task),
-         **accuracy_by_thinking(correct_PN.reshape(-1), thinks(texts))}
+         **thinking_metrics(texts, rep, task, thinking_N),
+         **accuracy_by_thinking(correct_PN.reshape(-1), thinking_N)}
   groups = sorted({ex.group for ex in examples if ex.group})
   if groups:
     row["groups"] = {
