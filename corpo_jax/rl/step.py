@@ -5,6 +5,7 @@ shardings, donated state) a function
 
     update(state: TrainState, batch: Batch, ref_params=None) -> (state, metrics)
 
+(rl_cfg's RUNTIME_FIELDS, tau and the optimizer schedule, are run-time inputs, not constants)
 that, for `rl_cfg.num_iterations` optimizer steps on the same batch: computes advantages from
 the rewards (plus the overlong penalty), the policy's log-probs of the completion tokens
 (logits / temperature projected chunk by chunk over time, so [B, T, V] is never live), the
@@ -33,6 +34,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -118,23 +120,67 @@ def trainable_mask(freeze: tuple[str, ...], params: Any) -> Any:
   return jax.tree.map(lambda p: not any(frozen_by(f, p) for f in freeze), paths)
 
 
+# Fields whose values the compiled steps take as run-time float32 inputs (`hyperparams`), not as
+# constants: stages and runs that differ only in these (rl and specialize, a tau or learning-rate
+# sweep) lower to the same program, so the persistent compilation cache (compile_cache.py)
+# compiles it once.
+RUNTIME_FIELDS = ("tau", "learning_rate", "warmup_steps", "decay_steps", "weight_decay")
+SCHEDULE_FIELDS = ("learning_rate", "warmup_steps", "decay_steps", "weight_decay")
+
+
+def hyperparams(rl_cfg: RLConfig) -> dict[str, np.float32]:
+  """rl_cfg's RUNTIME_FIELDS as float32 scalars: the compiled steps' run-time arguments."""
+  return {f: np.float32(getattr(rl_cfg, f)) for f in RUNTIME_FIELDS}
+
+
+def learning_rate_at(count, learning_rate, warmup_steps, decay_steps) -> jax.Array:
+  """Linear warmup from 0 over `warmup_steps`, then cosine decay to 0 over `decay_steps`
+  (constant if 0); the values may be traced, so one program serves any schedule."""
+  count = jnp.asarray(count, jnp.float32)
+  warmup = jnp.where(warmup_steps > 0,
+                     jnp.minimum(count, warmup_steps) / jnp.maximum(warmup_steps, 1), 1.0)
+  progress = jnp.clip(count - warmup_steps, 0.0, decay_steps) / jnp.maximum(decay_steps, 1)
+  decay = jnp.where(decay_steps > 0, 0.5 * (1.0 + jnp.cos(jnp.pi * progress)), 1.0)
+  return learning_rate * warmup * decay
+
+
 def schedule(rl_cfg: RLConfig) -> optax.Schedule:
-  """Linear warmup from 0, then cosine decay to 0 over `decay_steps` (constant if 0)."""
-  lr, warmup = rl_cfg.learning_rate, rl_cfg.warmup_steps
-  if rl_cfg.decay_steps:
-    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, warmup + rl_cfg.decay_steps)
-  if not warmup:
-    return optax.constant_schedule(lr)
-  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)],
-                              [warmup])
+  """The learning rate after `count` optimizer steps under rl_cfg (learning_rate_at)."""
+  return lambda count: learning_rate_at(count, rl_cfg.learning_rate, rl_cfg.warmup_steps,
+                                        rl_cfg.decay_steps)
 
 
-def make_optimizer(rl_cfg: RLConfig, params: Any) -> optax.GradientTransformation:
+class ScheduleState(flax.struct.PyTreeNode):
+  count: jax.Array  # int32: optimizer steps applied
+
+
+def scheduled_weight_decay_and_step(rl_cfg: RLConfig) -> optax.GradientTransformationExtraArgs:
+  """AdamW's last part: u -> -lr(count) * (u + weight_decay * params). learning_rate,
+  warmup_steps, decay_steps and weight_decay come from the update's extra arguments when given
+  (the compiled steps pass `hyperparams`), else from rl_cfg."""
+  defaults = {f: float(getattr(rl_cfg, f)) for f in SCHEDULE_FIELDS}
+
+  def init(params):
+    del params
+    return ScheduleState(count=jnp.zeros((), jnp.int32))
+
+  def update(updates, state, params=None, **extra):
+    hp = {f: extra.get(f, defaults[f]) for f in SCHEDULE_FIELDS}
+    lr = learning_rate_at(state.count, hp["learning_rate"], hp["warmup_steps"], hp["decay_steps"])
+    step = lambda u, p: (-lr * (u + hp["weight_decay"] * p)).astype(u.dtype)
+    return jax.tree.map(step, updates, params), ScheduleState(optax.safe_increment(state.count))
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def make_optimizer(rl_cfg: RLConfig, params: Any) -> optax.GradientTransformationExtraArgs:
   """AdamW with `schedule`, global-norm clipping (over trainable leaves), and `freeze`: frozen
-  leaves get no update and no optimizer state. `params` may be abstract (shapes only)."""
+  leaves get no update and no optimizer state. `params` may be abstract (shapes only). Its
+  update takes SCHEDULE_FIELDS as optional extra arguments (run-time values)."""
   train = optax.chain(
       optax.clip_by_global_norm(rl_cfg.grad_clip_norm) if rl_cfg.grad_clip_norm else optax.identity(),
-      optax.adamw(schedule(rl_cfg), b1=rl_cfg.b1, b2=rl_cfg.b2, weight_decay=rl_cfg.weight_decay))
+      optax.scale_by_adam(b1=rl_cfg.b1, b2=rl_cfg.b2),
+      scheduled_weight_decay_and_step(rl_cfg))
   mask = trainable_mask(rl_cfg.freeze, params)
   if all(jax.tree.leaves(mask)):
     return train
@@ -298,13 +344,16 @@ def split_trainable(params: Any, trainable: Any) -> tuple[Any, Any]:
 
 
 def apply_if_finite(state: TrainState, grads: Any, frozen: Any, loss: jax.Array,
-                    optimizer: optax.GradientTransformation) -> tuple[TrainState, dict]:
-  """One optimizer step with the trainable leaves' `grads`; if the loss or any gradient is
-  non-finite, params and optimizer state stay as they were and `skipped` counts it."""
+                    optimizer: optax.GradientTransformation,
+                    hp: dict[str, jax.Array]) -> tuple[TrainState, dict]:
+  """One optimizer step with the trainable leaves' `grads` and the run-time `hp` (hyperparams);
+  if the loss or any gradient is non-finite, params and optimizer state stay as they were and
+  `skipped` counts it."""
   grads = merge_trainable(grads, jax.tree.map(jnp.zeros_like, frozen))  # ignored by set_to_zero
   finite = jnp.isfinite(loss) & jnp.all(
       jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  updates, opt_state = optax.with_extra_args_support(optimizer).update(
+      grads, state.opt_state, state.params, **{f: hp[f] for f in SCHEDULE_FIELDS})
   params = optax.apply_updates(state.params, updates)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   state = state.replace(params=keep(params, state.params),
@@ -313,8 +362,10 @@ def apply_if_finite(state: TrainState, grads: Any, frozen: Any, loss: jax.Array,
   return state, {"grad_norm": optax.tree.norm(grads), "applied": finite.astype(jnp.float32)}
 
 
-def _train_step(state: TrainState, batch: Batch, ref_params: Any, *, model_cfg: ModelConfig,
-                rl_cfg: RLConfig, optimizer: optax.GradientTransformation, trainable: Any):
+def _train_step(state: TrainState, batch: Batch, ref_params: Any, hp: dict[str, jax.Array], *,
+                model_cfg: ModelConfig, rl_cfg: RLConfig, optimizer: optax.GradientTransformation,
+                trainable: Any):
+  """rl_cfg's RUNTIME_FIELDS are read from `hp`, never from rl_cfg (one program for all values)."""
   cfg, M = rl_cfg, rl_cfg.num_micro_batches
   B, G = batch.rewards.shape
   lengths_BG = batch.loss_mask.sum(-1).reshape(B, G)
@@ -325,7 +376,8 @@ def _train_step(state: TrainState, batch: Batch, ref_params: Any, *, model_cfg: 
                                          cfg.overlong_factor)
     metrics["reward/overlong_penalty"] = penalty_BG.mean()
     rewards_BG = rewards_BG + penalty_BG
-  adv_BG = advantages.compute(cfg.advantage, rewards_BG, tau=cfg.tau, scale=cfg.scale, eps=cfg.eps)
+  adv_BG = advantages.compute(cfg.advantage, rewards_BG, tau=hp["tau"], scale=cfg.scale,
+                              eps=cfg.eps)
   loss_mask = batch.loss_mask
   if cfg.mask_truncated:
     loss_mask = loss_mask & ~batch.truncated[:, None]
@@ -355,12 +407,12 @@ def _train_step(state: TrainState, batch: Batch, ref_params: Any, *, model_cfg: 
                                             model_cfg=model_cfg,
                                             rl_cfg=cfg, M=M)
     grads, m = _accumulate(train, micro, old_MBT, ref_MBT, denom, n_tokens, loss_fn)
-    state, applied = apply_if_finite(state, grads, frozen, m["loss"], optimizer)
+    state, applied = apply_if_finite(state, grads, frozen, m["loss"], optimizer, hp)
     return state, {**m, **applied}
 
   state, iter_metrics = jax.lax.scan(iteration, state, None, length=cfg.num_iterations)
   metrics.update(jax.tree.map(lambda x: x[-1], iter_metrics))  # the last optimizer step's
-  metrics.update(advantages.diagnostics(batch.rewards, adv_BG, cfg.tau))
+  metrics.update(advantages.diagnostics(batch.rewards, adv_BG, hp["tau"]))
   metrics.update({
       "reward/mean": batch.rewards.mean(), "reward/std": batch.rewards.std(),
       "adv/mean": adv_BG.mean(), "adv/std": adv_BG.std(),
@@ -398,7 +450,7 @@ def make_update(model_cfg: ModelConfig, rl_cfg: RLConfig, mesh: Mesh | None,
     state_sh = state_shardings(model_cfg, optimizer, mesh)
     batch_sh = batch_shardings(mesh, rl_cfg.router_replay)
     ref_sh = model.param_shardings(model_cfg, mesh) if rl_cfg.beta > 0 else None
-    jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, ref_sh),
+    jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, ref_sh, sharding.replicated(mesh)),
                      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
     row_devices = math.prod(mesh.shape[a] for a in BATCH_AXES)
 
@@ -420,8 +472,9 @@ def make_update(model_cfg: ModelConfig, rl_cfg: RLConfig, mesh: Mesh | None,
     ref_params = ref_params if rl_cfg.beta > 0 else None
     if mesh is not None:
       batch = jax.device_put(batch, batch_shardings(mesh, rl_cfg.router_replay))
-    return state, batch, ref_params
+    return state, batch, ref_params, hp
 
+  hp = hyperparams(rl_cfg)
   in_mesh = lambda: contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
   def update(state: TrainState, batch: Batch, ref_params: Any = None):

@@ -24,6 +24,15 @@ import orbax.checkpoint as ocp
 
 _SIGTERM = threading.Event()
 
+# Orbax splits a replicated array into one slice per replica so that replicas (hosts) share its
+# write. Below this many bytes per slice that costs more than it saves: each new slice shape is a
+# compiled XLA program (the smoke run on 8 CPU devices compiled 144 of them, 4.4 s, to write
+# kilobytes). Larger replicated arrays keep the parallel write.
+MIN_REPLICA_SLICE_BYTES = 4 << 20
+ocp.type_handlers.register_type_handler(
+    jax.Array, ocp.type_handlers.ArrayHandler(
+        min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
+
 
 def install_sigterm_handler() -> None:
   """Turns SIGTERM into a flag the training loop polls (main thread only)."""

@@ -228,7 +228,7 @@ def _global_batch(run: Run, batch: dict, rows_sharding: Any, num_rows: int, left
 
 def _sft_plan(run: Run, name: str, stage, index: int) -> StagePlan:
   opt_cfg, optimizer = stage_optimizer(run, name)
-  update = sft_lib.make_sft_update(run.cfg, optimizer, opt_cfg.freeze, run.mesh,
+  update = sft_lib.make_sft_update(run.cfg, opt_cfg, optimizer, run.mesh,
                                    loss_on=stage.loss_on, step_loss_weight=stage.step_loss_weight)
   tasks = [run.task(t) for t in stage.tasks]
   if stage.traces:

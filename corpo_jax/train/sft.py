@@ -20,8 +20,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from corpo_jax import model, sharding
 from corpo_jax.model import ModelConfig
-from corpo_jax.rl.step import (BATCH_AXES, TrainState, apply_if_finite, merge_trainable,
-                               split_trainable, state_shardings, token_logprobs, trainable_mask)
+from corpo_jax.rl.config import RLConfig
+from corpo_jax.rl.step import (BATCH_AXES, TrainState, apply_if_finite, hyperparams,
+                               merge_trainable, split_trainable, state_shardings, token_logprobs,
+                               trainable_mask)
 
 LOSS_TARGETS = ("trace", "answer")
 
@@ -72,31 +74,34 @@ def sft_loss(params: Any, batch: SftBatch, *, cfg: ModelConfig, loss_on: tuple[s
   return loss, metrics
 
 
-def _sft_step(state: TrainState, batch: SftBatch, *, loss_fn, optimizer, trainable):
+def _sft_step(state: TrainState, batch: SftBatch, hp: dict[str, jax.Array], *, loss_fn, optimizer,
+              trainable):
   train, frozen = split_trainable(state.params, trainable)  # no gradients for frozen leaves
   (_, metrics), grads = jax.value_and_grad(
       lambda t: loss_fn(merge_trainable(t, frozen), batch), has_aux=True)(train)
-  state, applied = apply_if_finite(state, grads, frozen, metrics["loss"], optimizer)
+  state, applied = apply_if_finite(state, grads, frozen, metrics["loss"], optimizer, hp)
   return state.replace(step=state.step + 1), {**metrics, **applied, "skipped": state.skipped}
 
 
-def make_sft_update(cfg: ModelConfig, optimizer: optax.GradientTransformation,
-                    freeze: tuple[str, ...], mesh: jax.sharding.Mesh, *, loss_on: Sequence[str],
-                    step_loss_weight: float, chunk: int = 128) -> Callable:
+def make_sft_update(cfg: ModelConfig, opt_cfg: RLConfig, optimizer: optax.GradientTransformation,
+                    mesh: jax.sharding.Mesh, *, loss_on: Sequence[str], step_loss_weight: float,
+                    chunk: int = 128) -> Callable:
   """`update(state, batch: SftBatch) -> (state, metrics)`, jitted once with explicit shardings,
-  state donated; non-finite steps are skipped and counted as in the RL update."""
+  state donated; non-finite steps are skipped and counted as in the RL update. opt_cfg: the
+  optimizer's RLConfig (its freeze patterns, and its schedule as run-time values)."""
   loss_fn = functools.partial(sft_loss, cfg=cfg, loss_on=check_loss_on(loss_on),
                               step_loss_weight=step_loss_weight, chunk=chunk)
   step = functools.partial(_sft_step, loss_fn=loss_fn, optimizer=optimizer,
-                           trainable=trainable_mask(freeze, model.abstract_params(cfg)))
+                           trainable=trainable_mask(opt_cfg.freeze, model.abstract_params(cfg)))
   state_sh = state_shardings(cfg, optimizer, mesh)
   rows = NamedSharding(mesh, P(BATCH_AXES))
   batch_sh = SftBatch(rows, rows, rows, rows, rows)
-  jitted = jax.jit(step, in_shardings=(state_sh, batch_sh),
+  hp = hyperparams(opt_cfg)
+  jitted = jax.jit(step, in_shardings=(state_sh, batch_sh, sharding.replicated(mesh)),
                    out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
 
   def update(state: TrainState, batch: SftBatch):
     with jax.set_mesh(mesh):
-      return jitted(state, jax.device_put(batch, batch_sh))
+      return jitted(state, jax.device_put(batch, batch_sh), hp)
 
   return update

@@ -226,6 +226,59 @@ def test_schedule_warmup_then_cosine():
   assert float(step.schedule(RLConfig(learning_rate=3.0))(7)) == 3.0
 
 
+@pytest.mark.parametrize("warmup, decay", [(10, 90), (4, 0), (0, 50), (0, 0)])
+def test_optimizer_equals_optax_adamw_with_its_schedule(warmup, decay):
+  cfg = RLConfig(learning_rate=0.1, warmup_steps=warmup, decay_steps=decay, weight_decay=0.01,
+                 grad_clip_norm=0.0)
+  if decay:
+    optax_schedule = optax.warmup_cosine_decay_schedule(0.0, 0.1, warmup, warmup + decay)
+  elif warmup:
+    optax_schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, 0.1, warmup), optax.constant_schedule(0.1)], [warmup])
+  else:
+    optax_schedule = optax.constant_schedule(0.1)
+  counts = jnp.arange(120)
+  np.testing.assert_allclose(jax.vmap(step.schedule(cfg))(counts),
+                             jax.vmap(optax_schedule)(counts), rtol=1e-5, atol=1e-7)
+  params = {"w": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3)}
+  ours, theirs = step.make_optimizer(cfg, params), optax.adamw(optax_schedule, weight_decay=0.01)
+  a, b = (params, ours.init(params)), (params, theirs.init(params))
+  for k in range(12):
+    grads = {"w": jnp.sin(params["w"] * (k + 1))}
+    u, state = ours.update(grads, a[1], a[0])
+    a = (optax.apply_updates(a[0], u), state)
+    u, state = theirs.update(grads, b[1], b[0])
+    b = (optax.apply_updates(b[0], u), state)
+  np.testing.assert_allclose(a[0]["w"], b[0]["w"], rtol=1e-6)
+  assert not np.allclose(a[0]["w"], params["w"])
+
+
+def test_runtime_fields_share_one_program_and_take_effect(params):
+  """Configs that differ only in step.RUNTIME_FIELDS lower to the same program (one compile for
+  rl and specialize), and each field's value still acts: lr 0 leaves the params, tau moves the
+  CoRPO baseline."""
+  base = dataclasses.replace(RL, advantage="corpo", scale="none", learning_rate=0.0, tau=0.0,
+                             warmup_steps=3)
+  other = dataclasses.replace(base, learning_rate=1e-2, tau=0.5, warmup_steps=0, decay_steps=7,
+                              weight_decay=0.1)
+  batch = _batch(rewards=[[0.1, 0.2, 0.6, 0.9], [0.3, 0.3, 0.4, 0.7]])
+  runs = []
+  for cfg in (base, other):
+    opt = step.make_optimizer(cfg, params)
+    update = step.make_update(CFG, cfg, None, opt)
+    state = step.init_state(CFG, opt, params)
+    runs.append((update.lower(state, batch).as_text(), *_numpy(update(state, batch))))
+  (text_a, state_a, metrics_a), (text_b, state_b, metrics_b) = runs
+  assert text_a == text_b
+  chex.assert_trees_all_equal(state_a.params, _numpy(params))  # lr 0
+  assert not np.allclose(state_b.params["embed"], _numpy(params)["embed"])
+  # R = [0.1, 0.2, 0.6, 0.9], [0.3, 0.3, 0.4, 0.7]: group means 0.45 and 0.425; with tau 0.5 the
+  # baseline is 0.5 in both groups (both in correctness mode) and the mean advantage moves.
+  np.testing.assert_allclose(metrics_a["adv/mean"], 0.0, atol=1e-6)
+  np.testing.assert_allclose(metrics_b["adv/mean"], (3.5 - 4.0) / 8, rtol=1e-5)
+  assert (metrics_a["adv/frac_correctness_mode"], metrics_b["adv/frac_correctness_mode"]) == (0, 1)
+
+
 def test_update_rejects_bad_batches(params, reference):
   state = step.init_state(CFG, reference.opt, params)
   with_kl = step.make_update(CFG, dataclasses.replace(RL, beta=0.1), None, reference.opt)

@@ -83,3 +83,19 @@ def test_unwritable_directory_is_a_clear_error(tmp_path):
     path = str(tmp_path / "c")
   with pytest.raises(ValueError, match="writable"):
     Checkpointer(path)
+
+
+def test_small_replicated_arrays_are_written_without_per_replica_slice_programs(tmp_path, caplog):
+  """Orbax's replica-parallel write slices a replicated array once per replica, one compiled
+  program per slice shape; below MIN_REPLICA_SLICE_BYTES the save compiles no slice at all."""
+  mesh = sharding.make_mesh((8, 1, 1, 1))
+  state = {f"b{n}": jax.device_put(jnp.arange(8 * n, dtype=jnp.float32), sharding.replicated(mesh))
+           for n in range(1, 5)}  # four shapes, each divisible over the 8 replicas
+  ckpt = Checkpointer(str(tmp_path / "ckpt"))
+  with jax.log_compiles(True), caplog.at_level("WARNING", logger="jax"):
+    ckpt.save(1, state, {"stage": "sft"})
+    ckpt.close()
+  compiled = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+  assert not [m for m in compiled if "slice" in m], compiled
+  restored, _ = Checkpointer(str(tmp_path / "ckpt")).restore(1, abstract_like(state))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))

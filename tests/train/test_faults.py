@@ -54,7 +54,8 @@ def test_negative_skip_limit_is_rejected(tmp_path):
 @pytest.mark.slow
 def test_checkpoint_from_mesh_4x2_restores_onto_2x4_and_1_device_and_continues_equally(tmp_path):
   cfg = ModelConfig.preset("tiny", num_layers=1)
-  optimizer = rl_step.make_optimizer(RLConfig(learning_rate=1e-2), model.abstract_params(cfg))
+  opt_cfg = RLConfig(learning_rate=1e-2)
+  optimizer = rl_step.make_optimizer(opt_cfg, model.abstract_params(cfg))
   rng = np.random.default_rng(0)
   positions_T = np.arange(16)
   batch = sft_lib.SftBatch(  # 8 rows: 4 prompt tokens, 6 trace tokens, 6 answer tokens
@@ -65,7 +66,7 @@ def test_checkpoint_from_mesh_4x2_restores_onto_2x4_and_1_device_and_continues_e
       step_labels=jnp.zeros((8, 16), jnp.int32))
 
   def update(mesh):
-    return sft_lib.make_sft_update(cfg, optimizer, (), mesh, loss_on=("trace", "answer"),
+    return sft_lib.make_sft_update(cfg, opt_cfg, optimizer, mesh, loss_on=("trace", "answer"),
                                    step_loss_weight=0.1)
 
   def abstract(mesh):
