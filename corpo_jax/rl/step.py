@@ -135,13 +135,15 @@ def hyperparams(rl_cfg: RLConfig) -> dict[str, np.float32]:
 
 def learning_rate_at(count, learning_rate, warmup_steps, decay_steps) -> jax.Array:
   """Linear warmup from 0 over `warmup_steps`, then cosine decay to 0 over `decay_steps`
-  (constant if 0); the values may be traced, so one program serves any schedule."""
+  (constant if 0). The values may be traced, so one program serves any schedule; the arithmetic
+  is optax's warmup_cosine_decay_schedule's, operation for operation (bit-identical values)."""
   count = jnp.asarray(count, jnp.float32)
-  warmup = jnp.where(warmup_steps > 0,
-                     jnp.minimum(count, warmup_steps) / jnp.maximum(warmup_steps, 1), 1.0)
-  progress = jnp.clip(count - warmup_steps, 0.0, decay_steps) / jnp.maximum(decay_steps, 1)
-  decay = jnp.where(decay_steps > 0, 0.5 * (1.0 + jnp.cos(jnp.pi * progress)), 1.0)
-  return learning_rate * warmup * decay
+  frac = 1.0 - jnp.minimum(count, warmup_steps) / jnp.maximum(warmup_steps, 1.0)
+  warming = (0.0 - learning_rate) * frac + learning_rate
+  since = jnp.minimum(count - warmup_steps, decay_steps)
+  cosine = 0.5 * (1.0 + jnp.cos(jnp.pi * since / jnp.maximum(decay_steps, 1.0)))
+  after = jnp.where(decay_steps > 0, learning_rate * cosine, learning_rate)
+  return jnp.where(count < warmup_steps, warming, after)
 
 
 def schedule(rl_cfg: RLConfig) -> optax.Schedule:
