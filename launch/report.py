@@ -4,7 +4,9 @@ Reads every run's eval.jsonl and metrics.jsonl (written by corpo_jax/train/loop.
 into the sweep root:
   runs.csv       one row per (run, task, group): the final evaluation (the last stage's eval at
                  its last step); group "all" is the whole task, the others its eval groups (e.g.
-                 the verifier's ground-truth configurations)
+                 the verifier's ground-truth configurations). Runs of several stages also carry
+                 start_accuracy (the first stage's final eval, e.g. after the warm start) and
+                 gain = accuracy - start_accuracy, so seeds are compared paired
   settings.csv   one row per (setting, task, group): mean and sample std over the setting's seeds
   training.csv   one row per (run, RL stage): the mean over the stage's steps of each CURVES key
                  (columns named by the CURVES names)
@@ -49,10 +51,21 @@ def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
 # ----------------------------------------------------------------------------- tables
 
 
-def final_eval(run) -> list[dict]:
-  """The eval rows of the last stage at its last step, one per task."""
-  stage, step = run.stages[-1], run.stage_steps[-1]
+def stage_eval(run, index: int) -> list[dict]:
+  """The eval rows of stage `index` (-1: the last) at its last step, one per task."""
+  stage, step = run.stages[index], run.stage_steps[index]
   return [r for r in _rows(run, "eval.jsonl") if r["stage"] == stage and r["step"] == step]
+
+
+def final_eval(run) -> list[dict]:
+  return stage_eval(run, -1)
+
+
+def _start(row: dict, start: dict | None) -> dict[str, float]:
+  """start_accuracy and gain of a final eval (row) against the first stage's (start)."""
+  if start is None:
+    return {}
+  return {"start_accuracy": start["accuracy"], "gain": row["accuracy"] - start["accuracy"]}
 
 
 def _scores(row: dict) -> dict[str, float]:
@@ -64,13 +77,16 @@ def _scores(row: dict) -> dict[str, float]:
 def eval_records(run) -> list[dict]:
   """The run's final evaluation: one record per task (group "all") and per task group."""
   head = {"run": run.name, "setting": run.setting, "seed": run.seed, **dict(run.items)}
+  starts = {r["task"]: r for r in stage_eval(run, 0)} if len(run.stages) > 1 else {}
   records = []
   for row in final_eval(run):
+    start = starts.get(row["task"])
     records.append({**head, "task": row["task"], "group": "all", **_scores(row),
-                    **{k: row[k] for k in THINKING}})
+                    **_start(row, start), **{k: row[k] for k in THINKING}})
     for group, sub in row.get("groups", {}).items():
+      start_sub = start.get("groups", {}).get(group) if start else None
       records.append({**head, "task": row["task"], "group": group, **_scores(sub),
-                      "count": sub["count"]})
+                      **_start(sub, start_sub), "count": sub["count"]})
   return records
 
 
@@ -134,7 +150,7 @@ def _metric_names(records: list[dict]) -> list[str]:
   names = ["accuracy"]
   names += sorted({k for r in records for k in r if k.startswith("pass@")},
                   key=lambda k: int(k[5:]))
-  return names
+  return names + [k for k in ("start_accuracy", "gain") if any(k in r for r in records)]
 
 
 # ----------------------------------------------------------------------------- plots
@@ -235,6 +251,9 @@ def write(runs, root: str, *, title: str) -> list[str]:
   missing = [run.name for run in runs if run.name not in evaluated]
   if missing:
     lines += [f"Not finished (left out): {', '.join(missing)}.", ""]
+  if "gain" in metrics:
+    lines += [f"start_accuracy: the accuracy after the first stage (`{runs[0].stages[0]}`); gain: "
+              "final accuracy minus start_accuracy, per seed, then averaged.", ""]
   overall = [s for s in settings if s["group"] == "all"]
   lines += ["## Final evaluation", ""]
   lines += markdown_table(["setting", "task", "seeds", *metrics, *THINKING],

@@ -54,7 +54,11 @@ def test_tables(tmp_path):
 
   header, rows = _csv(tmp_path / "runs.csv")
   assert header == ["run", "setting", "seed", "est", "task", "group", "accuracy", "pass@1",
-                    "pass@4", "transparency", "structure", "coherence", "alignment", "count"]
+                    "pass@4", "start_accuracy", "gain", "transparency", "structure", "coherence",
+                    "alignment", "count"]
+  # start: the sft eval (accuracy 0.1, group g1 0.05); gain: final minus start, per seed.
+  got = [(float(r["start_accuracy"]), float(r["gain"])) for r in rows[:4]]
+  assert sum(got, ()) == pytest.approx((0.1, 0.1, 0.05, 0.05, 0.1, 0.3, 0.05, 0.15))
   assert [(r["run"], r["group"], r["accuracy"], r["count"]) for r in rows[:2]] == [
       ("est=A,seed=0", "all", "0.2", ""), ("est=A,seed=0", "g1", "0.1", "2")]
   assert len(rows) == 8  # C has no final evaluation
@@ -75,8 +79,10 @@ def test_tables(tmp_path):
   md = (tmp_path / "results.md").read_text()
   assert "5 runs, 4 with a final evaluation (stage `rl`)" in md
   assert "Not finished (left out): est=C,seed=0." in md
-  assert ("| est=A | t | 2 | 0.300 ± 0.141 | 0.300 ± 0.141 | 0.400 ± 0.141 | 1.000 ± 0.000 | "
-          "0.500 ± 0.000 | 0.250 ± 0.000 | 1.000 ± 0.000 |") in md
+  assert ("| est=A | t | 2 | 0.300 ± 0.141 | 0.300 ± 0.141 | 0.400 ± 0.141 | 0.100 ± 0.000 | "
+          "0.200 ± 0.141 | 1.000 ± 0.000 | 0.500 ± 0.000 | 0.250 ± 0.000 | 1.000 ± 0.000 |") in md
+  assert "| est=B | t | 2 | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.600 ± 0.000 | 0.100 ± 0.000 | 0.400 ± 0.000 |" in md
+  assert "start_accuracy: the accuracy after the first stage (`sft`)" in md
   assert "| est=A | t | g1 | 2 | 0.150 ± 0.071 |" in md
   assert "| est=A | rl | 2 | 2.500 ± 0.707 | 0.250 ± 0.354 | 1.000 ± 0.000 |" in md
   assert "| est=C | rl | 1 | 2.000 | 0.000 | 1.000 |" in md  # one seed: no std
