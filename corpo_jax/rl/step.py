@@ -152,37 +152,51 @@ def schedule(rl_cfg: RLConfig) -> optax.Schedule:
                                         rl_cfg.decay_steps)
 
 
-class ScheduleState(flax.struct.PyTreeNode):
-  count: jax.Array  # int32: optimizer steps applied
+def _extra(defaults: dict[str, float], extra: dict[str, Any]) -> dict[str, Any]:
+  return {f: extra.get(f, v) for f, v in defaults.items()}
 
 
-def scheduled_weight_decay_and_step(rl_cfg: RLConfig) -> optax.GradientTransformationExtraArgs:
-  """AdamW's last part: u -> -lr(count) * (u + weight_decay * params). learning_rate,
-  warmup_steps, decay_steps and weight_decay come from the update's extra arguments when given
-  (the compiled steps pass `hyperparams`), else from rl_cfg."""
-  defaults = {f: float(getattr(rl_cfg, f)) for f in SCHEDULE_FIELDS}
+def add_decayed_weights(rl_cfg: RLConfig) -> optax.GradientTransformationExtraArgs:
+  """optax.add_decayed_weights with weight_decay from the update's extra arguments when given
+  (the compiled steps pass `hyperparams`), else rl_cfg's. Same state as optax's (empty)."""
+  defaults = {"weight_decay": float(rl_cfg.weight_decay)}
+
+  def update(updates, state, params=None, **extra):
+    wd = _extra(defaults, extra)["weight_decay"]
+    return jax.tree.map(lambda u, p: u + wd * p, updates, params), state
+
+  return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+
+
+def scale_by_learning_rate(rl_cfg: RLConfig) -> optax.GradientTransformationExtraArgs:
+  """optax.scale_by_learning_rate(schedule(rl_cfg)) with learning_rate, warmup_steps and
+  decay_steps from the update's extra arguments when given, else rl_cfg's. Same state as
+  optax's (ScaleByScheduleState: the optimizer steps applied)."""
+  defaults = {f: float(getattr(rl_cfg, f)) for f in SCHEDULE_FIELDS if f != "weight_decay"}
 
   def init(params):
     del params
-    return ScheduleState(count=jnp.zeros((), jnp.int32))
+    return optax.ScaleByScheduleState(count=jnp.zeros((), jnp.int32))
 
   def update(updates, state, params=None, **extra):
-    hp = {f: extra.get(f, defaults[f]) for f in SCHEDULE_FIELDS}
-    lr = learning_rate_at(state.count, hp["learning_rate"], hp["warmup_steps"], hp["decay_steps"])
-    step = lambda u, p: (-lr * (u + hp["weight_decay"] * p)).astype(u.dtype)
-    return jax.tree.map(step, updates, params), ScheduleState(optax.safe_increment(state.count))
+    del params
+    lr = learning_rate_at(state.count, **_extra(defaults, extra))
+    updates = jax.tree.map(lambda u: jnp.asarray(-lr, u.dtype) * u, updates)
+    return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformationExtraArgs(init, update)
 
 
 def make_optimizer(rl_cfg: RLConfig, params: Any) -> optax.GradientTransformationExtraArgs:
-  """AdamW with `schedule`, global-norm clipping (over trainable leaves), and `freeze`: frozen
-  leaves get no update and no optimizer state. `params` may be abstract (shapes only). Its
-  update takes SCHEDULE_FIELDS as optional extra arguments (run-time values)."""
+  """AdamW (optax.adamw's transforms and state) with `schedule`, global-norm clipping (over
+  trainable leaves), and `freeze`: frozen leaves get no update and no optimizer state. `params`
+  may be abstract (shapes only). Its update takes SCHEDULE_FIELDS as optional extra arguments
+  (run-time values)."""
+  adamw = optax.chain(optax.scale_by_adam(b1=rl_cfg.b1, b2=rl_cfg.b2),
+                      add_decayed_weights(rl_cfg), scale_by_learning_rate(rl_cfg))
   train = optax.chain(
       optax.clip_by_global_norm(rl_cfg.grad_clip_norm) if rl_cfg.grad_clip_norm else optax.identity(),
-      optax.scale_by_adam(b1=rl_cfg.b1, b2=rl_cfg.b2),
-      scheduled_weight_decay_and_step(rl_cfg))
+      adamw)  # the state of optax.adamw: checkpoints of the constant-schedule optimizer restore
   mask = trainable_mask(rl_cfg.freeze, params)
   if all(jax.tree.leaves(mask)):
     return train
