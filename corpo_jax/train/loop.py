@@ -321,6 +321,17 @@ def _abstract_state(run: Run, optimizer) -> Any:
                       shapes, shardings)
 
 
+# fold_in tag of the evaluation rng: apart from the stages' streams, fold_in(key(seed), index).
+EVAL_STREAM = 0x5EED_E7A1
+
+
+def eval_rng(config: ml_collections.ConfigDict) -> jax.Array:
+  """The sampling rng of every evaluation of a run (each stage, each step, the eval CLI): the
+  prompts are fixed too, so two evaluations differ only by the policy (common random numbers),
+  and `python -m corpo_jax.evaluate` reproduces the last in-training evaluation."""
+  return jax.random.fold_in(jax.random.key(config.seed), EVAL_STREAM)
+
+
 def _evaluate(run: Run, params: Any, stage_name: str, step: int, rng: jax.Array) -> list[dict]:
   ev = run.config.eval
   strategy = (sampling.Greedy(),) if ev.temperature == 0 else (sampling.Temperature(ev.temperature),)
@@ -407,7 +418,6 @@ def run_stage(run: Run, index: int, name: str, start_params: Any) -> tuple[Any, 
     for log in (run.writer.path, run.path("eval.jsonl"), run.path("samples.jsonl")):
       _drop_rows_after(log, name, latest or 0)
 
-  eval_rng = jax.random.fold_in(jax.random.key(run.config.seed + 1), index)
   progress = Progress(name, stage.steps, plan.progress_keys,
                       enabled=run.is_main and run.config.log.progress)
   late, t_last = OneStepLate(), time.perf_counter()
@@ -447,10 +457,10 @@ def run_stage(run: Run, index: int, name: str, start_params: Any) -> tuple[Any, 
     if (k + 1) % stage.checkpoint_every == 0 and k + 1 < stage.steps:
       save(k + 1, done=False)
     if stage.eval_every and (k + 1) % stage.eval_every == 0 and k + 1 < stage.steps:
-      _evaluate(run, state.params, name, k + 1, eval_rng)
+      _evaluate(run, state.params, name, k + 1, eval_rng(run.config))
   emit(late.flush())
   progress.close()
-  eval_rows = _evaluate(run, state.params, name, stage.steps, eval_rng)
+  eval_rows = _evaluate(run, state.params, name, stage.steps, eval_rng(run.config))
   save(stage.steps, done=True)
   ckpt.close()
   return state.params, eval_rows
@@ -491,6 +501,5 @@ def evaluate_workdir(workdir: str) -> list[dict]:
     _, optimizer = stage_optimizer(r, name)
     state, _ = ckpt.restore(latest, _abstract_state(r, optimizer))
     ckpt.close()
-    eval_rng = jax.random.fold_in(jax.random.key(config.seed + 2), index)
-    return _evaluate(r, state.params, name, latest, eval_rng)
+    return _evaluate(r, state.params, name, latest, eval_rng(config))
   raise ValueError(f"No checkpoint under {workdir}/checkpoints; nothing to evaluate.")

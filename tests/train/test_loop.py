@@ -7,7 +7,10 @@ import signal
 import subprocess
 import sys
 import time
+from unittest import mock
 
+import jax
+import numpy as np
 import pytest
 
 from configs import common
@@ -50,7 +53,13 @@ def _comparable(rows):
 def test_smoke_config_runs_all_three_stages(tmp_path):
   config = grpo_config.get_config("smoke")
   config.workdir = str(tmp_path)
-  results = loop.run(config)
+  rngs = []  # the sampling rng of every evaluation
+  evaluate = loop._evaluate
+  def recording(run, params, stage, step, rng):
+    rngs.append(tuple(np.asarray(jax.random.key_data(rng)).ravel()))
+    return evaluate(run, params, stage, step, rng)
+  with mock.patch.object(loop, "_evaluate", recording):
+    results = loop.run(config)
   assert list(results) == ["sft", "rl", "specialize"]
   rows = read_jsonl(str(tmp_path / "metrics.jsonl"))
   assert [(r["stage"], r["step"]) for r in rows] == [
@@ -70,10 +79,15 @@ def test_smoke_config_runs_all_three_stages(tmp_path):
     assert {"transparency", "structure", "coherence", "alignment"} <= set(r)
   # A rerun of a finished run skips every stage; the eval CLI evaluates its newest checkpoint.
   assert all(rows == [] for rows in loop.run(config).values())
-  again = loop.evaluate_workdir(str(tmp_path))
+  with mock.patch.object(loop, "_evaluate", recording):
+    again = loop.evaluate_workdir(str(tmp_path))
   assert [(r["stage"], r["step"], r["task"]) for r in again] == [
       ("specialize", 3, "arithmetic"), ("specialize", 3, "arithmetic3")]
-  assert len(read_jsonl(str(tmp_path / "eval.jsonl"))) == len(evals) + 2
+  rows = read_jsonl(str(tmp_path / "eval.jsonl"))
+  assert rows[-2:] == rows[-4:-2] and len(rows) == len(evals) + 2  # it reproduces the last eval
+  # Every evaluation (each stage's, the eval CLI's) samples with one rng: paired comparisons.
+  assert len(rngs) == 4 and len(set(rngs)) == 1 and rngs[0] == tuple(
+      np.asarray(jax.random.key_data(loop.eval_rng(config))).ravel())
 
 
 def _two_stages(workdir):
