@@ -13,6 +13,7 @@ saves and exits 0.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -29,9 +30,21 @@ _SIGTERM = threading.Event()
 # compiled XLA program (the smoke run on 8 CPU devices compiled 144 of them, 4.4 s, to write
 # kilobytes). Larger replicated arrays keep the parallel write.
 MIN_REPLICA_SLICE_BYTES = 4 << 20
-ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(
-        min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
+
+
+def _register_array_handler() -> None:
+  absl_logger = logging.getLogger("absl")  # orbax warns about every override; this one is ours
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)
+  try:
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(
+            min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)
+  finally:
+    absl_logger.setLevel(level)
+
+
+_register_array_handler()
 
 
 def install_sigterm_handler() -> None:

@@ -1,6 +1,8 @@
 """Checkpointer: exact round trip, restore onto another mesh, data iterator resume, errors."""
 
 import os
+import subprocess
+import sys
 
 import grain
 import jax
@@ -10,6 +12,8 @@ import pytest
 
 from corpo_jax import sharding
 from corpo_jax.train.checkpoint import Checkpointer, abstract_like
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _state(mesh):
@@ -99,3 +103,9 @@ def test_small_replicated_arrays_are_written_without_per_replica_slice_programs(
   assert not [m for m in compiled if "slice" in m], compiled
   restored, _ = Checkpointer(str(tmp_path / "ckpt")).restore(1, abstract_like(state))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
+
+
+def test_importing_the_checkpointer_logs_no_orbax_override_warning():
+  out = subprocess.run([sys.executable, "-c", "import corpo_jax.train.checkpoint"],
+                       cwd=ROOT, capture_output=True, text=True, check=True)
+  assert "overriding" not in out.stderr + out.stdout, out.stderr
