@@ -101,7 +101,9 @@ def test_step_bench_prints_json(capsys):
   out = _json_line(capsys)
   for key in ("step_s", "rollout_s", "update_s", "reward_s", "rollout_tokens_per_s", "mfu"):
     assert out[key] > 0
-  assert out["step_s"] >= out["rollout_s"] + out["update_s"]
+  # Every step is at least its rollout and at least its update, so the medians keep that order
+  # (a median of sums need not exceed the sum of the medians: that flaked under load).
+  assert out["step_s"] >= max(out["rollout_s"], out["update_s"])
 
 
 def test_step_bench_needs_five_runs():
