@@ -5,7 +5,7 @@ shardings, donated state) a function
 
     update(state: TrainState, batch: Batch, ref_params=None) -> (state, metrics)
 
-(rl_cfg's RUNTIME_FIELDS, tau and the optimizer schedule, are run-time inputs, not constants)
+(tau and the optimizer schedule, rl_cfg's RUNTIME_FIELDS, are run-time inputs, not constants)
 that, for `rl_cfg.num_iterations` optimizer steps on the same batch: computes advantages from
 the rewards (plus the overlong penalty), the policy's log-probs of the completion tokens
 (logits / temperature projected chunk by chunk over time, so [B, T, V] is never live), the
@@ -196,7 +196,7 @@ def make_optimizer(rl_cfg: RLConfig, params: Any) -> optax.GradientTransformatio
                       add_decayed_weights(rl_cfg), scale_by_learning_rate(rl_cfg))
   train = optax.chain(
       optax.clip_by_global_norm(rl_cfg.grad_clip_norm) if rl_cfg.grad_clip_norm else optax.identity(),
-      adamw)  # the state of optax.adamw: checkpoints of the constant-schedule optimizer restore
+      adamw)  # optax.adamw's state layout: checkpoints of earlier versions restore
   mask = trainable_mask(rl_cfg.freeze, params)
   if all(jax.tree.leaves(mask)):
     return train
