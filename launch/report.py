@@ -57,10 +57,6 @@ def stage_eval(run, index: int) -> list[dict]:
   return [r for r in _rows(run, "eval.jsonl") if r["stage"] == stage and r["step"] == step]
 
 
-def final_eval(run) -> list[dict]:
-  return stage_eval(run, -1)
-
-
 def _start(row: dict, start: dict | None) -> dict[str, float]:
   """start_accuracy and gain of a final eval (row) against the first stage's (start)."""
   if start is None:
@@ -79,7 +75,7 @@ def eval_records(run) -> list[dict]:
   head = {"run": run.name, "setting": run.setting, "seed": run.seed, **dict(run.items)}
   starts = {r["task"]: r for r in stage_eval(run, 0)} if len(run.stages) > 1 else {}
   records = []
-  for row in final_eval(run):
+  for row in stage_eval(run, -1):
     start = starts.get(row["task"])
     records.append({**head, "task": row["task"], "group": "all", **_scores(row),
                     **_start(row, start), **{k: row[k] for k in THINKING}})

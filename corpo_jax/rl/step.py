@@ -125,7 +125,8 @@ def trainable_mask(freeze: tuple[str, ...], params: Any) -> Any:
 # sweep) lower to the same program, so the persistent compilation cache (compile_cache.py)
 # compiles it once.
 RUNTIME_FIELDS = ("tau", "learning_rate", "warmup_steps", "decay_steps", "weight_decay")
-SCHEDULE_FIELDS = ("learning_rate", "warmup_steps", "decay_steps", "weight_decay")
+LR_FIELDS = ("learning_rate", "warmup_steps", "decay_steps")  # learning_rate_at's arguments
+SCHEDULE_FIELDS = LR_FIELDS + ("weight_decay",)  # the optimizer's run-time values
 
 
 def hyperparams(rl_cfg: RLConfig) -> dict[str, np.float32]:
@@ -172,7 +173,7 @@ def scale_by_learning_rate(rl_cfg: RLConfig) -> optax.GradientTransformationExtr
   """optax.scale_by_learning_rate(schedule(rl_cfg)) with learning_rate, warmup_steps and
   decay_steps from the update's extra arguments when given, else rl_cfg's. Same state as
   optax's (ScaleByScheduleState: the optimizer steps applied)."""
-  defaults = {f: float(getattr(rl_cfg, f)) for f in SCHEDULE_FIELDS if f != "weight_decay"}
+  defaults = {f: float(getattr(rl_cfg, f)) for f in LR_FIELDS}
 
   def init(params):
     del params

@@ -418,6 +418,7 @@ def run_stage(run: Run, index: int, name: str, start_params: Any) -> tuple[Any, 
     for log in (run.writer.path, run.path("eval.jsonl"), run.path("samples.jsonl")):
       _drop_rows_after(log, name, latest or 0)
 
+  rng = eval_rng(run.config)
   progress = Progress(name, stage.steps, plan.progress_keys,
                       enabled=run.is_main and run.config.log.progress)
   late, t_last = OneStepLate(), time.perf_counter()
@@ -457,10 +458,10 @@ def run_stage(run: Run, index: int, name: str, start_params: Any) -> tuple[Any, 
     if (k + 1) % stage.checkpoint_every == 0 and k + 1 < stage.steps:
       save(k + 1, done=False)
     if stage.eval_every and (k + 1) % stage.eval_every == 0 and k + 1 < stage.steps:
-      _evaluate(run, state.params, name, k + 1, eval_rng(run.config))
+      _evaluate(run, state.params, name, k + 1, rng)
   emit(late.flush())
   progress.close()
-  eval_rows = _evaluate(run, state.params, name, stage.steps, eval_rng(run.config))
+  eval_rows = _evaluate(run, state.params, name, stage.steps, rng)
   save(stage.steps, done=True)
   ckpt.close()
   return state.params, eval_rows
