@@ -124,3 +124,21 @@ def test_workdir_of_another_model_is_refused_naming_fields_and_kept(tmp_path):
                      r"they cannot be restored"):
     loop.setup(config)
   assert (tmp_path / "config.json").read_text() == saved  # the old run's record is intact
+
+
+def test_evaluate_cli_names_a_missing_run_stage_or_checkpoint(tmp_path):
+  with pytest.raises(ValueError, match="No config.json in .*--config.workdir of a run"):
+    loop.evaluate_workdir(str(tmp_path))
+  config = grpo_config.get_config("smoke")
+  config.workdir = str(tmp_path)
+  (tmp_path / "config.json").write_text(config.to_json())
+  with pytest.raises(ValueError, match=r"--stage='rl2' is not a stage of this run; its stages "
+                                       r"are \('sft', 'rl', 'specialize'\)"):
+    loop.evaluate_workdir(str(tmp_path), stage="rl2")
+  with pytest.raises(ValueError, match=r"No checkpoint under .*/checkpoints; nothing"):
+    loop.evaluate_workdir(str(tmp_path))
+  (tmp_path / "checkpoints" / "rl").mkdir(parents=True)  # a stage that never saved
+  with pytest.raises(ValueError, match=r"No checkpoint under .*/checkpoints/rl; nothing"):
+    loop.evaluate_workdir(str(tmp_path), stage="rl")
+  with pytest.raises(ValueError, match="--num_prompts=0: evaluate at least one problem"):
+    loop.evaluate_workdir(str(tmp_path), num_prompts=0)

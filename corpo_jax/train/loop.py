@@ -332,7 +332,9 @@ def eval_rng(config: ml_collections.ConfigDict) -> jax.Array:
   return jax.random.fold_in(jax.random.key(config.seed), EVAL_STREAM)
 
 
-def _evaluate(run: Run, params: Any, stage_name: str, step: int, rng: jax.Array) -> list[dict]:
+def _evaluate(run: Run, params: Any, stage_name: str, step: int, rng: jax.Array,
+              out: str | None = None) -> list[dict]:
+  """Evaluates `params` on config.eval's tasks; rows appended to `out` (default: eval.jsonl)."""
   ev = run.config.eval
   strategy = (sampling.Greedy(),) if ev.temperature == 0 else (sampling.Temperature(ev.temperature),)
   calls = itertools.count()
@@ -353,7 +355,7 @@ def _evaluate(run: Run, params: Any, stage_name: str, step: int, rng: jax.Array)
                                     ks=ev.ks, prompts_per_batch=ev.prompts_per_batch)
     rows.append({"step": step, "stage": stage_name, "task": name, **result})
   if run.is_main:
-    with open(run.path("eval.jsonl"), "a") as f:
+    with open(out or run.path("eval.jsonl"), "a") as f:
       for row in rows:
         f.write(json.dumps(row) + "\n")
   for row in rows:
@@ -481,26 +483,43 @@ def run(config: ml_collections.ConfigDict) -> dict[str, list[dict]]:
   return results
 
 
-def evaluate_workdir(workdir: str) -> list[dict]:
-  """Evaluates the newest checkpoint of a run (its saved config.json) and appends to eval.jsonl."""
+def evaluate_workdir(workdir: str, stage: str | None = None, num_prompts: int | None = None,
+                     out: str | None = None) -> list[dict]:
+  """Evaluates a run's checkpoint with its saved config.json's eval settings and the run's eval
+  rng (so it is paired with the in-training evaluations); rows appended to `out` (default:
+  <workdir>/eval.jsonl).
+
+  stage: evaluate that stage's newest checkpoint (default: the newest of the last stage that has
+  one). num_prompts: evaluate on this many problems instead of config.eval.num_prompts (the
+  first problems are the same ones).
+  """
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise ValueError(f"No config.json in {workdir!r}: is it the --config.workdir of a run?")
   with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f))
   config.workdir = workdir
+  if stage is not None and stage not in config.stages:
+    raise ValueError(f"--stage={stage!r} is not a stage of this run; its stages are "
+                     f"{tuple(config.stages)}.")
+  if num_prompts is not None and num_prompts < 1:
+    raise ValueError(f"--num_prompts={num_prompts}: evaluate at least one problem.")
   r = setup(config)
-  for index in reversed(range(len(config.stages))):
-    name = config.stages[index]
+  if num_prompts is not None:
+    r.config.eval.num_prompts = num_prompts  # after setup: the saved config.json is unchanged
+  for name in [stage] if stage else reversed(config.stages):
     directory = r.path("checkpoints", name)
     if not os.path.isdir(directory):
       continue
     ckpt = Checkpointer(directory)
-    latest = ckpt.latest_step()
-    if latest is None:
-      continue
-    _, optimizer = stage_optimizer(r, name)
-    state, _ = ckpt.restore(latest, _abstract_state(r, optimizer))
-    ckpt.close()
-    return _evaluate(r, state.params, name, latest, eval_rng(config))
-  raise ValueError(f"No checkpoint under {workdir}/checkpoints; nothing to evaluate.")
+    try:
+      latest = ckpt.latest_step()
+      if latest is None:
+        continue
+      _, optimizer = stage_optimizer(r, name)
+      state, _ = ckpt.restore(latest, _abstract_state(r, optimizer))
+    finally:
+      ckpt.close()
+    return _evaluate(r, state.params, name, latest, eval_rng(config), out)
+  where = f"{workdir}/checkpoints/{stage}" if stage else f"{workdir}/checkpoints"
+  raise ValueError(f"No checkpoint under {where}; nothing to evaluate.")

@@ -53,11 +53,12 @@ def _comparable(rows):
 def test_smoke_config_runs_all_three_stages(tmp_path):
   config = grpo_config.get_config("smoke")
   config.workdir = str(tmp_path)
-  rngs = []  # the sampling rng of every evaluation
+  calls = []  # (stage, step, sampling rng, params checksum) of every evaluation
   evaluate = loop._evaluate
-  def recording(run, params, stage, step, rng):
-    rngs.append(tuple(np.asarray(jax.random.key_data(rng)).ravel()))
-    return evaluate(run, params, stage, step, rng)
+  def recording(run, params, stage, step, rng, out=None):
+    checksum = sum(float(np.asarray(x, np.float64).sum()) for x in jax.tree.leaves(params))
+    calls.append((stage, step, tuple(np.asarray(jax.random.key_data(rng)).ravel()), checksum))
+    return evaluate(run, params, stage, step, rng, out)
   with mock.patch.object(loop, "_evaluate", recording):
     results = loop.run(config)
   assert list(results) == ["sft", "rl", "specialize"]
@@ -85,9 +86,24 @@ def test_smoke_config_runs_all_three_stages(tmp_path):
       ("specialize", 3, "arithmetic"), ("specialize", 3, "arithmetic3")]
   rows = read_jsonl(str(tmp_path / "eval.jsonl"))
   assert rows[-2:] == rows[-4:-2] and len(rows) == len(evals) + 2  # it reproduces the last eval
+  assert calls[3][:2] == ("specialize", 3) and calls[3][3] == calls[2][3]  # the same params
+  # --stage evaluates an earlier stage's checkpoint, here into another file: the sft rows again.
+  out = str(tmp_path / "sft_eval.jsonl")
+  with mock.patch.object(loop, "_evaluate", recording):
+    loop.evaluate_workdir(str(tmp_path), stage="sft", out=out)
+  assert calls[-1][:2] == ("sft", 3) and calls[-1][3] == calls[0][3] != calls[2][3]
+  assert read_jsonl(out) == evals[:2] and read_jsonl(str(tmp_path / "eval.jsonl")) == rows
+  seen = []
+  with mock.patch.object(loop, "_evaluate", lambda run, *a: seen.append(run.config.eval) or []):
+    loop.evaluate_workdir(str(tmp_path), num_prompts=512)
+  saved = json.load(open(tmp_path / "config.json"))["eval"]
+  assert seen[0].num_prompts == 512 and saved["num_prompts"] == config.eval.num_prompts == 4
+  with pytest.raises(ValueError, match="--stage='rl_typo' is not a stage"):
+    loop.evaluate_workdir(str(tmp_path), stage="rl_typo")
   # Every evaluation (each stage's, the eval CLI's) samples with one rng: paired comparisons.
-  assert len(rngs) == 4 and len(set(rngs)) == 1 and rngs[0] == tuple(
-      np.asarray(jax.random.key_data(loop.eval_rng(config))).ravel())
+  rngs = {rng for _, _, rng, _ in calls}
+  assert len(calls) == 5 and rngs == {
+      tuple(np.asarray(jax.random.key_data(loop.eval_rng(config))).ravel())}
 
 
 def _two_stages(workdir):
