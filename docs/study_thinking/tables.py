@@ -1,0 +1,151 @@
+"""Tables and the figure of study 2 (docs/study_thinking.md), from the sweep's runs after
+paired_eval.py: per variant, mean and std over seeds of the paired 512-problem evaluation of
+the warm start and the RL policy, and the RL training metrics.
+
+usage (from the repository root):
+  python docs/study_thinking/tables.py workdir/sweeps/study_thinking docs/study_thinking
+Prints markdown tables; writes accuracy.png, thinking.png and paired_eval.csv to the out dir.
+"""
+import csv
+import glob
+import os
+import re
+import statistics
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from corpo_jax.train.metrics import read_jsonl  # pylint: disable=g-import-not-at-top
+
+VARIANTS = ("none", "tokens", "2", "4")
+LABELS = {"none": "no thinking", "tokens": "tokens only (0 layers)", "2": "2-layer head",
+          "4": "4-layer head"}
+EVAL_KEYS = ("accuracy", "pass@4", "transparency", "structure", "coherence", "alignment",
+             "accuracy_thinking", "accuracy_direct")
+
+
+def runs(root):
+  """{variant: {seed: run dir}} of the runs that have both paired evaluations."""
+  out = {}
+  for path in glob.glob(os.path.join(root, "thinking=*,seed=*")):
+    variant, seed = re.match(r"thinking=(\w+),seed=(\d+)", os.path.basename(path)).groups()
+    stages = {r["stage"] for r in read_jsonl(os.path.join(path, "eval512.jsonl"))} if os.path.exists(
+        os.path.join(path, "eval512.jsonl")) else set()
+    if stages >= {"sft", "rl"}:
+      out.setdefault(variant, {})[int(seed)] = path
+  return out
+
+
+def paired(path):
+  """{stage: {key: value}} of a run's paired evaluation (the arithmetic task's row)."""
+  rows = {}
+  for r in read_jsonl(os.path.join(path, "eval512.jsonl")):
+    rows[r["stage"]] = {**{k: r[k] for k in EVAL_KEYS if k in r}, "pass@4": r["pass_at_k"]["4"]}
+  return rows
+
+
+def training(path):
+  """RL training metrics: means over the first and the last 10 steps."""
+  rl = [r for r in read_jsonl(os.path.join(path, "metrics.jsonl")) if r["stage"] == "rl"]
+  mean = lambda rows, k: statistics.mean(r[k] for r in rows)
+  first, last = rl[:10], rl[-10:]
+  out = {}
+  for key in ("reward/mean", "reward/frac_zero_std", "completion/length_mean", "kl", "entropy"):
+    out[key] = (mean(first, key), mean(last, key))
+  out["sft_s_per_step"] = statistics.median(
+      r["time/step_s"] for r in read_jsonl(os.path.join(path, "metrics.jsonl"))
+      if r["stage"] == "sft")
+  with open(os.path.join(path, "sweep.log")) as f:
+    out["params_M"] = float(re.search(r"model ([0-9.]+)M parameters", f.read()).group(1))
+  return out
+
+
+def fmt(values, digits=3):
+  values = [v for v in values if v is not None]
+  if not values:
+    return "-"
+  sd = statistics.stdev(values) if len(values) > 1 else 0.0
+  return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
+
+
+def main(root, out_dir):
+  found = runs(root)
+  variants = [v for v in VARIANTS if v in found]
+  data = {v: {s: (paired(p), training(p)) for s, p in sorted(found[v].items())} for v in variants}
+
+  print("| variant | params | seeds | accuracy after sft | after rl | change (paired) | "
+        "pass@4 sft -> rl |")
+  print("|---|---|---|---|---|---|---|")
+  for v in variants:
+    seeds = data[v]
+    ev = lambda stage, k: [seeds[s][0][stage][k] for s in seeds]
+    change = [seeds[s][0]["rl"]["accuracy"] - seeds[s][0]["sft"]["accuracy"] for s in seeds]
+    print(f"| {LABELS[v]} | {seeds[min(seeds)][1]['params_M']:.2f}M | {len(seeds)} | "
+          f"{fmt(ev('sft', 'accuracy'))} | {fmt(ev('rl', 'accuracy'))} | {fmt(change)} | "
+          f"{fmt(ev('sft', 'pass@4'), 2)} -> {fmt(ev('rl', 'pass@4'), 2)} |")
+
+  print("\n| variant | stage | transparency | structure | coherence | alignment | "
+        "accuracy when thinking | accuracy when answering directly |")
+  print("|---|---|---|---|---|---|---|---|")
+  for v in variants:
+    for stage in ("sft", "rl"):
+      ev = lambda k: [data[v][s][0][stage].get(k) for s in data[v]]
+      print(f"| {LABELS[v]} | {stage} | " + " | ".join(
+          fmt(ev(k)) for k in ("transparency", "structure", "coherence", "alignment",
+                               "accuracy_thinking", "accuracy_direct")) + " |")
+
+  print("\n| variant | reward, RL steps 1-10 -> 31-40 | groups with zero reward std | "
+        "completion length | KL (last 10) | SFT s/step |")
+  print("|---|---|---|---|---|---|")
+  for v in variants:
+    tr = [data[v][s][1] for s in data[v]]
+    pair = lambda k: f"{fmt([t[k][0] for t in tr])} -> {fmt([t[k][1] for t in tr])}"
+    print(f"| {LABELS[v]} | {pair('reward/mean')} | {pair('reward/frac_zero_std')} | "
+          f"{pair('completion/length_mean')} | {fmt([t['kl'][1] for t in tr], 4)} | "
+          f"{fmt([t['sft_s_per_step'] for t in tr], 2)} |")
+
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "paired_eval.csv"), "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["variant", "seed", "stage", *EVAL_KEYS])
+    for v in variants:
+      for s, (ev, _) in data[v].items():
+        for stage in ("sft", "rl"):
+          w.writerow([v, s, stage, *[ev[stage].get(k) for k in EVAL_KEYS]])
+
+  x = range(len(variants))
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for offset, stage, color in ((-0.18, "sft", "tab:gray"), (0.18, "rl", "tab:blue")):
+    vals = [[data[v][s][0][stage]["accuracy"] for s in data[v]] for v in variants]
+    ax.bar([i + offset for i in x], [statistics.mean(a) for a in vals], width=0.34,
+           color=color, alpha=0.6, label=f"after {stage}")
+    for i, a in enumerate(vals):
+      ax.scatter([i + offset] * len(a), a, color=color, s=14, zorder=3)
+  ax.set_xticks(list(x), [LABELS[v] for v in variants])
+  ax.set_ylabel("accuracy (512 held-out problems x 4 samples)")
+  ax.set_title("Study 2: 2-digit arithmetic, paired evaluation (dots: seeds)")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(os.path.join(out_dir, "accuracy.png"), dpi=110)
+
+  keys = ("transparency", "structure", "coherence", "alignment")
+  fig, axes = plt.subplots(1, len(keys), figsize=(12, 3.2), sharey=True)
+  for ax, k in zip(axes, keys):
+    for offset, stage, color in ((-0.18, "sft", "tab:gray"), (0.18, "rl", "tab:blue")):
+      vals = [[data[v][s][0][stage][k] for s in data[v]] for v in variants]
+      ax.bar([i + offset for i in x], [statistics.mean(a) for a in vals], width=0.34,
+             color=color, alpha=0.6, label=f"after {stage}")
+    ax.set_xticks(list(x), [v for v in variants])
+    ax.set_title(k)
+  axes[0].legend(fontsize=8)
+  axes[0].set_ylabel("mean over seeds")
+  fig.tight_layout()
+  fig.savefig(os.path.join(out_dir, "thinking.png"), dpi=110)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1], sys.argv[2])
