@@ -13,8 +13,11 @@ The warm start (600 steps) and the RL learning rate (5e-5) follow the demo's mea
 (docs/demo.md): 200-300 warm-start steps left the traces undertrained, and RL at lr >= 1e-4
 lowered held-out accuracy.
 
-Run the study (4 variants x 3 seeds = 12 runs; tables and plots in
-workdir/sweeps/study_thinking/results.md):
+Each variant and seed also runs RL at 4x the learning rate (STRONG_RL_LR) from the same warm
+start: at 5e-5, 40 steps barely move the policy (study 1 and this study's KL).
+
+Run the study (4 variants x 3 seeds x 2 RL learning rates = 24 runs, 12 warm starts; tables and
+plots in workdir/sweeps/study_thinking/results.md):
   python launch/sweep.py --config=configs/study_thinking.py
 One run:
   python -m corpo_jax.main --config=configs/study_thinking.py:thinking=2
@@ -27,6 +30,7 @@ from configs import common
 
 VARIANTS = ("none", "tokens", "2", "4")
 SEEDS = (0, 1, 2)
+STRONG_RL_LR = 2e-4
 
 
 def get_config(arg=None):
@@ -51,3 +55,7 @@ def sweep(add):
   for thinking in VARIANTS:
     for seed in SEEDS:
       add(f"thinking={thinking}", seed=seed)
+  # The same RL at 4x the learning rate, from the same warm starts (the sweep reuses them).
+  for thinking in VARIANTS:
+    for seed in SEEDS:
+      add(f"thinking={thinking}", seed=seed, **{"rl.learning_rate": STRONG_RL_LR})
