@@ -3,13 +3,13 @@
 The trainer evaluates at the end of every stage (and every `eval_every` steps); to evaluate a
 run's newest checkpoint again:
   python -m corpo_jax.evaluate --workdir workdir/grpo    # the eval settings of its config.json
-with the run's evaluation rng, so the result pairs with the in-training evaluations (common
-random numbers). `--stage sft` evaluates that stage's checkpoint instead of the newest,
+It samples with the run's evaluation rng, so the result pairs with the in-training evaluations
+(common random numbers). `--stage sft` evaluates that stage's checkpoint instead of the newest,
 `--num_prompts 512` more problems (a superset of the usual ones), `--out FILE` appends the rows
-there instead. Rows are appended to <workdir>/eval.jsonl: step, stage, task, accuracy, pass_at_k {k: value},
-transparency, structure, coherence, alignment, accuracy_thinking / accuracy_direct (accuracy of
-the samples that write a trace / answer directly; null when there are none) and, for the
-verifier, per-group results.
+there instead of to <workdir>/eval.jsonl. A row: step, stage, task, accuracy, pass_at_k
+{k: value}, transparency, structure, coherence, alignment, accuracy_thinking / accuracy_direct
+(accuracy of the samples that write a trace / answer directly; null when there are none) and,
+for the verifier, per-group results.
 """
 
 from __future__ import annotations
