@@ -13,11 +13,13 @@ The warm start (600 steps) and the RL learning rate (5e-5) follow the demo's mea
 (docs/demo.md): 200-300 warm-start steps left the traces undertrained, and RL at lr >= 1e-4
 lowered held-out accuracy.
 
-Each variant and seed also runs RL at 4x the learning rate (STRONG_RL_LR) from the same warm
-start: at 5e-5, 40 steps barely move the policy (study 1 and this study's KL).
+A depth control (`thinking=tokens` with model.num_layers=4: as deep along the trace as 2 base
+layers + a 2-layer head) separates the head from depth. Each variant and seed also runs RL at 4x
+the learning rate (STRONG_RL_LR) from the same warm start: at 5e-5, 40 steps barely move the
+policy (study 1 and this study's KL).
 
-Run the study (4 variants x 3 seeds x 2 RL learning rates = 24 runs, 12 warm starts; tables and
-plots in workdir/sweeps/study_thinking/results.md):
+Run the study (4 variants x 3 seeds x 2 RL learning rates + 3 depth-control runs = 27 runs, 15
+warm starts; tables and plots in workdir/sweeps/study_thinking/results.md):
   python launch/sweep.py --config=configs/study_thinking.py
 One run:
   python -m corpo_jax.main --config=configs/study_thinking.py:thinking=2
@@ -55,6 +57,10 @@ def sweep(add):
   for thinking in VARIANTS:
     for seed in SEEDS:
       add(f"thinking={thinking}", seed=seed)
+  # Depth control: thinking as tokens in a base of 4 layers, as deep as 2 base layers + a
+  # 2-layer head along the trace.
+  for seed in SEEDS:
+    add("thinking=tokens", seed=seed, **{"model.num_layers": 4})
   # The same RL at 4x the learning rate, from the same warm starts (the sweep reuses them).
   for thinking in VARIANTS:
     for seed in SEEDS:

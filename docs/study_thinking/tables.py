@@ -22,9 +22,9 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from corpo_jax.train.metrics import read_jsonl  # pylint: disable=g-import-not-at-top
 
-VARIANTS = ("none", "tokens", "2", "4")
-LABELS = {"none": "no thinking", "tokens": "tokens only (0 layers)", "2": "2-layer head",
-          "4": "4-layer head"}
+VARIANTS = ("none", "tokens", "tokens-4L", "2", "4")
+LABELS = {"none": "no thinking", "tokens": "tokens only (0 layers)",
+          "tokens-4L": "tokens only, 4 base layers", "2": "2-layer head", "4": "4-layer head"}
 EVAL_KEYS = ("accuracy", "pass@4", "transparency", "structure", "coherence", "alignment",
              "accuracy_thinking", "accuracy_direct")
 
@@ -36,6 +36,8 @@ def runs(root):
     with open(os.path.join(path, "config.json")) as f:
       config = json.load(f)
     variant = re.match(r"thinking=(\w+),", os.path.basename(path)).group(1)
+    if config["model"]["num_layers"] != 2:
+      variant += f"-{config['model']['num_layers']}L"
     evals = os.path.join(path, "eval512.jsonl")
     stages = {r["stage"] for r in read_jsonl(evals)} if os.path.exists(evals) else set()
     if stages >= {"sft", "rl"}:

@@ -166,11 +166,12 @@ def test_study_sweeps():
   assert estimators[-1].name == "task=arithmetic,advantage=dr_grpo,scale=none,seed=2"
   assert estimators[0].stages == ("sft", "rl") and estimators[0].stage_steps == (600, 40)
   thinking = sweep.expand("configs/study_thinking.py", "r")
-  assert len(thinking) == 24 and [r.name for r in thinking[::3]] == [
+  assert len(thinking) == 27 and [r.name for r in thinking[::3]] == [
       *(f"thinking={v},seed=0" for v in ("none", "tokens", "2", "4")),
+      "thinking=tokens,num_layers=4,seed=0",
       *(f"thinking={v},learning_rate=0.0002,seed=0" for v in ("none", "tokens", "2", "4"))]
   built = {}
-  for run in (estimators[3], estimators[12], *thinking[:12:3], thinking[15]):
+  for run in (estimators[3], estimators[12], *thinking[:15:3], thinking[18]):
     flags = [run.flags[0].replace("configs/", f"{sweep.ROOT}/configs/"), *run.flags[1:]]
     built[run.name] = sweep.parse_config(["x", *flags])
   verify, arithmetic = built[estimators[3].name], built[estimators[12].name]
@@ -178,10 +179,11 @@ def test_study_sweeps():
       ("verify",), ("verify",), 4.0, "group")
   assert (arithmetic.sft.tasks, arithmetic.rl.tau, arithmetic.rl.rewards) == (
       ("arithmetic",), 5.0, (("ordinal", 1.0),))
-  assert [(c.model.thinking_layers, c.sft.trace_share) for c in list(built.values())[2:6]] == [
-      (0, 0.0), (0, 1.0), (2, 1.0), (4, 1.0)]
+  assert [(c.model.num_layers, c.model.thinking_layers, c.sft.trace_share)
+          for c in list(built.values())[2:7]] == [
+              (2, 0, 0.0), (2, 0, 1.0), (2, 2, 1.0), (2, 4, 1.0), (4, 0, 1.0)]
   # The 4x learning-rate run starts from the same warm start (the sweep trains it once).
-  tokens, strong = built[thinking[3].name], built[thinking[15].name]
+  tokens, strong = built[thinking[3].name], built[thinking[18].name]
   assert (tokens.rl.learning_rate, strong.rl.learning_rate) == (5e-5, 2e-4)
   assert sweep.prefix_keys(tokens)[0] == sweep.prefix_keys(strong)[0]
   assert sweep.prefix_keys(tokens)[1] != sweep.prefix_keys(strong)[1]
