@@ -141,7 +141,8 @@ def main(root, out_dir):
                label=name if i == 0 else None)
         if dots:
           ax.scatter([x] * len(vals), vals, color=color, s=12, zorder=3)
-    ax.set_xticks(range(len(variants)), [LABELS[v] if dots else v for v in variants])
+    ax.set_xticks(range(len(variants)), [LABELS[v].replace(", ", ",\n").replace(" (", "\n(") if dots else v
+                                         for v in variants])
 
   fig, ax = plt.subplots(figsize=(8, 4))
   bars(ax, "accuracy", dots=True)
