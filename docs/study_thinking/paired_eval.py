@@ -10,21 +10,17 @@ usage (from the repository root):
   python docs/study_thinking/paired_eval.py workdir/sweeps/study_thinking 512
 """
 import glob
-import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from corpo_jax.train import loop  # pylint: disable=g-import-not-at-top
 from corpo_jax.train.metrics import read_jsonl  # pylint: disable=g-import-not-at-top
+from launch import sweep  # pylint: disable=g-import-not-at-top
 
 root, n = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 512
 for run in sorted(glob.glob(os.path.join(root, "thinking=*"))):
-  with open(os.path.join(run, "config.json")) as f:
-    last_step = json.load(f)["rl"]["steps"]
-  evals = read_jsonl(os.path.join(run, "eval.jsonl")) if os.path.exists(
-      os.path.join(run, "eval.jsonl")) else []
-  if not any(r["stage"] == "rl" and r["step"] == last_step for r in evals):
+  if not all(sweep.stage_done(run, stage) for stage in ("sft", "rl")):
     print(f"{os.path.basename(run)}: not finished, skipped", flush=True)
     continue
   out = os.path.join(run, "eval512.jsonl")
