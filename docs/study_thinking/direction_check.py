@@ -7,10 +7,17 @@ the way the advantages say. Warmup is set to 0 so the first step already has the
 usage (from the repository root):
   python docs/study_thinking/direction_check.py workdir/sweeps/study_thinking/thinking=tokens,seed=0 2e-4 6
 """
-import json, os, sys, tempfile
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-import jax, jax.numpy as jnp, numpy as np, ml_collections
+import json
+import os
+import sys
+import tempfile
 from unittest import mock
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
 from corpo_jax.train import loop
 from corpo_jax.train.checkpoint import Checkpointer
 from corpo_jax.rl import step as rl_step

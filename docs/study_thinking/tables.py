@@ -55,15 +55,14 @@ def paired(path):
 
 def training(path):
   """RL training metrics: means over the first and the last 10 steps."""
-  rl = [r for r in read_jsonl(os.path.join(path, "metrics.jsonl")) if r["stage"] == "rl"]
+  rows = read_jsonl(os.path.join(path, "metrics.jsonl"))
+  rl = [r for r in rows if r["stage"] == "rl"]
   mean = lambda rows, k: statistics.mean(r[k] for r in rows)
   first, last = rl[:10], rl[-10:]
-  out = {}
-  for key in ("reward/mean", "reward/frac_zero_std", "completion/length_mean", "kl", "entropy"):
-    out[key] = (mean(first, key), mean(last, key))
-  out["sft_s_per_step"] = statistics.median(
-      r["time/step_s"] for r in read_jsonl(os.path.join(path, "metrics.jsonl"))
-      if r["stage"] == "sft")
+  out = {key: (mean(first, key), mean(last, key))
+         for key in ("reward/mean", "reward/frac_zero_std", "completion/length_mean", "kl",
+                     "entropy")}
+  out["sft_s_per_step"] = statistics.median(r["time/step_s"] for r in rows if r["stage"] == "sft")
   with open(os.path.join(path, "sweep.log")) as f:
     out["params_M"] = float(re.search(r"model ([0-9.]+)M parameters", f.read()).group(1))
   return out
