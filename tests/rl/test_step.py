@@ -144,6 +144,25 @@ def test_nan_rewards_are_skipped_and_counted(params, reference):
   assert metrics["applied"] == 1.0 and int(state.skipped) == 1 and int(state.step) == 2
 
 
+@pytest.mark.parametrize("bad", [np.inf, np.nan, 1e30])
+def test_a_non_finite_or_overflowing_gradient_is_skipped(params, bad):
+  """apply_if_finite skips on the gradient's global norm: an inf or nan element, or finite
+  elements whose norm overflows float32 (1e30 ** 2), leave params and optimizer state as they
+  were; the same gradient with that element set to 1.0 applies."""
+  opt = optax.adam(1e-3)
+  state = step.init_state(CFG, opt, params)
+  hp = step.hyperparams(RL)
+  grads = jax.tree.map(jnp.zeros_like, state.params)
+  for value, applied in ((bad, 0.0), (1.0, 1.0)):
+    g = {**grads, "lm_head": grads["lm_head"].at[0, 0].set(value)}
+    new, m = jax.jit(step.apply_if_finite, static_argnums=4)(
+        state, g, jax.tree.map(lambda _: None, g), jnp.float32(0.5), opt, hp)
+    assert float(m["applied"]) == applied and int(new.skipped) == 1 - applied
+    changed = not np.array_equal(np.asarray(new.params["lm_head"]),
+                                 np.asarray(state.params["lm_head"]))
+    assert changed == bool(applied)
+
+
 def test_update_compiles_once_across_steps(params, reference):
   """`reference.update` wraps _train_step in chex.assert_max_traces(n=1): a retrace raises."""
   state = step.init_state(CFG, reference.opt, params)
