@@ -1,6 +1,6 @@
 """The RL update: a pure, jitted step from a rollout batch to new parameters.
 
-`update = make_update(model_cfg, rl_cfg, mesh, optimizer)` compiles once (explicit in/out
+`update = make_update(model_cfg, rl_cfg, mesh[, optimizer])` compiles once (explicit in/out
 shardings, donated state) a function
 
     update(state: TrainState, batch: Batch, ref_params=None) -> (state, metrics)
@@ -25,6 +25,7 @@ for the policy loss and KL.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import re
@@ -125,6 +126,7 @@ def trainable_mask(freeze: tuple[str, ...], params: Any) -> Any:
 # sweep) lower to the same program, so the persistent compilation cache (compile_cache.py)
 # compiles it once.
 RUNTIME_FIELDS = ("tau", "learning_rate", "warmup_steps", "decay_steps", "weight_decay")
+_DEFAULT_RL = RLConfig()
 LR_FIELDS = ("learning_rate", "warmup_steps", "decay_steps")  # learning_rate_at's arguments
 SCHEDULE_FIELDS = LR_FIELDS + ("weight_decay",)  # the optimizer's run-time values
 
@@ -450,8 +452,37 @@ def batch_shardings(mesh: Mesh, with_experts: bool) -> Batch:
                experts=NamedSharding(mesh, P(None, BATCH_AXES)) if with_experts else None)
 
 
+def program_config(rl_cfg: RLConfig) -> RLConfig:
+  """rl_cfg with its RUNTIME_FIELDS at RLConfig's defaults: all the compiled step depends on."""
+  return dataclasses.replace(rl_cfg, **{f: getattr(_DEFAULT_RL, f) for f in RUNTIME_FIELDS})
+
+
+@functools.lru_cache(maxsize=16)
+def _adamw(model_cfg: ModelConfig, program: RLConfig) -> optax.GradientTransformationExtraArgs:
+  return make_optimizer(program, model.abstract_params(model_cfg))
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted_step(model_cfg: ModelConfig, program: RLConfig, mesh: Mesh | None,
+                 optimizer: optax.GradientTransformation, train_step: Callable) -> Callable:
+  """`train_step` (_train_step; tests wrap it) jitted, one per (model, program config, mesh,
+  optimizer): a second stage or sweep run that differs only in run-time values reuses it
+  without tracing again."""
+  trainable = trainable_mask(program.freeze, model.abstract_params(model_cfg))
+  step_fn = functools.partial(train_step, model_cfg=model_cfg, rl_cfg=program,
+                              optimizer=optimizer, trainable=trainable)
+  if mesh is None:
+    return jax.jit(step_fn, donate_argnums=0)
+  state_sh = state_shardings(model_cfg, optimizer, mesh)
+  batch_sh = batch_shardings(mesh, program.router_replay)
+  ref_sh = model.param_shardings(model_cfg, mesh) if program.beta > 0 else None
+  return jax.jit(step_fn, in_shardings=(state_sh, batch_sh, ref_sh, sharding.replicated(mesh)),
+                 out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+
+
 def make_update(model_cfg: ModelConfig, rl_cfg: RLConfig, mesh: Mesh | None,
-                optimizer: optax.GradientTransformation) -> Callable[..., tuple[TrainState, dict]]:
+                optimizer: optax.GradientTransformation | None = None
+                ) -> Callable[..., tuple[TrainState, dict]]:
   """`update(state, batch, ref_params=None) -> (state, metrics)`, jitted once (module doc).
 
   `state` is donated. `ref_params` (the frozen reference policy, laid out like the parameters)
@@ -459,20 +490,16 @@ def make_update(model_cfg: ModelConfig, rl_cfg: RLConfig, mesh: Mesh | None,
   num_micro_batches and over the mesh's data * fsdp * expert devices. metrics: replicated
   float32 scalars (expert_load [L + L_think, E]). `update.lower(state, batch, ref_params)`
   returns the jitted step lowered for those arguments (benchmarks read its cost and memory).
+
+  optimizer: None for `make_optimizer`'s AdamW, built from `program_config(rl_cfg)` (its state
+  is that of `make_optimizer(rl_cfg, params)`; the step passes the schedule and weight decay as
+  run-time values), so updates whose configs differ only in RUNTIME_FIELDS share one jitted
+  step: the trainer's rl and specialize stages trace and compile it once.
   """
-  trainable = trainable_mask(rl_cfg.freeze, model.abstract_params(model_cfg))
-  step_fn = functools.partial(_train_step, model_cfg=model_cfg, rl_cfg=rl_cfg, optimizer=optimizer,
-                              trainable=trainable)
-  if mesh is None:
-    jitted = jax.jit(step_fn, donate_argnums=0)
-    row_devices = 1
-  else:
-    state_sh = state_shardings(model_cfg, optimizer, mesh)
-    batch_sh = batch_shardings(mesh, rl_cfg.router_replay)
-    ref_sh = model.param_shardings(model_cfg, mesh) if rl_cfg.beta > 0 else None
-    jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh, ref_sh, sharding.replicated(mesh)),
-                     out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
-    row_devices = math.prod(mesh.shape[a] for a in BATCH_AXES)
+  program = program_config(rl_cfg)
+  optimizer = _adamw(model_cfg, program) if optimizer is None else optimizer
+  jitted = _jitted_step(model_cfg, program, mesh, optimizer, _train_step)
+  row_devices = 1 if mesh is None else math.prod(mesh.shape[a] for a in BATCH_AXES)
 
   def prepare(state: TrainState, batch: Batch, ref_params: Any):
     rows = batch.tokens.shape[0]

@@ -265,7 +265,7 @@ def _strategy(stage) -> tuple:
 
 def _rl_plan(run: Run, name: str, stage, index: int, ref_params: Any) -> StagePlan:
   rl_cfg, optimizer = stage_optimizer(run, name)
-  update = rl_step.make_update(run.cfg, rl_cfg, run.mesh, optimizer)
+  update = rl_step.make_update(run.cfg, rl_cfg, run.mesh)  # shared by stages of one program
   tasks = [run.task(t) for t in stage.tasks]
   B = stage.prompts_per_step
   prompt_sh = sharding.batch_sharding(run.mesh, (B,))

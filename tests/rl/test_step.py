@@ -304,6 +304,28 @@ def test_runtime_fields_share_one_program_and_take_effect(params):
   assert (metrics_a["adv/frac_correctness_mode"], metrics_b["adv/frac_correctness_mode"]) == (0, 1)
 
 
+def test_updates_differing_in_runtime_fields_share_one_jitted_step(params):
+  """With the default optimizer (None: make_optimizer's AdamW), configs that differ only in
+  RUNTIME_FIELDS get one jitted step, traced once for both (the trainer's rl and specialize
+  stages), and each gives the same state and metrics as an update with its own optimizer."""
+  base = dataclasses.replace(RL, learning_rate=1e-3, tau=0.0)
+  other = dataclasses.replace(RL, learning_rate=1e-2, tau=0.5, warmup_steps=2, weight_decay=0.1)
+  batch = _batch(rewards=[[0.1, 0.2, 0.6, 0.9], [0.3, 0.3, 0.4, 0.7]])
+  opts = [step.make_optimizer(cfg, params) for cfg in (base, other)]
+  want = [_numpy(step.make_update(CFG, cfg, None, opt)(step.init_state(CFG, opt, params), batch))
+          for cfg, opt in zip((base, other), opts)]
+  with mock.patch.object(step, "_train_step", chex.assert_max_traces(step._train_step, n=1)):
+    updates = [step.make_update(CFG, cfg, None) for cfg in (base, other)]
+    got = [_numpy(update(step.init_state(CFG, opt, params), batch))
+           for update, opt in zip(updates, opts)]
+  assert updates[0].jitted is updates[1].jitted
+  for (got_state, got_metrics), (want_state, want_metrics) in zip(got, want):
+    chex.assert_trees_all_close(got_state.params, want_state.params, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got_metrics["loss"], want_metrics["loss"], rtol=1e-6)
+    np.testing.assert_allclose(got_metrics["adv/mean"], want_metrics["adv/mean"], rtol=1e-6)
+  assert not np.allclose(got[0][0].params["embed"], got[1][0].params["embed"])
+
+
 def test_update_rejects_bad_batches(params, reference):
   state = step.init_state(CFG, reference.opt, params)
   with_kl = step.make_update(CFG, dataclasses.replace(RL, beta=0.1), None, reference.opt)
