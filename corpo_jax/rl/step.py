@@ -126,7 +126,6 @@ def trainable_mask(freeze: tuple[str, ...], params: Any) -> Any:
 # sweep) lower to the same program, so the persistent compilation cache (compile_cache.py)
 # compiles it once.
 RUNTIME_FIELDS = ("tau", "learning_rate", "warmup_steps", "decay_steps", "weight_decay")
-_DEFAULT_RL = RLConfig()
 LR_FIELDS = ("learning_rate", "warmup_steps", "decay_steps")  # learning_rate_at's arguments
 SCHEDULE_FIELDS = LR_FIELDS + ("weight_decay",)  # the optimizer's run-time values
 
@@ -454,7 +453,8 @@ def batch_shardings(mesh: Mesh, with_experts: bool) -> Batch:
 
 def program_config(rl_cfg: RLConfig) -> RLConfig:
   """rl_cfg with its RUNTIME_FIELDS at RLConfig's defaults: all the compiled step depends on."""
-  return dataclasses.replace(rl_cfg, **{f: getattr(_DEFAULT_RL, f) for f in RUNTIME_FIELDS})
+  defaults = RLConfig()
+  return dataclasses.replace(rl_cfg, **{f: getattr(defaults, f) for f in RUNTIME_FIELDS})
 
 
 @functools.lru_cache(maxsize=16)
