@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -84,29 +85,49 @@ def _swiglu_ECD(x_ECD, w_gate_EDF, w_up_EDF, w_down_EFD):
   return jnp.einsum("ECF,EFD->ECD", h_ECF, w_down_EFD)
 
 
-def dispatch_capacity(x_ND, experts_NA, gates_NA, token_mask_N, weights, C: int):
-  """Capacity-factor dispatch (see module docstring). Returns y_ND."""
-  w_gate, w_up, w_down = weights
-  N, D = x_ND.shape
-  E, A = w_gate.shape[0], experts_NA.shape[1]
-  # Assignments in priority order: all first choices, then all second choices, ...
+class _Slots(NamedTuple):
+  expert_M: jax.Array
+  live_M: jax.Array
+  pos_M: jax.Array
+  token_EN: jax.Array
+  filled_EN: jax.Array
+
+
+def _slots(experts_NA, token_mask_N, E: int, dtype) -> _Slots:
+  """Assignments in priority order (all first choices, then all second choices, ...): expert_M,
+  live_M, pos_M (rank within its expert), and the full-capacity (C = N) slot table: token_EN
+  (which token fills slot (e, c)) and filled_EN (1 where one does). Capacity C keeps the
+  assignments with pos_M < C, i.e. the first C slots of each expert."""
+  N, A = experts_NA.shape
   expert_M = experts_NA.T.reshape(-1)
-  token_M = jnp.tile(jnp.arange(N), A)
   live_M = jnp.tile(token_mask_N, A)
   onehot_ME = jax.nn.one_hot(expert_M, E, dtype=jnp.int32) * live_M[:, None]
-  slot_in_expert_M = jnp.sum((jnp.cumsum(onehot_ME, axis=0) - 1) * onehot_ME, axis=1)
-  keep_M = live_M & (slot_in_expert_M < C)
-  slot_M = jnp.where(keep_M, expert_M * C + slot_in_expert_M, E * C)  # E*C: the drop bin
-  token_of_slot = jnp.zeros((E * C + 1,), jnp.int32).at[slot_M].set(token_M)[:-1]
-  filled = jnp.zeros((E * C + 1,), x_ND.dtype).at[slot_M].set(1)[:-1]
-  x_ECD = (x_ND[token_of_slot] * filled[:, None]).reshape(E, C, D)
-  x_ECD = constrain(x_ECD, ("exp", "capacity", "act_embed"))
-  y_ECD = _swiglu_ECD(x_ECD, w_gate, w_up, w_down)
-  y_ECD = constrain(y_ECD, ("exp", "capacity", "act_embed"))
+  pos_M = jnp.sum((jnp.cumsum(onehot_ME, axis=0) - 1) * onehot_ME, axis=1)
+  full_M = jnp.where(live_M, expert_M * N + pos_M, E * N)  # E*N: the drop bin
+  token_EN = jnp.zeros((E * N + 1,), jnp.int32).at[full_M].set(
+      jnp.tile(jnp.arange(N), A))[:-1].reshape(E, N)
+  filled_EN = jnp.zeros((E * N + 1,), dtype).at[full_M].set(1)[:-1].reshape(E, N)
+  return _Slots(expert_M, live_M, pos_M, token_EN, filled_EN)
+
+
+def _capacity_run(x_ND, gates_NA, weights, slots: _Slots, C: int):
+  """The experts on the first C slots of each, combined back per token. Returns y_ND."""
+  N, D = x_ND.shape
+  E, A = weights[0].shape[0], gates_NA.shape[1]
+  expert_M, live_M, pos_M, token_EN, filled_EN = slots
+  x_ECD = constrain(x_ND[token_EN[:, :C]] * filled_EN[:, :C, None],
+                    ("exp", "capacity", "act_embed"))
+  y_ECD = constrain(_swiglu_ECD(x_ECD, *weights), ("exp", "capacity", "act_embed"))
   y_SD = jnp.concatenate([y_ECD.reshape(E * C, D), jnp.zeros((1, D), y_ECD.dtype)])
-  gate_M = gates_NA.T.reshape(-1).astype(x_ND.dtype)
-  y_MD = y_SD[slot_M] * gate_M[:, None]
+  slot_M = jnp.where(live_M & (pos_M < C), expert_M * C + pos_M, E * C)  # E*C: dropped
+  y_MD = y_SD[slot_M] * gates_NA.T.reshape(-1, 1).astype(x_ND.dtype)
   return y_MD.reshape(A, N, D).sum(0)
+
+
+def dispatch_capacity(x_ND, experts_NA, gates_NA, token_mask_N, weights, C: int):
+  """Capacity-factor dispatch (see module docstring). Returns y_ND."""
+  slots = _slots(experts_NA, token_mask_N, weights[0].shape[0], x_ND.dtype)
+  return _capacity_run(x_ND, gates_NA, weights, slots, C)
 
 
 def dispatch_sort(x_ND, experts_NA, gates_NA, token_mask_N, weights):
@@ -130,33 +151,15 @@ def dispatch_fitted(x_ND, experts_NA, gates_NA, token_mask_N, weights, steps: in
   """Capacity dispatch where full capacity (C = N) drops nothing, with C instead the smallest
   multiple of N / steps that holds the busiest expert's tokens, picked at run time with
   lax.switch (one compiled branch per size). Same result as C = N, fewer FLOPs: E * C rows
-  instead of E * N (at decode, N 32: C 20-24 instead of 32). The slot of every assignment is
-  computed once, outside the branches; each branch only gathers, multiplies and combines."""
-  N, D = x_ND.shape
-  E, A = weights[0].shape[0], experts_NA.shape[1]
+  instead of E * N (at decode, N 32: C 20-24 instead of 32). The slot table is built once,
+  outside the branches; each branch only gathers, multiplies and combines."""
+  N, E = x_ND.shape[0], weights[0].shape[0]
   sizes = sorted({max(1, -(-N * i // steps)) for i in range(1, steps + 1)})
-  # Assignments in capacity dispatch's priority order; pos_M: rank within its expert.
-  expert_M = experts_NA.T.reshape(-1)
-  live_M = jnp.tile(token_mask_N, A)
-  onehot_ME = jax.nn.one_hot(expert_M, E, dtype=jnp.int32) * live_M[:, None]
-  pos_M = jnp.sum((jnp.cumsum(onehot_ME, axis=0) - 1) * onehot_ME, axis=1)
-  # Which token fills slot (e, c) at full capacity; a branch reads the first C slots of each.
-  full_M = jnp.where(live_M, expert_M * N + pos_M, E * N)
-  token_EN = jnp.zeros((E * N + 1,), jnp.int32).at[full_M].set(
-      jnp.tile(jnp.arange(N), A))[:-1].reshape(E, N)
-  filled_EN = jnp.zeros((E * N + 1,), x_ND.dtype).at[full_M].set(1)[:-1].reshape(E, N)
-  gate_M = gates_NA.T.reshape(-1).astype(x_ND.dtype)
-
-  def run(C):
-    x_ECD = constrain(x_ND[token_EN[:, :C]] * filled_EN[:, :C, None],
-                      ("exp", "capacity", "act_embed"))
-    y_ECD = constrain(_swiglu_ECD(x_ECD, *weights), ("exp", "capacity", "act_embed"))
-    y_SD = jnp.concatenate([y_ECD.reshape(E * C, D), jnp.zeros((1, D), y_ECD.dtype)])
-    y_MD = y_SD[jnp.where(live_M, expert_M * C + pos_M, E * C)] * gate_M[:, None]
-    return y_MD.reshape(A, N, D).sum(0)
-
-  branch = jnp.searchsorted(jnp.asarray(sizes), jnp.max(onehot_ME.sum(0)))
-  return jax.lax.switch(branch, [functools.partial(run, C) for C in sizes])
+  slots = _slots(experts_NA, token_mask_N, E, x_ND.dtype)
+  load_E = jnp.sum(slots.filled_EN > 0, axis=1)  # live assignments per expert
+  branch = jnp.searchsorted(jnp.asarray(sizes), jnp.max(load_E))
+  return jax.lax.switch(branch, [functools.partial(_capacity_run, x_ND, gates_NA, weights, slots, C)
+                                 for C in sizes])
 
 
 def block_size(num_assignments: int, num_experts: int) -> int:
