@@ -457,8 +457,17 @@ def program_config(rl_cfg: RLConfig) -> RLConfig:
   return dataclasses.replace(rl_cfg, **{f: getattr(defaults, f) for f in RUNTIME_FIELDS})
 
 
+def program_optimizer(model_cfg: ModelConfig,
+                      rl_cfg: RLConfig) -> optax.GradientTransformationExtraArgs:
+  """`make_optimizer`'s AdamW for rl_cfg's program config, one object per (model, program
+  config): the state of `make_optimizer(rl_cfg, params)`, the schedule and weight decay taken
+  as run-time values only (`hyperparams`). Stages that differ only in RUNTIME_FIELDS get the
+  same optimizer, hence the same jitted step (`make_update`)."""
+  return _program_optimizer(model_cfg, program_config(rl_cfg))
+
+
 @functools.lru_cache(maxsize=16)
-def _adamw(model_cfg: ModelConfig, program: RLConfig) -> optax.GradientTransformationExtraArgs:
+def _program_optimizer(model_cfg: ModelConfig, program: RLConfig):
   return make_optimizer(program, model.abstract_params(model_cfg))
 
 
@@ -491,14 +500,12 @@ def make_update(model_cfg: ModelConfig, rl_cfg: RLConfig, mesh: Mesh | None,
   float32 scalars (expert_load [L + L_think, E]). `update.lower(state, batch, ref_params)`
   returns the jitted step lowered for those arguments (benchmarks read its cost and memory).
 
-  optimizer: None for `make_optimizer`'s AdamW, built from `program_config(rl_cfg)` (its state
-  is that of `make_optimizer(rl_cfg, params)`; the step passes the schedule and weight decay as
-  run-time values), so updates whose configs differ only in RUNTIME_FIELDS share one jitted
-  step: the trainer's rl and specialize stages trace and compile it once.
+  optimizer: None for `program_optimizer(model_cfg, rl_cfg)`. The jitted step is shared by
+  updates with the same program config and optimizer object: the trainer's rl and specialize
+  stages trace and compile it once.
   """
-  program = program_config(rl_cfg)
-  optimizer = _adamw(model_cfg, program) if optimizer is None else optimizer
-  jitted = _jitted_step(model_cfg, program, mesh, optimizer, _train_step)
+  optimizer = program_optimizer(model_cfg, rl_cfg) if optimizer is None else optimizer
+  jitted = _jitted_step(model_cfg, program_config(rl_cfg), mesh, optimizer, _train_step)
   row_devices = 1 if mesh is None else math.prod(mesh.shape[a] for a in BATCH_AXES)
 
   def prepare(state: TrainState, batch: Batch, ref_params: Any):

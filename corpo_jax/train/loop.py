@@ -144,9 +144,10 @@ def rl_config(config: ml_collections.ConfigDict, name: str) -> RLConfig:
 
 
 def stage_optimizer(run: Run, name: str) -> tuple[RLConfig, Any]:
-  """(RLConfig, optax optimizer) of a stage; the same for training and for restoring it."""
+  """(RLConfig, optax optimizer) of a stage; the same for training and for restoring it, and the
+  same object for stages of one program config (rl_step.program_optimizer)."""
   rl_cfg = rl_config(run.config, name)
-  return rl_cfg, rl_step.make_optimizer(rl_cfg, model.abstract_params(run.cfg))
+  return rl_cfg, rl_step.program_optimizer(run.cfg, rl_cfg)
 
 
 def load_tokenizer(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Tokenizer:
@@ -265,7 +266,7 @@ def _strategy(stage) -> tuple:
 
 def _rl_plan(run: Run, name: str, stage, index: int, ref_params: Any) -> StagePlan:
   rl_cfg, optimizer = stage_optimizer(run, name)
-  update = rl_step.make_update(run.cfg, rl_cfg, run.mesh)  # shared by stages of one program
+  update = rl_step.make_update(run.cfg, rl_cfg, run.mesh, optimizer)
   tasks = [run.task(t) for t in stage.tasks]
   B = stage.prompts_per_step
   prompt_sh = sharding.batch_sharding(run.mesh, (B,))
