@@ -16,12 +16,14 @@ nothing, so two cheaper dispatches give the same result:
   (lax.switch over a few static sizes). Used by passes with a KV cache (`decoding`: the prefill
   and each decode step), which are never differentiated.
 * `dispatch_blocks` for the other passes without expert sharding (training, reference forward):
-  each expert's tokens padded to blocks, about N * A rows instead of the E * N capacity rows.
+  each expert's tokens padded to blocks, about N * A rows instead of the E * N capacity rows,
+  through `grouped_matmul` (on one device a scan over the blocks with a hand-written
+  gradient).
 Measured on CPU (one layer, E 4, top-2, D 256, F 1024; `python -m corpo_jax.bench.moe_dispatch
---tokens ...`, docs/benchmarks.md): the forward pass of `dispatch_fitted` is faster at every N
-from 32 to 3072 (N 128: 4.0 vs 25.6 ms; `dispatch_blocks` gathers every block's expert
-weights), but its backward pass keeps the residuals of every switch branch: forward+backward it
-is 2x slower at N 3072, and a tiny model's training step (N 128) compiled and ran 1.6x slower.
+--tokens ...`, docs/benchmarks.md): forward only, the two are about as fast (N 32: 1.7-3.1 vs
+2.7 ms, N 3072: 118-123 vs 113 ms), but a decode step with blocks was 1.5x slower (the scan of
+tiny blocks); forward+backward, `dispatch_fitted` keeps the residuals of every switch branch and
+is 2.4x slower at N 3072 (783 vs 328 ms).
 
 Auxiliary losses (sown into the "intermediates" collection, one value per layer):
 * ``load_balance_loss`` (Switch Transformer): E * sum_e f_e * P_e, f_e the fraction of the
@@ -41,6 +43,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from corpo_jax.model.config import ModelConfig
 from corpo_jax.model.layers import fan_in_init, param
@@ -162,6 +165,55 @@ def dispatch_fitted(x_ND, experts_NA, gates_NA, token_mask_N, weights, steps: in
                                  for C in sizes])
 
 
+def grouped_matmul(x_bcI, w_EIO, expert_b):
+  """Each block of rows times its expert's matrix: y_b = x_b @ w[expert_b]. Returns y_bcO.
+
+  On one device, a scan over the blocks that reads each expert's matrix in place
+  (`_scanned_grouped_matmul`). On a multi-device mesh, one batched matmul over the blocks with
+  the weights gathered per block: its collectives (over fsdp/tensor-sharded weights) run once
+  per matmul, where the scan's would run once per block."""
+  if _mesh_size() > 1:
+    return jnp.einsum("bcI,bIO->bcO", x_bcI, w_EIO[expert_b])
+  return _scanned_grouped_matmul(x_bcI, w_EIO, expert_b)
+
+
+@jax.custom_vjp
+def _scanned_grouped_matmul(x_bcI, w_EIO, expert_b):
+  """grouped_matmul as a scan over the blocks, with a hand-written gradient: the backward scan
+  computes dx_b = dy_b @ w[expert_b]^T and adds x_b^T dy_b to its expert's gradient in place
+  (accumulated in float32). Autodiff of the batched form copies every block's weights
+  ([b, I, O]), keeps the copies for the backward pass, computes one weight gradient per block
+  and sums them with a scatter: for one layer's forward and backward on CPU 1.1-1.2x slower
+  at E 4 (28 blocks) and 1.6-1.8x at E 32 (128 blocks)."""
+  def block(_, xe):
+    x_cI, e = xe
+    return None, x_cI @ jax.lax.dynamic_index_in_dim(w_EIO, e, keepdims=False)
+
+  return jax.lax.scan(block, None, (x_bcI, expert_b))[1]
+
+
+def _scanned_grouped_matmul_fwd(x_bcI, w_EIO, expert_b):
+  return _scanned_grouped_matmul(x_bcI, w_EIO, expert_b), (x_bcI, w_EIO, expert_b)
+
+
+def _scanned_grouped_matmul_bwd(residuals, dy_bcO):
+  x_bcI, w_EIO, expert_b = residuals
+
+  def block(dw_EIO, xs):
+    x_cI, dy_cO, e = xs
+    dx_cI = dy_cO @ jax.lax.dynamic_index_in_dim(w_EIO, e, keepdims=False).T
+    dw_IO = jax.lax.dynamic_index_in_dim(dw_EIO, e, keepdims=False) + jnp.einsum(
+        "cI,cO->IO", x_cI, dy_cO, preferred_element_type=jnp.float32)
+    return jax.lax.dynamic_update_index_in_dim(dw_EIO, dw_IO, e, 0), dx_cI
+
+  dw_EIO, dx_bcI = jax.lax.scan(block, jnp.zeros(w_EIO.shape, jnp.float32),
+                                (x_bcI, dy_bcO, expert_b))
+  return dx_bcI, dw_EIO.astype(w_EIO.dtype), np.zeros(expert_b.shape, jax.dtypes.float0)
+
+
+_scanned_grouped_matmul.defvjp(_scanned_grouped_matmul_fwd, _scanned_grouped_matmul_bwd)
+
+
 def block_size(num_assignments: int, num_experts: int) -> int:
   """Rows per block of `dispatch_blocks`: the power of two nearest a quarter of the mean
   assignments per expert, in [8, 256] (256 measured fastest on CPU at the demo sizes)."""
@@ -194,9 +246,9 @@ def dispatch_blocks(x_ND, experts_NA, gates_NA, token_mask_N, weights, block: in
   x_bcD = (x_ND[token_of_slot] * filled[:, None]).reshape(R // block, block, D)
   expert_b = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded_E), jnp.arange(0, R, block),
                                           side="right"), E - 1)
-  h_bcF = (jax.nn.silu(jnp.einsum("bcD,bDF->bcF", x_bcD, w_gate[expert_b]))
-           * jnp.einsum("bcD,bDF->bcF", x_bcD, w_up[expert_b]))
-  y_RD = jnp.einsum("bcF,bFD->bcD", h_bcF, w_down[expert_b]).reshape(R, D)
+  h_bcF = (jax.nn.silu(grouped_matmul(x_bcD, w_gate, expert_b))
+           * grouped_matmul(x_bcD, w_up, expert_b))
+  y_RD = grouped_matmul(h_bcF, w_down, expert_b).reshape(R, D)
   y_SD = jnp.concatenate([y_RD, jnp.zeros((1, D), y_RD.dtype)])
   y_MD = y_SD[slot_M] * gates_NA.reshape(M, 1).astype(x_ND.dtype)
   return y_MD.reshape(N, A, D).sum(1)
@@ -205,6 +257,11 @@ def dispatch_blocks(x_ND, experts_NA, gates_NA, token_mask_N, weights, block: in
 def _expert_sharded() -> bool:
   mesh = jax.sharding.get_abstract_mesh()
   return not mesh.empty and mesh.shape.get("expert", 1) > 1
+
+
+def _mesh_size() -> int:
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh.empty else mesh.size
 
 
 class MoE(nn.Module):
