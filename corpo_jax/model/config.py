@@ -37,7 +37,7 @@ class ModelConfig:
   max_seq_len: int = 4096  # longest sequence a KV cache may hold; exported to HF configs
   tie_embeddings: bool = False  # unembed with the transposed token embedding (Mixtral: False)
   # Mixture of experts.
-  moe_dispatch: str = "capacity"  # "capacity" (batched einsum, fastest on CPU) or "sort" (dropless ragged_dot)
+  moe_dispatch: str = "capacity"  # "capacity" (drops past capacity) or "sort" (dropless)
   capacity_factor: float = 2.0  # capacity path: slots per expert = cf * tokens * top_k / E (>= E/top_k: no drops)
   load_balance_weight: float = 0.01  # Switch load-balancing loss weight (mean over layers)
   z_loss_weight: float = 1e-3  # router z-loss weight (ST-MoE)

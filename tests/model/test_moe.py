@@ -135,6 +135,34 @@ def _moe_layer(cfg, x_BTD, mask_BT):
   return module.apply({"params": params}, x_BTD, mask_BT, mutable=["intermediates"])
 
 
+def test_sort_layer_on_cpu_equals_ragged_dot_without_running_it():
+  """E 8, top-2, default capacity factor 2: capacity would drop; "sort" must not."""
+  cfg = ModelConfig.preset("tiny", moe_dispatch="sort", num_experts=8, top_k=2)
+  x_BTD = jnp.asarray(np.random.default_rng(1).standard_normal((2, 6, cfg.d_model)), jnp.float32)
+  mask_BT = jnp.array([[False, True, True, True, True, True], [True] * 6])
+  layer = moe.MoE(cfg)
+  params = nn.unbox(layer.init(jax.random.key(0), x_BTD, mask_BT)["params"])
+
+  def by_ragged_dot(params, x_BTD):
+    x_ND = x_BTD.reshape(-1, cfg.d_model)
+    experts_NA, gates_NA = moe.route(x_ND @ params["router"], cfg.top_k)
+    weights = (params["gate"], params["up"], params["down"])
+    return moe.dispatch_sort(x_ND, experts_NA, gates_NA, mask_BT.reshape(-1), weights)
+
+  by_layer = lambda params, x_BTD: layer.apply({"params": params}, x_BTD, mask_BT)[0]
+  assert "ragged_dot" not in str(jax.make_jaxpr(by_layer)(params, x_BTD))
+  assert "ragged_dot" in str(jax.make_jaxpr(by_ragged_dot)(params, x_BTD))
+  real_N = np.asarray(mask_BT).reshape(-1)
+  y_layer = by_layer(params, x_BTD).reshape(-1, cfg.d_model)
+  np.testing.assert_allclose(y_layer[real_N], by_ragged_dot(params, x_BTD)[real_N], rtol=1e-5,
+                             atol=1e-6)
+  loss = lambda f: lambda p, x: jnp.sum((f(p, x).reshape(-1, cfg.d_model)[real_N]) ** 2)
+  grads = jax.grad(loss(by_layer), (0, 1))(params, x_BTD)
+  grads_ref = jax.grad(loss(by_ragged_dot), (0, 1))(params, x_BTD)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("dispatch", ["capacity", "sort"])
 def test_moe_layer_padding_is_excluded_from_aux_losses(dispatch):
   cfg = ModelConfig.preset("tiny", moe_dispatch=dispatch)
