@@ -25,7 +25,7 @@ Design (train/loop.py follows it):
   aborts every other process (exit 134) with "Terminating process because the JAX distributed
   service detected fatal errors. This most likely indicates that another task died", naming
   the unhealthy task. Measured on this CPU with 2 processes: ~2 s when process 0 (the
-  coordinator) dies, within `heartbeat_timeout_s` (10 s: 6-11 s in 30 kills) when another does,
+  coordinator) dies, within `heartbeat_timeout_s` (10 s: 6-11 s in 36 kills) when another does,
   whatever the survivor was doing (blocked in a collective included; one that was exchanging
   data with the dead process over gloo first prints gloo's "Connection reset by peer" error).
   Rerunning the same command on every process resumes from the last complete checkpoint.
