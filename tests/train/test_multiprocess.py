@@ -106,13 +106,14 @@ def _wait_for_row(path, step, procs, timeout=600):
 def _kill_mid_run(two, attempts: int = 3):
   """Starts the 2-process run, SIGKILLs process 1 once step 3's row is on disk (checkpoint 2
   written) and waits for process 0. Returns (process 0, its exit code, seconds to exit)."""
+  metrics = str(two / "metrics.jsonl")
   for _ in range(attempts):
     shutil.rmtree(two, ignore_errors=True)
     killed = _start(two, 2, "killed")
-    _wait_for_row(str(two / "metrics.jsonl"), 3, killed)
+    _wait_for_row(metrics, 3, killed)
     killed[1].kill()
     start = time.time()
-    mid_run = _last_row(str(two / "metrics.jsonl")) < STEPS
+    mid_run = _last_row(metrics) < STEPS
     survivor_rc = killed[0].wait(timeout=300)
     survivor_s = time.time() - start
     killed[1].wait()
