@@ -167,53 +167,63 @@ def dispatch_fitted(x_ND, experts_NA, gates_NA, token_mask_N, weights, steps: in
                                  for C in sizes])
 
 
-def grouped_matmul(x_bcI, w_EIO, expert_b):
+def grouped_matmul(x_bcI, w_EIO, expert_b, used=None):
   """Each block of rows times its expert's matrix: y_b = x_b @ w[expert_b]. Returns y_bcO.
 
-  On one device, a scan over the blocks that reads each expert's matrix in place
-  (`_scanned_grouped_matmul`). On a multi-device mesh, one batched matmul over the blocks with
-  the weights gathered per block: its collectives (over fsdp/tensor-sharded weights) run once
-  per matmul, where the scan's would run once per block."""
+  used: the number of leading blocks that hold rows (a traced scalar; default all). On one
+  device, a loop over those blocks only, reading each expert's matrix in place
+  (`_looped_grouped_matmul`); the blocks after them come out zero. On a multi-device mesh, one
+  batched matmul over all blocks with the weights gathered per block: its collectives (over
+  fsdp/tensor-sharded weights) run once per matmul, where the loop's would run once per
+  block; blocks without rows must then be zero."""
   if _mesh_size() > 1:
     return jnp.einsum("bcI,bIO->bcO", x_bcI, w_EIO[expert_b])
-  return _scanned_grouped_matmul(x_bcI, w_EIO, expert_b)
+  used = x_bcI.shape[0] if used is None else used
+  return _looped_grouped_matmul(x_bcI, w_EIO, expert_b, jnp.asarray(used, jnp.int32))
 
 
 @jax.custom_vjp
-def _scanned_grouped_matmul(x_bcI, w_EIO, expert_b):
-  """grouped_matmul as a scan over the blocks, with a hand-written gradient: the backward scan
-  computes dx_b = dy_b @ w[expert_b]^T and adds x_b^T dy_b to its expert's gradient in place
-  (accumulated in float32). Autodiff of the batched form copies every block's weights
-  ([b, I, O]), keeps the copies for the backward pass, computes one weight gradient per block
-  and sums them with a scatter: for one layer's forward and backward on CPU 1.1-1.2x slower
-  at E 4 (28 blocks) and 1.6-1.8x at E 32 (128 blocks)."""
-  def block(_, xe):
-    x_cI, e = xe
-    return None, x_cI @ jax.lax.dynamic_index_in_dim(w_EIO, e, keepdims=False)
+def _looped_grouped_matmul(x_bcI, w_EIO, expert_b, used):
+  """grouped_matmul as a loop over the first `used` blocks, with a hand-written gradient: the
+  backward loop computes dx_b = dy_b @ w[expert_b]^T and adds x_b^T dy_b to its expert's
+  gradient in place (accumulated in float32). Autodiff of the batched form copies every
+  block's weights ([b, I, O]), keeps the copies for the backward pass, computes one weight
+  gradient per block and sums them with a scatter: for one layer's forward and backward on CPU
+  1.1-1.2x slower at E 4 (28 blocks) and 1.6-1.8x at E 32 (128 blocks). The run-time trip
+  count skips the padding blocks that the static shape reserves (E * (block - 1) rows)."""
+  def block(b, y_bcO):
+    w_IO = jax.lax.dynamic_index_in_dim(w_EIO, expert_b[b], keepdims=False)
+    y_cO = jax.lax.dynamic_index_in_dim(x_bcI, b, keepdims=False) @ w_IO
+    return jax.lax.dynamic_update_index_in_dim(y_bcO, y_cO, b, 0)
 
-  return jax.lax.scan(block, None, (x_bcI, expert_b))[1]
+  y_bcO = jnp.zeros(x_bcI.shape[:2] + w_EIO.shape[2:], jnp.result_type(x_bcI, w_EIO))
+  return jax.lax.fori_loop(0, used, block, y_bcO)
 
 
-def _scanned_grouped_matmul_fwd(x_bcI, w_EIO, expert_b):
-  return _scanned_grouped_matmul(x_bcI, w_EIO, expert_b), (x_bcI, w_EIO, expert_b)
+def _looped_grouped_matmul_fwd(x_bcI, w_EIO, expert_b, used):
+  return _looped_grouped_matmul(x_bcI, w_EIO, expert_b, used), (x_bcI, w_EIO, expert_b, used)
 
 
-def _scanned_grouped_matmul_bwd(residuals, dy_bcO):
-  x_bcI, w_EIO, expert_b = residuals
+def _looped_grouped_matmul_bwd(residuals, dy_bcO):
+  x_bcI, w_EIO, expert_b, used = residuals
 
-  def block(dw_EIO, xs):
-    x_cI, dy_cO, e = xs
+  def block(b, carry):
+    dw_EIO, dx_bcI = carry
+    e = expert_b[b]
+    x_cI, dy_cO = (jax.lax.dynamic_index_in_dim(a, b, keepdims=False) for a in (x_bcI, dy_bcO))
     dx_cI = dy_cO @ jax.lax.dynamic_index_in_dim(w_EIO, e, keepdims=False).T
     dw_IO = jax.lax.dynamic_index_in_dim(dw_EIO, e, keepdims=False) + jnp.einsum(
         "cI,cO->IO", x_cI, dy_cO, preferred_element_type=jnp.float32)
-    return jax.lax.dynamic_update_index_in_dim(dw_EIO, dw_IO, e, 0), dx_cI
+    return (jax.lax.dynamic_update_index_in_dim(dw_EIO, dw_IO, e, 0),
+            jax.lax.dynamic_update_index_in_dim(dx_bcI, dx_cI.astype(dx_bcI.dtype), b, 0))
 
-  dw_EIO, dx_bcI = jax.lax.scan(block, jnp.zeros(w_EIO.shape, jnp.float32),
-                                (x_bcI, dy_bcO, expert_b))
-  return dx_bcI, dw_EIO.astype(w_EIO.dtype), np.zeros(expert_b.shape, jax.dtypes.float0)
+  dw_EIO, dx_bcI = jax.lax.fori_loop(
+      0, used, block, (jnp.zeros(w_EIO.shape, jnp.float32), jnp.zeros_like(x_bcI)))
+  float0 = lambda a: np.zeros(a.shape, jax.dtypes.float0)
+  return dx_bcI, dw_EIO.astype(w_EIO.dtype), float0(expert_b), float0(used)
 
 
-_scanned_grouped_matmul.defvjp(_scanned_grouped_matmul_fwd, _scanned_grouped_matmul_bwd)
+_looped_grouped_matmul.defvjp(_looped_grouped_matmul_fwd, _looped_grouped_matmul_bwd)
 
 
 def block_size(num_assignments: int, num_experts: int) -> int:
@@ -248,9 +258,10 @@ def dispatch_blocks(x_ND, experts_NA, gates_NA, token_mask_N, weights, block: in
   x_bcD = (x_ND[token_of_slot] * filled[:, None]).reshape(R // block, block, D)
   expert_b = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded_E), jnp.arange(0, R, block),
                                           side="right"), E - 1)
-  h_bcF = (jax.nn.silu(grouped_matmul(x_bcD, w_gate, expert_b))
-           * grouped_matmul(x_bcD, w_up, expert_b))
-  y_RD = grouped_matmul(h_bcF, w_down, expert_b).reshape(R, D)
+  used = jnp.sum(padded_E) // block  # blocks holding rows; the rest are zeros
+  matmul = lambda x_bcI, w_EIO: grouped_matmul(x_bcI, w_EIO, expert_b, used)
+  h_bcF = jax.nn.silu(matmul(x_bcD, w_gate)) * matmul(x_bcD, w_up)
+  y_RD = matmul(h_bcF, w_down).reshape(R, D)
   y_SD = jnp.concatenate([y_RD, jnp.zeros((1, D), y_RD.dtype)])
   y_MD = y_SD[slot_M] * gates_NA.reshape(M, 1).astype(x_ND.dtype)
   return y_MD.reshape(N, A, D).sum(1)
