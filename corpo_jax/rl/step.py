@@ -158,6 +158,48 @@ def _extra(defaults: dict[str, float], extra: dict[str, Any]) -> dict[str, Any]:
   return {f: extra.get(f, v) for f, v in defaults.items()}
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """optax.clip_by_global_norm as one scalar factor on every leaf: g * min(1, max_norm / norm)
+  (optax's per-leaf select of g or g / norm * max_norm agrees to a float32 rounding; XLA:CPU
+  wrote that out as one more pass over the gradients, the factor fuses into the Adam moments).
+  Same (empty) state."""
+
+  def update(updates, state, params=None):
+    del params
+    norm = optax.tree.norm(updates)
+    factor = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+    return jax.tree.map(lambda g: g * factor.astype(g.dtype), updates), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update)
+
+
+def scale_by_adam(b1: float, b2: float, eps: float = 1e-8) -> optax.GradientTransformationExtraArgs:
+  """optax.scale_by_adam (its state and arithmetic) that can skip a step: with the extra
+  argument `finite` False the moments and count stay as they were, and the updates (computed
+  from the kept moments with the next count, so finite) are zeroed by `scale_by_learning_rate`.
+  Computing the updates from the kept moments lets XLA write the moments in place and read
+  the new ones in the parameter pass; a select of new against old state after an unaware
+  optimizer made XLA:CPU copy both moments first (AdamW over 102M parameters: 372 -> 114 ms
+  with `clip_by_global_norm`; docs/benchmarks.md)."""
+
+  def init(params):
+    zeros = lambda: jax.tree.map(jnp.zeros_like, params)
+    return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=zeros(), nu=zeros())
+
+  def update(updates, state, params=None, finite=True, **extra):
+    del params, extra
+    keep = lambda new, old: jnp.where(finite, new, old)
+    mu = jax.tree.map(lambda g, m: keep((1 - b1) * g + b1 * m, m), updates, state.mu)
+    nu = jax.tree.map(lambda g, v: keep((1 - b2) * g**2 + b2 * v, v), updates, state.nu)
+    count = optax.safe_increment(state.count)
+    mu_hat = optax.tree.bias_correction(mu, b1, count)
+    nu_hat = optax.tree.bias_correction(nu, b2, count)
+    updates = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu_hat, nu_hat)
+    return updates, optax.ScaleByAdamState(count=keep(count, state.count), mu=mu, nu=nu)
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
 def add_decayed_weights(rl_cfg: RLConfig) -> optax.GradientTransformationExtraArgs:
   """optax.add_decayed_weights with weight_decay from the update's extra arguments when given
   (the compiled steps pass `hyperparams`), else rl_cfg's. Same state as optax's (empty)."""
@@ -173,37 +215,46 @@ def add_decayed_weights(rl_cfg: RLConfig) -> optax.GradientTransformationExtraAr
 def scale_by_learning_rate(rl_cfg: RLConfig) -> optax.GradientTransformationExtraArgs:
   """optax.scale_by_learning_rate(schedule(rl_cfg)) with learning_rate, warmup_steps and
   decay_steps from the update's extra arguments when given, else rl_cfg's. Same state as
-  optax's (ScaleByScheduleState: the optimizer steps applied)."""
+  optax's (ScaleByScheduleState: the optimizer steps applied). With the extra argument `finite`
+  False the updates are zeroed and the count stays."""
   defaults = {f: float(getattr(rl_cfg, f)) for f in LR_FIELDS}
 
   def init(params):
     del params
     return optax.ScaleByScheduleState(count=jnp.zeros((), jnp.int32))
 
-  def update(updates, state, params=None, **extra):
+  def update(updates, state, params=None, finite=True, **extra):
     del params
-    lr = learning_rate_at(state.count, **_extra(defaults, extra))
+    lr = jnp.where(finite, learning_rate_at(state.count, **_extra(defaults, extra)), 0.0)
     updates = jax.tree.map(lambda u: jnp.asarray(-lr, u.dtype) * u, updates)
-    return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+    count = jnp.where(finite, optax.safe_increment(state.count), state.count)
+    return updates, optax.ScaleByScheduleState(count=count)
 
   return optax.GradientTransformationExtraArgs(init, update)
 
 
+class SkippingOptimizer(optax.GradientTransformationExtraArgs):
+  """An optimizer whose update takes the extra argument `finite` (a traced bool) and, when it
+  is False, returns zero updates and the state it was given (`make_optimizer`'s AdamW).
+  `apply_if_finite` then needs no select of new against old state."""
+
+
 def make_optimizer(rl_cfg: RLConfig, params: Any) -> optax.GradientTransformationExtraArgs:
-  """AdamW (optax.adamw's transforms and state) with `schedule`, global-norm clipping (over
-  trainable leaves), and `freeze`: frozen leaves get no update and no optimizer state. `params`
-  may be abstract (shapes only). Its update takes SCHEDULE_FIELDS as optional extra arguments
-  (run-time values)."""
-  adamw = optax.chain(optax.scale_by_adam(b1=rl_cfg.b1, b2=rl_cfg.b2),
+  """AdamW (optax.adamw's arithmetic to a float32 rounding, and its state) with `schedule`,
+  global-norm clipping (over trainable leaves), and `freeze`: frozen leaves get no update and no
+  optimizer state. `params` may be abstract (shapes only). Its update takes SCHEDULE_FIELDS and
+  `finite` (SkippingOptimizer) as optional extra arguments (run-time values)."""
+  adamw = optax.chain(scale_by_adam(b1=rl_cfg.b1, b2=rl_cfg.b2),
                       add_decayed_weights(rl_cfg), scale_by_learning_rate(rl_cfg))
   train = optax.chain(
-      optax.clip_by_global_norm(rl_cfg.grad_clip_norm) if rl_cfg.grad_clip_norm else optax.identity(),
+      clip_by_global_norm(rl_cfg.grad_clip_norm) if rl_cfg.grad_clip_norm else optax.identity(),
       adamw)  # optax.adamw's state layout: checkpoints of earlier versions restore
   mask = trainable_mask(rl_cfg.freeze, params)
   if all(jax.tree.leaves(mask)):
-    return train
+    return SkippingOptimizer(*train)
   labels = jax.tree.map(lambda t: "train" if t else "frozen", mask)
-  return optax.multi_transform({"train": train, "frozen": optax.set_to_zero()}, labels)
+  return SkippingOptimizer(*optax.multi_transform({"train": train, "frozen": optax.set_to_zero()},
+                                                  labels))
 
 
 # ----------------------------------------------------------------------------- state
@@ -368,17 +419,21 @@ def apply_if_finite(state: TrainState, grads: Any, frozen: Any, loss: jax.Array,
   if the loss or the gradients' global norm is non-finite (a nan or inf element, or a norm that
   overflows float32), params and optimizer state stay as they were and `skipped` counts it.
   One check on the norm (computed anyway) compiles to a few kernels where a per-leaf isfinite
-  reduction cost the SFT step ~1.5 s of compile; the per-leaf select fuses into the AdamW
-  kernels (a lax.cond instead compiles less but made the update ~7% slower; docs/benchmarks.md)."""
+  reduction cost the SFT step ~1.5 s of compile. A SkippingOptimizer keeps its state itself;
+  for any other optimizer a per-leaf select of new against old state does it (a lax.cond
+  instead compiles less but made the update ~7% slower; docs/benchmarks.md)."""
   grads = merge_trainable(grads, jax.tree.map(jnp.zeros_like, frozen))  # ignored by set_to_zero
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  skipping = isinstance(optimizer, SkippingOptimizer)
+  extra = {f: hp[f] for f in SCHEDULE_FIELDS} | ({"finite": finite} if skipping else {})
   updates, opt_state = optax.with_extra_args_support(optimizer).update(
-      grads, state.opt_state, state.params, **{f: hp[f] for f in SCHEDULE_FIELDS})
+      grads, state.opt_state, state.params, **extra)
   params = optax.apply_updates(state.params, updates)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  state = state.replace(params=keep(params, state.params),
-                        opt_state=keep(opt_state, state.opt_state),
+  if not skipping:
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+  state = state.replace(params=params, opt_state=opt_state,
                         skipped=state.skipped + (~finite).astype(jnp.int32))
   return state, {"grad_norm": grad_norm, "applied": finite.astype(jnp.float32)}
 

@@ -163,6 +163,52 @@ def test_a_non_finite_or_overflowing_gradient_is_skipped(params, bad):
     assert changed == bool(applied)
 
 
+@pytest.mark.parametrize("freeze", [(), ("embed",)])
+def test_adamw_skips_by_itself_like_the_select_of_any_optimizer(params, freeze):
+  """make_optimizer's AdamW keeps its own state on a bad step (no select of old against new):
+  params and optimizer state come out bit-identical to the generic path's select, for a nan
+  gradient (count and moments unchanged) and then for clipped good ones (norm > 1)."""
+  rl_cfg = dataclasses.replace(RL, learning_rate=1e-2, weight_decay=0.1, freeze=freeze)
+  ours = step.make_optimizer(rl_cfg, params)
+  generic = optax.GradientTransformationExtraArgs(*ours)  # the same transforms, unmarked
+  assert isinstance(ours, step.SkippingOptimizer)
+  assert not isinstance(generic, step.SkippingOptimizer)
+  hp = step.hyperparams(rl_cfg)
+  trainable = step.trainable_mask(freeze, params)
+  apply = jax.jit(step.apply_if_finite, static_argnums=4)
+  states = [step.init_state(CFG, opt, params) for opt in (ours, generic)]
+  start = _numpy(states[0])
+  for k, bad in enumerate((np.nan, None, None)):
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.3 * (k + 1)), states[0].params)
+    if bad is not None:
+      grads = {**grads, "lm_head": grads["lm_head"].at[0, 0].set(bad)}
+    train, frozen = step.split_trainable(grads, trainable)
+    for i, opt in enumerate((ours, generic)):
+      states[i], m = apply(states[i], train, frozen, jnp.float32(0.5), opt, hp)
+      assert float(m["applied"]) == (bad is None)
+      assert bad is not None or float(m["grad_norm"]) > 1.0  # clipped
+    chex.assert_trees_all_equal(*map(_numpy, states))
+    if k == 0:  # skipped
+      chex.assert_trees_all_equal(_numpy(states[0].params), start.params)
+      chex.assert_trees_all_equal(_numpy(states[0].opt_state), start.opt_state)
+  assert int(states[0].skipped) == 1
+  adam = jax.tree.leaves(states[0].opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+  assert [int(a.count) for a in adam if isinstance(a, optax.ScaleByAdamState)] == [2]
+  moved = not np.array_equal(np.asarray(states[0].params["embed"]), start.params["embed"])
+  assert moved == (not freeze)
+
+
+def test_clip_by_global_norm_equals_optax():
+  grads = {"a": jnp.linspace(-3.0, 2.0, 12).reshape(3, 4), "b": jnp.arange(5.0)}
+  for max_norm in (0.5, 100.0):
+    ours, _ = step.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+    theirs, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+    chex.assert_trees_all_close(ours, theirs, rtol=1e-6, atol=0)
+  assert float(optax.tree.norm(ours)) == float(optax.tree.norm(grads))  # 100: unclipped
+  clipped, _ = step.clip_by_global_norm(0.5).update(grads, optax.EmptyState())
+  assert float(optax.tree.norm(clipped)) == pytest.approx(0.5, rel=1e-6)
+
+
 def test_update_compiles_once_across_steps(params, reference):
   """`reference.update` wraps _train_step in chex.assert_max_traces(n=1): a retrace raises."""
   state = step.init_state(CFG, reference.opt, params)
