@@ -19,7 +19,7 @@ nothing, so two cheaper dispatches give the same result (they give dropless "sor
   and each decode step), which are never differentiated.
 * `dispatch_blocks` for the other passes without expert sharding (training, reference forward):
   each expert's tokens padded to blocks, about N * A rows instead of the E * N capacity rows,
-  through `grouped_matmul` (on one device a scan over the blocks with a hand-written
+  through `grouped_swiglu` (on one device one loop over the blocks with a hand-written
   gradient).
 Measured on CPU (one layer, E 4, top-2, D 256, F 1024; `python -m corpo_jax.bench.moe_dispatch
 --tokens ...`, docs/benchmarks.md): forward only, the two are about as fast (N 32: 1.7-3.1 vs
@@ -167,63 +167,92 @@ def dispatch_fitted(x_ND, experts_NA, gates_NA, token_mask_N, weights, steps: in
                                  for C in sizes])
 
 
-def grouped_matmul(x_bcI, w_EIO, expert_b, used=None):
-  """Each block of rows times its expert's matrix: y_b = x_b @ w[expert_b]. Returns y_bcO.
+def grouped_swiglu(x_bcD, weights, expert_b, used):
+  """Each block of rows through its expert's SwiGLU: y_b = (silu(x_b Wg) * (x_b Wu)) Wd with
+  W = weights[...][expert_b]. `used`: the number of leading blocks that hold rows (a traced
+  scalar); the blocks after them come out zero. Returns y_bcD.
 
-  used: the number of leading blocks that hold rows (a traced scalar; default all). On one
-  device, a loop over those blocks only, reading each expert's matrix in place
-  (`_looped_grouped_matmul`); the blocks after them come out zero. On a multi-device mesh, one
-  batched matmul over all blocks with the weights gathered per block: its collectives (over
-  fsdp/tensor-sharded weights) run once per matmul, where the loop's would run once per
-  block; blocks without rows must then be zero."""
+  On one device, one loop over the used blocks that reads each expert's matrices in place
+  (`_looped_swiglu`). On a multi-device mesh, batched matmuls over all blocks with the weights
+  gathered per block: their collectives (over fsdp/tensor-sharded weights) run once per matmul,
+  where the loop's would run once per block; blocks without rows are zeros, so their outputs
+  are too."""
   if _mesh_size() > 1:
-    return jnp.einsum("bcI,bIO->bcO", x_bcI, w_EIO[expert_b])
-  used = x_bcI.shape[0] if used is None else used
-  return _looped_grouped_matmul(x_bcI, w_EIO, expert_b, jnp.asarray(used, jnp.int32))
+    w_gate, w_up, w_down = (w[expert_b] for w in weights)
+    h_bcF = (jax.nn.silu(jnp.einsum("bcD,bDF->bcF", x_bcD, w_gate))
+             * jnp.einsum("bcD,bDF->bcF", x_bcD, w_up))
+    return jnp.einsum("bcF,bFD->bcD", h_bcF, w_down)
+  return _looped_swiglu(x_bcD, *weights, expert_b, jnp.asarray(used, jnp.int32))
+
+
+def _swiglu_block(x_cD, w_gate_DF, w_up_DF, w_down_FD):
+  """One block's SwiGLU; returns (y_cD, residuals for the backward pass)."""
+  g_cF, u_cF = x_cD @ w_gate_DF, x_cD @ w_up_DF
+  return (jax.nn.silu(g_cF) * u_cF) @ w_down_FD, (g_cF, u_cF)
 
 
 @jax.custom_vjp
-def _looped_grouped_matmul(x_bcI, w_EIO, expert_b, used):
-  """grouped_matmul as a loop over the first `used` blocks, with a hand-written gradient: the
-  backward loop computes dx_b = dy_b @ w[expert_b]^T and adds x_b^T dy_b to its expert's
-  gradient in place (accumulated in float32). Autodiff of the batched form copies every
-  block's weights ([b, I, O]), keeps the copies for the backward pass, computes one weight
-  gradient per block and sums them with a scatter: for one layer's forward and backward on CPU
-  1.1-1.2x slower at E 4 (28 blocks) and 1.6-1.8x at E 32 (128 blocks). The run-time trip
+def _looped_swiglu(x_bcD, w_gate, w_up, w_down, expert_b, used):
+  """grouped_swiglu as one loop over the used blocks with a hand-written gradient. Each block
+  indexes its expert's three matrices in place; the backward loop adds x_b^T dg_b, x_b^T du_b
+  and h_b^T dy_b to its expert's weight gradients in place (float32 accumulators), in block
+  order. Replaced, measured on CPU: autodiff of batched matmuls over per-block weight copies
+  (which it kept for the backward pass and whose per-block gradients it scatter-added: one
+  layer's forward and backward 1.2x slower at E 4, 1.7x at E 32), then one such loop per
+  matrix (3 loops forward, 3 backward; docs/benchmarks.md "Session 9"). The run-time trip
   count skips the padding blocks that the static shape reserves (E * (block - 1) rows)."""
-  def block(b, y_bcO):
-    w_IO = jax.lax.dynamic_index_in_dim(w_EIO, expert_b[b], keepdims=False)
-    y_cO = jax.lax.dynamic_index_in_dim(x_bcI, b, keepdims=False) @ w_IO
-    return jax.lax.dynamic_update_index_in_dim(y_bcO, y_cO, b, 0)
-
-  y_bcO = jnp.zeros(x_bcI.shape[:2] + w_EIO.shape[2:], jnp.result_type(x_bcI, w_EIO))
-  return jax.lax.fori_loop(0, used, block, y_bcO)
+  return _looped_swiglu_fwd(x_bcD, w_gate, w_up, w_down, expert_b, used)[0]
 
 
-def _looped_grouped_matmul_fwd(x_bcI, w_EIO, expert_b, used):
-  return _looped_grouped_matmul(x_bcI, w_EIO, expert_b, used), (x_bcI, w_EIO, expert_b, used)
+def _looped_swiglu_fwd(x_bcD, w_gate, w_up, w_down, expert_b, used):
+  b_, c_, D = x_bcD.shape
+  F = w_gate.shape[2]
+  index = lambda a, i: jax.lax.dynamic_index_in_dim(a, i, keepdims=False)
+  put = lambda a, v, i: jax.lax.dynamic_update_index_in_dim(a, v.astype(a.dtype), i, 0)
+
+  def block(b, outs):
+    y_bcD, g_bcF, u_bcF = outs
+    e = expert_b[b]
+    y_cD, (g_cF, u_cF) = _swiglu_block(index(x_bcD, b), index(w_gate, e), index(w_up, e),
+                                       index(w_down, e))
+    return put(y_bcD, y_cD, b), put(g_bcF, g_cF, b), put(u_bcF, u_cF, b)
+
+  dtype = jnp.result_type(x_bcD, w_gate)
+  zeros = lambda n: jnp.zeros((b_, c_, n), dtype)
+  y_bcD, g_bcF, u_bcF = jax.lax.fori_loop(0, used, block, (zeros(D), zeros(F), zeros(F)))
+  return y_bcD, (x_bcD, g_bcF, u_bcF, w_gate, w_up, w_down, expert_b, used)
 
 
-def _looped_grouped_matmul_bwd(residuals, dy_bcO):
-  x_bcI, w_EIO, expert_b, used = residuals
+def _looped_swiglu_bwd(residuals, dy_bcD):
+  x_bcD, g_bcF, u_bcF, w_gate, w_up, w_down, expert_b, used = residuals
+  index = lambda a, i: jax.lax.dynamic_index_in_dim(a, i, keepdims=False)
+  outer = lambda a_cI, b_cO: jnp.einsum("cI,cO->IO", a_cI, b_cO,
+                                        preferred_element_type=jnp.float32)
+
+  def accumulate(dw_EIO, e, dw_IO):
+    return jax.lax.dynamic_update_index_in_dim(dw_EIO, index(dw_EIO, e) + dw_IO, e, 0)
 
   def block(b, carry):
-    dw_EIO, dx_bcI = carry
+    dx_bcD, dw_gate, dw_up, dw_down = carry
     e = expert_b[b]
-    x_cI, dy_cO = (jax.lax.dynamic_index_in_dim(a, b, keepdims=False) for a in (x_bcI, dy_bcO))
-    dx_cI = dy_cO @ jax.lax.dynamic_index_in_dim(w_EIO, e, keepdims=False).T
-    dw_IO = jax.lax.dynamic_index_in_dim(dw_EIO, e, keepdims=False) + jnp.einsum(
-        "cI,cO->IO", x_cI, dy_cO, preferred_element_type=jnp.float32)
-    return (jax.lax.dynamic_update_index_in_dim(dw_EIO, dw_IO, e, 0),
-            jax.lax.dynamic_update_index_in_dim(dx_bcI, dx_cI.astype(dx_bcI.dtype), b, 0))
+    x_cD, g_cF, u_cF, dy_cD = (index(a, b) for a in (x_bcD, g_bcF, u_bcF, dy_bcD))
+    h_cF, swiglu_vjp = jax.vjp(lambda g, u: jax.nn.silu(g) * u, g_cF, u_cF)
+    dg_cF, du_cF = swiglu_vjp(dy_cD @ index(w_down, e).T)
+    dx_cD = dg_cF @ index(w_gate, e).T + du_cF @ index(w_up, e).T
+    return (jax.lax.dynamic_update_index_in_dim(dx_bcD, dx_cD.astype(dx_bcD.dtype), b, 0),
+            accumulate(dw_gate, e, outer(x_cD, dg_cF)), accumulate(dw_up, e, outer(x_cD, du_cF)),
+            accumulate(dw_down, e, outer(h_cF, dy_cD)))
 
-  dw_EIO, dx_bcI = jax.lax.fori_loop(
-      0, used, block, (jnp.zeros(w_EIO.shape, jnp.float32), jnp.zeros_like(x_bcI)))
-  float0 = lambda a: np.zeros(a.shape, jax.dtypes.float0)
-  return dx_bcI, dw_EIO.astype(w_EIO.dtype), float0(expert_b), float0(used)
+  f32_zeros = lambda w: jnp.zeros(w.shape, jnp.float32)
+  dx_bcD, dw_gate, dw_up, dw_down = jax.lax.fori_loop(
+      0, used, block,
+      (jnp.zeros_like(x_bcD), f32_zeros(w_gate), f32_zeros(w_up), f32_zeros(w_down)))
+  float0 = lambda a: np.zeros(np.shape(a), jax.dtypes.float0)
+  return (dx_bcD, dw_gate.astype(w_gate.dtype), dw_up.astype(w_up.dtype),
+          dw_down.astype(w_down.dtype), float0(expert_b), float0(used))
 
 
-_looped_grouped_matmul.defvjp(_looped_grouped_matmul_fwd, _looped_grouped_matmul_bwd)
+_looped_swiglu.defvjp(_looped_swiglu_fwd, _looped_swiglu_bwd)
 
 
 def block_size(num_assignments: int, num_experts: int) -> int:
@@ -235,13 +264,12 @@ def block_size(num_assignments: int, num_experts: int) -> int:
 
 def dispatch_blocks(x_ND, experts_NA, gates_NA, token_mask_N, weights, block: int):
   """Dropless dispatch: assignments sorted by expert, each expert's group padded to a multiple of
-  `block` rows; block b runs through its expert's weights (batched matmul over blocks with the
-  weights gathered per block). R = N * A + E * (block - 1) rows, rounded up to whole blocks
-  (unused blocks are zeros): the cost follows top_k, not the E * C capacity rows. Shape letters:
-  M assignments (N * A), R block rows, b blocks, c rows per block. Returns y_ND."""
-  w_gate, w_up, w_down = weights
+  `block` rows; block b runs through its expert's SwiGLU (`grouped_swiglu`). R = N * A +
+  E * (block - 1) rows, rounded up to whole blocks (unused blocks are zeros and skipped): the
+  cost follows top_k, not the E * C capacity rows. Shape letters: M assignments (N * A), R block
+  rows, b blocks, c rows per block. Returns y_ND."""
   N, D = x_ND.shape
-  E, A = w_gate.shape[0], experts_NA.shape[1]
+  E, A = weights[0].shape[0], experts_NA.shape[1]
   M = N * A
   R = -(-(M + E * (block - 1)) // block) * block
   live_M = jnp.repeat(token_mask_N, A)  # assignment m is token m // A's choice m % A
@@ -259,9 +287,7 @@ def dispatch_blocks(x_ND, experts_NA, gates_NA, token_mask_N, weights, block: in
   expert_b = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded_E), jnp.arange(0, R, block),
                                           side="right"), E - 1)
   used = jnp.sum(padded_E) // block  # blocks holding rows; the rest are zeros
-  matmul = lambda x_bcI, w_EIO: grouped_matmul(x_bcI, w_EIO, expert_b, used)
-  h_bcF = jax.nn.silu(matmul(x_bcD, w_gate)) * matmul(x_bcD, w_up)
-  y_RD = matmul(h_bcF, w_down).reshape(R, D)
+  y_RD = grouped_swiglu(x_bcD, weights, expert_b, used).reshape(R, D)
   y_SD = jnp.concatenate([y_RD, jnp.zeros((1, D), y_RD.dtype)])
   y_MD = y_SD[slot_M] * gates_NA.reshape(M, 1).astype(x_ND.dtype)
   return y_MD.reshape(N, A, D).sum(1)

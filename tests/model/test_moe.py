@@ -212,26 +212,40 @@ def test_block_dispatch_equals_capacity_without_drops(E, A, block):
 
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
-def test_grouped_matmul_gradients_equal_autodiff_of_the_gather(dtype, tol):
-  """Expert 2 gets no block, expert 0 two blocks apart: every accumulation case."""
+def test_grouped_swiglu_gradients_equal_autodiff_of_the_gather(dtype, tol):
+  """Expert 2 gets no block, expert 0 two blocks apart, the last block is unused (zeros out,
+  no gradient): every accumulation case."""
   rng = np.random.default_rng(3)
-  x_bcI = jnp.asarray(rng.standard_normal((5, 4, 6)), dtype)
-  w_EIO = jnp.asarray(rng.standard_normal((4, 6, 3)), dtype)
-  dy_bcO = jnp.asarray(rng.standard_normal((5, 4, 3)), dtype)
-  expert_b = jnp.array([0, 1, 1, 3, 0])
-  gathered = lambda x, w: jnp.einsum("bcI,bIO->bcO", x, w[expert_b])
-  y, vjp = jax.vjp(lambda x, w: moe.grouped_matmul(x, w, expert_b), x_bcI, w_EIO)
-  y_ref, vjp_ref = jax.vjp(gathered, x_bcI, w_EIO)
-  np.testing.assert_array_equal(y, y_ref)
-  (dx, dw), (dx_ref, dw_ref) = vjp(dy_bcO), vjp_ref(dy_bcO)
-  assert dw.dtype == dtype
-  np.testing.assert_allclose(np.float32(dx), np.float32(dx_ref), rtol=tol, atol=tol)
-  np.testing.assert_allclose(np.float32(dw), np.float32(dw_ref), rtol=tol, atol=tol)
-  np.testing.assert_array_equal(dw[2], 0.0)
-  # By hand for expert 0: blocks 0 and 4.
-  x32, dy32 = np.float32(x_bcI), np.float32(dy_bcO)
-  np.testing.assert_allclose(np.float32(dw[0]), x32[0].T @ dy32[0] + x32[4].T @ dy32[4],
-                             rtol=tol, atol=tol)
+  b, c, D, F, E, used = 6, 4, 6, 5, 4, 5
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), dtype)
+  x_bcD, dy_bcD = normal(b, c, D), normal(b, c, D)
+  weights = (normal(E, D, F), normal(E, D, F), normal(E, F, D))
+  expert_b = jnp.array([0, 1, 1, 3, 0, 3])
+
+  def gathered(x, *w):
+    wg, wu, wd = (a[expert_b[:used]] for a in w)
+    h = jax.nn.silu(jnp.einsum("bcD,bDF->bcF", x[:used], wg)) * jnp.einsum("bcD,bDF->bcF",
+                                                                           x[:used], wu)
+    return jnp.concatenate([jnp.einsum("bcF,bFD->bcD", h, wd), jnp.zeros_like(x[used:])])
+
+  y, vjp = jax.vjp(lambda x, *w: moe.grouped_swiglu(x, w, expert_b, used), x_bcD, *weights)
+  y_ref, vjp_ref = jax.vjp(gathered, x_bcD, *weights)
+  np.testing.assert_allclose(np.float32(y), np.float32(y_ref), rtol=tol, atol=tol)
+  np.testing.assert_array_equal(y[used:], 0.0)
+  grads, grads_ref = vjp(dy_bcD), vjp_ref(dy_bcD)
+  for g, g_ref in zip(grads, grads_ref):  # bfloat16: both round their own intermediates
+    assert g.dtype == dtype
+    g, g_ref = np.float32(g), np.float32(g_ref)
+    np.testing.assert_allclose(g, g_ref, rtol=tol, atol=tol * np.abs(g_ref).max())
+  dx, dw_gate, dw_up, dw_down = grads
+  np.testing.assert_array_equal(dx[used:], 0.0)
+  for dw in (dw_gate, dw_up, dw_down):
+    np.testing.assert_array_equal(dw[2], 0.0)
+  # By hand for expert 0's down matrix: blocks 0 and 4.
+  x32, dy32, w = np.float32(x_bcD), np.float32(dy_bcD), [np.float32(a[0]) for a in weights]
+  h = lambda blk: (lambda g: g / (1 + np.exp(-g)))(x32[blk] @ w[0]) * (x32[blk] @ w[1])
+  np.testing.assert_allclose(np.float32(dw_down[0]), h(0).T @ dy32[0] + h(4).T @ dy32[4],
+                             rtol=5 * tol, atol=5 * tol)
 
 
 def test_block_size():
