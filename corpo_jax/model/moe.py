@@ -185,6 +185,16 @@ def grouped_swiglu(x_bcD, weights, expert_b, used):
   return _looped_swiglu(x_bcD, *weights, expert_b, jnp.asarray(used, jnp.int32))
 
 
+def _at(a, i):
+  """a[i] for a traced index i, without a copy when XLA can read in place."""
+  return jax.lax.dynamic_index_in_dim(a, i, keepdims=False)
+
+
+def _put(a, v, i):
+  """a with a[i] = v (in place inside a loop)."""
+  return jax.lax.dynamic_update_index_in_dim(a, v.astype(a.dtype), i, 0)
+
+
 def _swiglu_block(x_cD, w_gate_DF, w_up_DF, w_down_FD):
   """One block's SwiGLU; returns (y_cD, residuals for the backward pass)."""
   g_cF, u_cF = x_cD @ w_gate_DF, x_cD @ w_up_DF
@@ -205,41 +215,38 @@ def _looped_swiglu(x_bcD, w_gate, w_up, w_down, expert_b, used):
 
 
 def _looped_swiglu_fwd(x_bcD, w_gate, w_up, w_down, expert_b, used):
-  b_, c_, D = x_bcD.shape
+  num_blocks, rows, D = x_bcD.shape
   F = w_gate.shape[2]
-  index = lambda a, i: jax.lax.dynamic_index_in_dim(a, i, keepdims=False)
-  put = lambda a, v, i: jax.lax.dynamic_update_index_in_dim(a, v.astype(a.dtype), i, 0)
 
   def block(b, outs):
     y_bcD, g_bcF, u_bcF = outs
     e = expert_b[b]
-    y_cD, (g_cF, u_cF) = _swiglu_block(index(x_bcD, b), index(w_gate, e), index(w_up, e),
-                                       index(w_down, e))
-    return put(y_bcD, y_cD, b), put(g_bcF, g_cF, b), put(u_bcF, u_cF, b)
+    y_cD, (g_cF, u_cF) = _swiglu_block(_at(x_bcD, b), _at(w_gate, e), _at(w_up, e),
+                                       _at(w_down, e))
+    return _put(y_bcD, y_cD, b), _put(g_bcF, g_cF, b), _put(u_bcF, u_cF, b)
 
   dtype = jnp.result_type(x_bcD, w_gate)
-  zeros = lambda n: jnp.zeros((b_, c_, n), dtype)
+  zeros = lambda n: jnp.zeros((num_blocks, rows, n), dtype)
   y_bcD, g_bcF, u_bcF = jax.lax.fori_loop(0, used, block, (zeros(D), zeros(F), zeros(F)))
   return y_bcD, (x_bcD, g_bcF, u_bcF, w_gate, w_up, w_down, expert_b, used)
 
 
 def _looped_swiglu_bwd(residuals, dy_bcD):
   x_bcD, g_bcF, u_bcF, w_gate, w_up, w_down, expert_b, used = residuals
-  index = lambda a, i: jax.lax.dynamic_index_in_dim(a, i, keepdims=False)
   outer = lambda a_cI, b_cO: jnp.einsum("cI,cO->IO", a_cI, b_cO,
                                         preferred_element_type=jnp.float32)
 
   def accumulate(dw_EIO, e, dw_IO):
-    return jax.lax.dynamic_update_index_in_dim(dw_EIO, index(dw_EIO, e) + dw_IO, e, 0)
+    return _put(dw_EIO, _at(dw_EIO, e) + dw_IO, e)
 
   def block(b, carry):
     dx_bcD, dw_gate, dw_up, dw_down = carry
     e = expert_b[b]
-    x_cD, g_cF, u_cF, dy_cD = (index(a, b) for a in (x_bcD, g_bcF, u_bcF, dy_bcD))
+    x_cD, g_cF, u_cF, dy_cD = (_at(a, b) for a in (x_bcD, g_bcF, u_bcF, dy_bcD))
     h_cF, swiglu_vjp = jax.vjp(lambda g, u: jax.nn.silu(g) * u, g_cF, u_cF)
-    dg_cF, du_cF = swiglu_vjp(dy_cD @ index(w_down, e).T)
-    dx_cD = dg_cF @ index(w_gate, e).T + du_cF @ index(w_up, e).T
-    return (jax.lax.dynamic_update_index_in_dim(dx_bcD, dx_cD.astype(dx_bcD.dtype), b, 0),
+    dg_cF, du_cF = swiglu_vjp(dy_cD @ _at(w_down, e).T)
+    dx_cD = dg_cF @ _at(w_gate, e).T + du_cF @ _at(w_up, e).T
+    return (_put(dx_bcD, dx_cD, b),
             accumulate(dw_gate, e, outer(x_cD, dg_cF)), accumulate(dw_up, e, outer(x_cD, du_cF)),
             accumulate(dw_down, e, outer(h_cF, dy_cD)))
 
