@@ -85,6 +85,7 @@ def capacity(num_tokens: int, cfg: ModelConfig) -> int:
 
 
 def _swiglu_ECD(x_ECD, w_gate_EDF, w_up_EDF, w_down_EFD):
+  """SwiGLU batched over the leading axis (experts, or blocks with their experts' weights)."""
   h_ECF = (jax.nn.silu(jnp.einsum("ECD,EDF->ECF", x_ECD, w_gate_EDF))
            * jnp.einsum("ECD,EDF->ECF", x_ECD, w_up_EDF))
   return jnp.einsum("ECF,EFD->ECD", h_ECF, w_down_EFD)
@@ -178,10 +179,7 @@ def grouped_swiglu(x_bcD, weights, expert_b, used):
   where the loop's would run once per block; blocks without rows are zeros, so their outputs
   are too."""
   if _mesh_size() > 1:
-    w_gate, w_up, w_down = (w[expert_b] for w in weights)
-    h_bcF = (jax.nn.silu(jnp.einsum("bcD,bDF->bcF", x_bcD, w_gate))
-             * jnp.einsum("bcD,bDF->bcF", x_bcD, w_up))
-    return jnp.einsum("bcF,bFD->bcD", h_bcF, w_down)
+    return _swiglu_ECD(x_bcD, *(w[expert_b] for w in weights))
   return _looped_swiglu(x_bcD, *weights, expert_b, jnp.asarray(used, jnp.int32))
 
 
