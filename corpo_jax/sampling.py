@@ -158,15 +158,6 @@ def _temperature(strategy: tuple[Strategy, ...]) -> float:
   return t
 
 
-def _repeat_cache(cache: model.Cache, cfg: ModelConfig, G: int) -> model.Cache:
-  """Each prompt's cache row copied to its G samples (rows b*G .. b*G+G-1)."""
-  def rep(x, names):
-    if names is None or "batch" not in names:
-      return x
-    return constrain(jnp.repeat(x, G, axis=names.index("batch")), names)
-  return jax.tree.map(rep, cache, model.cache_logical_axes(cfg))
-
-
 def _split_layers(params: Any) -> Any:
   """Stacked layer weights [L, ...] as tuples of L per-layer arrays (see `_stack_layers`)."""
   def split(tree):
@@ -195,7 +186,7 @@ def _prefill(params, cfg: ModelConfig, prompts_BP, prompt_mask_BP, num_samples: 
   logits_BV = model.project(params, cfg, last)[:, 0]
   rep = lambda x: jnp.repeat(x, num_samples, axis=0)
   experts_LBPA = jnp.repeat(out.experts_LBTA, num_samples, axis=1)
-  return rep(logits_BV), _repeat_cache(out.cache, cfg, num_samples), experts_LBPA
+  return rep(logits_BV), model.repeat_cache(out.cache, cfg, num_samples), experts_LBPA
 
 
 def _decode_step(params, cfg: ModelConfig, strategy, state: _State, eos_id, max_new_tokens,

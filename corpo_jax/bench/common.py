@@ -89,6 +89,15 @@ def forward_flops(cfg: ModelConfig, batch: int, length: int) -> float:
   return layers * (tokens * per_token_layer + attention) + tokens * 2 * D * cfg.vocab_size
 
 
+def shared_prompt_flops(cfg: ModelConfig, prompts: int, group: int, prompt_len: int,
+                        completion_len: int) -> float:
+  """`forward_flops` of prompts x group rows of prompt + completion when each prompt runs once
+  and its keys and values serve its group's completions (the sampler, `rl.share_prompt`)."""
+  rows, length = prompts * group, prompt_len + completion_len
+  return (forward_flops(cfg, rows, length) - forward_flops(cfg, rows, prompt_len)
+          + forward_flops(cfg, prompts, prompt_len))
+
+
 def cpu_name() -> str:
   try:
     with open("/proc/cpuinfo") as f:

@@ -7,8 +7,9 @@ trainer's RL stage does it: `sampling.generate` (temperature 1, completions forc
 exact_match + 0.1 format), `rl.step.make_batch`, then `rl.step.make_update`'s update (one AdamW
 step, beta > 0). Each part is timed separately after one compiling step; medians over `--runs`
 steps (>= 5). `update_s` includes the reference forward, which make_update runs inside the
-jitted update; `ref_forward_s` is that pass (`rl.step.token_logprobs` on the reference
-parameters) timed alone, and is not part of `step_s` = rollout + reward + batch + update.
+jitted update; `ref_forward_s` is that pass (the update's log-probs on the reference
+parameters: `rl.step.shared_prompt_logprobs`, or `token_logprobs` with `--share_prompt 0`) timed
+alone, and is not part of `step_s` = rollout + reward + batch + update.
 `mfu` is the update's (see `bench update`); `step_mfu` counts the rollout's forward FLOPs too.
 """
 
@@ -67,9 +68,11 @@ def measure(args) -> dict:
   prompts_BP, mask_BP, examples, task = arithmetic_prompts(tokenizer, B, args.prompt_len,
                                                            cfg.pad_id, args.seed)
   row_examples = [ex for ex in examples for _ in range(G)]
-  ref_logprobs = jax.jit(lambda p, b: rl_step.token_logprobs(
-      p, cfg, b.tokens, b.token_mask, temperature=rl_cfg.temperature,
-      chunk=rl_cfg.logprob_chunk)[0])
+  kwargs = dict(temperature=rl_cfg.temperature, chunk=rl_cfg.logprob_chunk)
+  if rl_cfg.share_prompt:
+    kwargs.update(group=G, prompt_len=args.prompt_len)
+  logprobs = rl_step.shared_prompt_logprobs if rl_cfg.share_prompt else rl_step.token_logprobs
+  ref_logprobs = jax.jit(lambda p, b: logprobs(p, cfg, b.tokens, b.token_mask, **kwargs)[0])
   times = {k: [] for k in ("rollout_s", "reward_s", "batch_s", "update_s", "ref_forward_s",
                            "step_s", "step_cpu_s")}
   for k in range(args.runs + 1):  # step 0 compiles
@@ -96,11 +99,9 @@ def measure(args) -> dict:
                        ("step_cpu_s", c4 - c0)):
       times[key].append(value)
   med = {k: statistics.median(v) for k, v in times.items()}
-  rows, length = B * G, args.prompt_len + args.completion_len
-  update_flops = update_bench.update_flops(cfg, rl_cfg, rows, length)
-  rollout_flops = (common.forward_flops(cfg, rows, length)
-                   - common.forward_flops(cfg, rows, args.prompt_len)
-                   + common.forward_flops(cfg, B, args.prompt_len))
+  rows = B * G
+  update_flops = update_bench.update_flops(cfg, rl_cfg, args)
+  rollout_flops = common.shared_prompt_flops(cfg, B, G, args.prompt_len, args.completion_len)
   return {**{k: round(v, 4) for k, v in med.items()},
           "rollout_tokens_per_s": round(rows * args.completion_len / med["rollout_s"], 1),
           "mfu": round(update_flops / med["update_s"] / peak_flops, 4),

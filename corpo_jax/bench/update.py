@@ -7,7 +7,9 @@ compiling call, and:
 
 * FLOPs, counted analytically (`common.forward_flops`, model FLOPs: chosen experts only, no
   recomputation): policy forward + backward = 3 x forward, plus 1 x forward for the reference
-  policy when beta > 0. `hlo_flops` is XLA's own count (`compiled.cost_analysis()`) for
+  policy when beta > 0; a forward runs each prompt once for its G rows when
+  `--share_prompt 1` (the default, as the trainer does: `common.shared_prompt_flops`), every
+  row in full with `--share_prompt 0`. `hlo_flops` is XLA's own count (`compiled.cost_analysis()`) for
   comparison: it counts a loop body once (the log-prob chunks run in a loop), so it is lower.
 * MFU: achieved model FLOP/s over the dense-matmul peak measured in the same process
   (`common.matmul_peak`).
@@ -32,7 +34,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from corpo_jax import model
+from corpo_jax import model, sampling
 from corpo_jax.bench import common
 from corpo_jax.model import ModelConfig
 from corpo_jax.rl import step as rl_step
@@ -47,6 +49,7 @@ def add_rl_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--beta", type=float, default=0.04, help="KL weight (> 0: reference forward)")
   p.add_argument("--logprob_chunk", type=int, default=32, help="rl.logprob_chunk")
   p.add_argument("--micro_batches", type=int, default=1, help="rl.num_micro_batches")
+  p.add_argument("--share_prompt", type=int, default=1, help="rl.share_prompt (1 or 0)")
   p.add_argument("--remat", default="none", help="model.remat: none, full or dots")
   p.add_argument("--peak_size", type=int, default=2048, help="n of the n x n x n peak matmul")
   p.add_argument("--sweep", default="", help="NAME=v1,v2,...: one measurement per value of a flag")
@@ -61,14 +64,19 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def configs(args) -> tuple[ModelConfig, RLConfig]:
   cfg = dataclasses.replace(common.model_config(args), remat=args.remat)
   rl_cfg = RLConfig(beta=args.beta, max_completion_len=args.completion_len,
-                    logprob_chunk=args.logprob_chunk, num_micro_batches=args.micro_batches)
+                    logprob_chunk=args.logprob_chunk, num_micro_batches=args.micro_batches,
+                    share_prompt=bool(args.share_prompt))
   return cfg, rl_cfg
 
 
-def update_flops(cfg: ModelConfig, rl_cfg: RLConfig, rows: int, length: int) -> float:
-  """Model FLOPs of one update call (module docstring)."""
+def update_flops(cfg: ModelConfig, rl_cfg: RLConfig, args) -> float:
+  """Model FLOPs of one update call on args' batch (module docstring)."""
   passes = 3 * rl_cfg.num_iterations + (rl_cfg.beta > 0) + (rl_cfg.num_iterations > 1)
-  return passes * common.forward_flops(cfg, rows, length)
+  B, G, P, T = args.prompts, args.group, args.prompt_len, args.completion_len
+  if rl_cfg.share_prompt and G // rl_cfg.num_micro_batches > 1:
+    M = rl_cfg.num_micro_batches  # each micro-batch runs every prompt once
+    return passes * M * common.shared_prompt_flops(cfg, B, G // M, P, T)
+  return passes * common.forward_flops(cfg, B * G, P + T)
 
 
 def largest_vocab_array(hlo_text: str, vocab: int) -> int:
@@ -88,14 +96,16 @@ def largest_vocab_array(hlo_text: str, vocab: int) -> int:
 
 
 def random_batch(cfg: ModelConfig, args, rng: jax.Array) -> rl_step.Batch:
-  """B*G rows: a full-length random prompt, then a full-length random completion."""
+  """B*G rows: a full-length random prompt shared by the G rows of a group, then a full-length
+  random completion (`rl.step.make_batch`)."""
   B, G, P, T = args.prompts, args.group, args.prompt_len, args.completion_len
-  tokens = jax.random.randint(rng, (B * G, P + T), 6, cfg.vocab_size)
-  completion = jnp.arange(P + T) >= P
-  return rl_step.Batch(tokens=tokens, token_mask=jnp.ones_like(tokens, bool),
-                       loss_mask=jnp.broadcast_to(completion, tokens.shape),
-                       rewards=jax.random.normal(jax.random.fold_in(rng, 1), (B, G)),
-                       truncated=jnp.ones((B * G,), bool))
+  prompts_BP = jax.random.randint(rng, (B, P), 6, cfg.vocab_size)
+  completions = jax.random.randint(jax.random.fold_in(rng, 2), (B * G, T), 6, cfg.vocab_size)
+  rollout = sampling.Rollout(tokens=completions, mask=jnp.ones_like(completions, bool),
+                             logprobs=None, lengths=None, truncated=jnp.ones((B * G,), bool),
+                             experts=None)
+  rewards_BG = jax.random.normal(jax.random.fold_in(rng, 1), (B, G))
+  return rl_step.make_batch(prompts_BP, jnp.ones_like(prompts_BP, bool), rollout, rewards_BG)
 
 
 def analyse(update, state, batch, ref_params, vocab: int) -> dict:
@@ -134,7 +144,7 @@ def measure(args) -> dict:
     return metrics
 
   update_s, update_cpu_s = common.median_time(one, args.runs)
-  flops = update_flops(cfg, rl_cfg, *batch.tokens.shape)
+  flops = update_flops(cfg, rl_cfg, args)
   return {"update_s": round(update_s, 4), "update_cpu_s": round(update_cpu_s, 4),
           "model_gflop": round(flops / 1e9, 3), "gflops_per_s": round(flops / update_s / 1e9, 2),
           "matmul_peak_gflops_per_s": round(peak_flops / 1e9, 2),

@@ -15,8 +15,8 @@ Mixtral's softmax-over-all, top-k, renormalise). Dispatch computes only the chos
 When capacity C = N (cf * A >= E, e.g. the demo's E 4, top-2, cf 2) the capacity path can drop
 nothing, so two cheaper dispatches give the same result (they give dropless "sort" on CPU too):
 * `dispatch_fitted`: capacity dispatch with C sized at run time to the busiest expert's load
-  (lax.switch over a few static sizes). Used by passes with a KV cache (`decoding`: the prefill
-  and each decode step), which are never differentiated.
+  (lax.switch over a few static sizes). Used by decoding passes (`decoding`: the sampler's
+  prefill and decode steps), which are never differentiated.
 * `dispatch_blocks` for the other passes without expert sharding (training, reference forward):
   each expert's tokens padded to blocks, about N * A rows instead of the E * N capacity rows,
   through `grouped_swiglu` (on one device one loop over the blocks with a hand-written
@@ -66,7 +66,8 @@ def route(logits_NE: jax.Array, top_k: int,
 
 def aux_losses(logits_NE: jax.Array, experts_NA: jax.Array,
                token_mask_N: jax.Array) -> dict[str, jax.Array]:
-  """Load-balancing loss, z-loss and per-expert load over the unmasked tokens (float32)."""
+  """Load-balancing loss, z-loss and per-expert load over the unmasked tokens (float32), and
+  the mean router probabilities and token count they come from."""
   E = logits_NE.shape[-1]
   w_N = token_mask_N.astype(jnp.float32)
   count = jnp.maximum(w_N.sum(), 1.0)
@@ -76,7 +77,9 @@ def aux_losses(logits_NE: jax.Array, experts_NA: jax.Array,
   z_N = jax.nn.logsumexp(logits_NE, axis=-1) ** 2
   return {"load_balance_loss": E * jnp.sum(load_E * prob_E),
           "z_loss": jnp.sum(z_N * w_N) / count,
-          "expert_load": load_E}
+          "expert_load": load_E,
+          "router_prob": prob_E,  # with expert_load, z_loss and tokens: what merging passes needs
+          "tokens": w_N.sum()}
 
 
 def capacity(num_tokens: int, cfg: ModelConfig) -> int:
@@ -317,7 +320,7 @@ class MoE(nn.Module):
   def __call__(self, x_BTD: jax.Array, token_mask_BT: jax.Array,
                experts_BTA: jax.Array | None = None,
                decoding: bool = False) -> tuple[jax.Array, jax.Array]:
-    """decoding: a pass with a KV cache (never differentiated; picks the dispatch)."""
+    """decoding: a sampler pass (never differentiated; picks the dispatch)."""
     cfg = self.cfg
     D, F, E = cfg.d_model, cfg.d_ff, cfg.num_experts
     w_router = param(self, "router", (D, E), ("embed", None), fan_in_init(0, 1), cfg)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Sequence
 
 import flax
 import flax.linen as nn
@@ -33,6 +33,7 @@ class Block(nn.Module):
   """One decoder layer: x + attn(norm(x)), then x + moe(norm(x)). Scanned over layers."""
 
   cfg: ModelConfig
+  decoding: bool = False  # a sampler pass (see `run`)
 
   @nn.compact
   def __call__(self, x_BTD, layer_in, pos_BT, mask_BTS, token_mask_BT, write_index):
@@ -42,22 +43,22 @@ class Block(nn.Module):
     x_BTD = x_BTD + h_BTD
     h_BTD, experts_BTA = MoE(self.cfg, name="moe")(
         RMSNorm(self.cfg, name="moe_norm")(x_BTD), token_mask_BT, layer_in["experts"],
-        decoding=cache is not None)
+        decoding=self.decoding)
     x_BTD = constrain(x_BTD + h_BTD, ("batch", "length", "act_embed"))
     new_cache = new_cache or {"k": None, "v": None}
     return x_BTD, {**new_cache, "experts": experts_BTA}
 
 
 def _stack(cfg: ModelConfig, length: int, name: str, decoding: bool) -> nn.Module:
-  """The scanned layers; unrolled when decoding with a cache, so that each layer reads its weights
-  in place instead of the scan copying a dynamic slice of the stacked weights every step."""
+  """The scanned layers; unrolled when decoding, so that each layer reads its weights in place
+  instead of the scan copying a dynamic slice of the stacked weights every step."""
   block = Block
   if cfg.remat != "none":
     block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
   return nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
                  split_rngs={"params": True}, in_axes=(0,) + (nn.broadcast,) * 4,
                  length=length, unroll=length if decoding else 1,
-                 metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name=name)
+                 metadata_params={nn.PARTITION_NAME: "layers"})(cfg, decoding, name=name)
 
 
 @flax.struct.dataclass
@@ -93,12 +94,13 @@ class Output:
   cache: Cache | None
   experts_LBTA: jax.Array  # base layers' chosen experts (router replay)
   step_logits_BTC: jax.Array | None  # thinking head's step-type classifier (float32)
-  aux: dict[str, jax.Array]  # load_balance_loss, z_loss (means over all MoE layers, base then
-  # thinking head), expert_load [L + L_think, E]
+  aux: dict[str, Any]  # load_balance_loss, z_loss (means over all MoE layers, base then
+  # thinking head), expert_load [L + L_think, E], stats (per layer; see `merge_aux`)
 
 
 class Transformer(nn.Module):
   cfg: ModelConfig
+  decoding: bool = False  # a sampler pass (see `run`)
 
   @nn.compact
   def __call__(self, tokens_BT, pos_BT, mask_BTS, token_mask_BT, think_mask_BT, write_index,
@@ -110,12 +112,12 @@ class Transformer(nn.Module):
       param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), fan_in_init(0, 1), cfg)
     x_BTD = constrain(embed_VD.astype(cfg.dtype)[tokens_BT], ("batch", "length", "act_embed"))
     args = (pos_BT, mask_BTS, token_mask_BT, write_index)
-    x_BTD, base_out = _stack(cfg, cfg.num_layers, "layers", cache_in["k"] is not None)(
+    x_BTD, base_out = _stack(cfg, cfg.num_layers, "layers", self.decoding)(
         x_BTD, {"k": cache_in["k"], "v": cache_in["v"], "experts": experts_LBTA}, *args)
     hidden = Hidden(RMSNorm(cfg, name="final_norm")(x_BTD), None, think_mask_BT)
     step_logits, think_out = None, {"k": None, "v": None}
     if cfg.has_thinking_head:
-      h_think, step_logits, think_out = ThinkingHead(cfg, name="thinking")(
+      h_think, step_logits, think_out = ThinkingHead(cfg, self.decoding, name="thinking")(
           x_BTD, {"k": cache_in["think_k"], "v": cache_in["think_v"]}, *args)
       hidden = dataclasses.replace(hidden, think_BTD=h_think)
     return hidden, base_out, think_out, step_logits
@@ -126,13 +128,14 @@ class ThinkingHead(nn.Module):
   unembedding (declared here, used by `project`) and a step-type classifier."""
 
   cfg: ModelConfig
+  decoding: bool = False
 
   @nn.compact
   def __call__(self, x_BTD, cache_in, pos_BT, mask_BTS, token_mask_BT, write_index):
     cfg = self.cfg
     if not cfg.thinking_shared_unembed:
       param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), fan_in_init(0, 1), cfg)
-    x_BTD, out = _stack(cfg, cfg.thinking_layers, "layers", cache_in["k"] is not None)(
+    x_BTD, out = _stack(cfg, cfg.thinking_layers, "layers", self.decoding)(
         x_BTD, {**cache_in, "experts": None}, pos_BT, mask_BTS, token_mask_BT, write_index)
     h_BTD = RMSNorm(cfg, name="norm")(x_BTD)
     w_DC = param(self, "step_head", (cfg.d_model, cfg.num_step_classes), ("embed", "classes"),
@@ -179,6 +182,15 @@ def init_cache(cfg: ModelConfig, batch: int, size: int) -> Cache:
                next_pos_B=jnp.zeros((batch,), jnp.int32), think_open_B=jnp.zeros((batch,), bool))
 
 
+def repeat_cache(cache: Cache, cfg: ModelConfig, G: int) -> Cache:
+  """Each row's cache copied to G consecutive rows (row b to rows b*G .. b*G+G-1)."""
+  def rep(x, names):
+    if names is None or "batch" not in names:
+      return x
+    return constrain(jnp.repeat(x, G, axis=names.index("batch")), names)
+  return jax.tree.map(rep, cache, cache_logical_axes(cfg))
+
+
 def cache_logical_axes(cfg: ModelConfig) -> Cache:
   """Logical axis names of every Cache field (for shardings)."""
   kv = (("batch", "kv_heads", "length", "head_dim"),) * cfg.num_layers
@@ -198,7 +210,7 @@ def _attention_mask(query_slot_T: jax.Array, key_slot_S: jax.Array,
 
 def run(params: Any, cfg: ModelConfig, tokens_BT: jax.Array, token_mask_BT: jax.Array | None = None,
         *, cache: Cache | None = None, experts_LBTA: jax.Array | None = None,
-        think_mask_BT: jax.Array | None = None) -> Output:
+        think_mask_BT: jax.Array | None = None, decoding: bool | None = None) -> Output:
   """The forward pass to final hidden states (use `project` for logits).
 
   tokens_BT: int ids; token_mask_BT: True for real tokens (default: tokens != pad_id).
@@ -208,7 +220,13 @@ def run(params: Any, cfg: ModelConfig, tokens_BT: jax.Array, token_mask_BT: jax.
   decode with T = 1) and the updated cache is returned.
   experts_LBTA: replay these expert choices in the base layers (router replay).
   think_mask_BT: override the think-span mask computed from the tokens.
+  decoding: a sampler pass, never differentiated (default: whenever there is a cache): the layer
+  stack is unrolled and the MoE sizes its capacity to the busiest expert at run time. A pass
+  with a cache that is differentiated (the RL update's shared prompts) sets it False.
   """
+  decoding = cache is not None if decoding is None else decoding
+  if decoding and cache is None:
+    raise ValueError("run(decoding=True) needs a cache.")
   B, T = tokens_BT.shape
   if token_mask_BT is None:
     token_mask_BT = tokens_BT != cfg.pad_id
@@ -231,7 +249,7 @@ def run(params: Any, cfg: ModelConfig, tokens_BT: jax.Array, token_mask_BT: jax.
   if think_mask_BT is None:
     think_mask_BT = think_mask(tokens_BT, token_mask_BT, cfg, open_in)
 
-  (hidden, base_out, think_out, step_logits), state = Transformer(cfg).apply(
+  (hidden, base_out, think_out, step_logits), state = Transformer(cfg, decoding).apply(
       {"params": params}, tokens_BT, pos_BT, mask_BTS, token_mask_BT, think_mask_BT, write_index,
       cache_in, experts_LBTA, mutable=["intermediates"])
   aux = _aux_losses(state["intermediates"])
@@ -249,15 +267,38 @@ def run(params: Any, cfg: ModelConfig, tokens_BT: jax.Array, token_mask_BT: jax.
                 step_logits_BTC=step_logits, aux=aux)
 
 
-def _aux_losses(intermediates: Any) -> dict[str, jax.Array]:
+_STATS = ("expert_load", "router_prob", "z_loss", "tokens")  # per layer: what losses come from
+
+
+def _aux_losses(intermediates: Any) -> dict[str, Any]:
   """Per-layer MoE statistics of the base and thinking stacks: losses averaged over layers."""
   stacks = [intermediates["layers"]["moe"]]
   if "thinking" in intermediates:
     stacks.append(intermediates["thinking"]["layers"]["moe"])
-  per_layer = {k: jnp.concatenate([s[k][0] for s in stacks]) for k in stacks[0]}
-  return {"load_balance_loss": jnp.mean(per_layer["load_balance_loss"]),
-          "z_loss": jnp.mean(per_layer["z_loss"]),
-          "expert_load": per_layer["expert_load"]}
+  return _aux_from_stats({k: jnp.concatenate([s[k][0] for s in stacks]) for k in _STATS})
+
+
+def _aux_from_stats(stats: dict[str, jax.Array]) -> dict[str, Any]:
+  """moe.aux_losses' load-balance loss per layer from its statistics, then means over layers."""
+  load_LE = stats["expert_load"]
+  balance_L = load_LE.shape[-1] * jnp.sum(load_LE * stats["router_prob"], axis=-1)
+  return {"load_balance_loss": jnp.mean(balance_L), "z_loss": jnp.mean(stats["z_loss"]),
+          "expert_load": load_LE, "stats": stats}
+
+
+def merge_aux(parts: Sequence[tuple[dict[str, Any], float]]) -> dict[str, Any]:
+  """The aux losses of one pass over all the parts' tokens, from the `Output.aux` of passes
+  over disjoint tokens, each part's tokens counted `weight` times (a prompt run once for G
+  samples has weight G): every statistic is a per-layer token mean, so the merge is exact."""
+  w_L = [weight * aux["stats"]["tokens"] for aux, weight in parts]
+  total_L = sum(w_L)
+  along = lambda w_L, x: w_L.reshape(w_L.shape + (1,) * (x.ndim - 1))  # [L] against [L, ...]
+
+  def mean(k):
+    xs = [aux["stats"][k] for aux, _ in parts]
+    return sum(along(w, x) * x for w, x in zip(w_L, xs)) / along(jnp.maximum(total_L, 1.0), xs[0])
+
+  return _aux_from_stats({**{k: mean(k) for k in _STATS if k != "tokens"}, "tokens": total_L})
 
 
 def _unembedding(params: Any, cfg: ModelConfig, thinking: bool) -> jax.Array:

@@ -57,6 +57,10 @@ class Batch:
   rewards: jax.Array  # float32 [B, G]
   truncated: jax.Array  # bool [BG]: hit the length limit without EOS
   experts: jax.Array | None = None  # int32 [L, BG, T, A]: rollout's expert choices
+  # Width P of the left-padded prompt that the G rows of a group share (tokens[:, :P]); static.
+  # `make_batch` sets it, and the update then runs each prompt once (`rl.share_prompt`); 0: the
+  # rows are not known to share their prompts, every row runs in full.
+  prompt_len: int = flax.struct.field(pytree_node=False, default=0)
 
 
 @flax.struct.dataclass
@@ -90,7 +94,7 @@ def make_batch(prompt_tokens_BP: jax.Array, prompt_mask_BP: jax.Array, rollout: 
       loss_mask=jnp.concatenate([jnp.zeros_like(prompt_mask), completion_mask], axis=1),
       rewards=jnp.asarray(rewards_BG, jnp.float32),
       truncated=jnp.asarray(rollout.truncated, bool),
-      experts=rollout.experts)
+      experts=rollout.experts, prompt_len=P)
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -309,13 +313,58 @@ def token_logprobs(params: Any, model_cfg: ModelConfig, tokens_BT: jax.Array,
   entropy_BT[:, t] is the entropy of the distribution tokens[t] was drawn from.
   """
   out = model.run(params, model_cfg, tokens_BT, token_mask_BT, experts_LBTA=experts_LBTA)
-  B, T = tokens_BT.shape
+  B = tokens_BT.shape[0]
+  logp_BT, entropy_BT = _next_token_logprobs(params, model_cfg, out.hidden, tokens_BT[:, 1:],
+                                             temperature, chunk)
+  first = lambda x: jnp.concatenate([jnp.zeros((B, 1), jnp.float32), x], axis=1)
+  return first(logp_BT), first(entropy_BT), out
+
+
+def shared_prompt_logprobs(params: Any, model_cfg: ModelConfig, tokens_BT: jax.Array,
+                           token_mask_BT: jax.Array, *, group: int, prompt_len: int,
+                           temperature: float = 1.0, chunk: int = 128,
+                           experts_LBTA: jax.Array | None = None
+                           ) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
+  """`token_logprobs` for rows whose groups of `group` consecutive rows share their first
+  `prompt_len` tokens (a left-padded prompt): each prompt runs once into a KV cache, which is
+  copied to its rows, and only the completions run per row (the sampler's prefill, but
+  differentiable: the copy's gradient sums the rows' contributions). The same values as
+  `token_logprobs` on the completion tokens to float rounding, for (P + T_c) / (P / G + T_c)
+  times fewer token FLOPs; log-probs and entropies of the prompt tokens are 0 (never trained
+  on). Returns (logp_BT, entropy_BT, aux): the MoE aux losses of the whole batch, the prompt
+  tokens counted once per row (`model.merge_aux`), as `token_logprobs` counts them.
+  """
+  BG, T = tokens_BT.shape
+  G, P = group, prompt_len
+  replay = lambda rows, times: None if experts_LBTA is None else experts_LBTA[:, rows, times]
+  prompt = model.run(params, model_cfg, tokens_BT[::G, :P], token_mask_BT[::G, :P],
+                     cache=model.init_cache(model_cfg, BG // G, T),
+                     experts_LBTA=replay(slice(None, None, G), slice(None, P)), decoding=False)
+  completion = model.run(params, model_cfg, tokens_BT[:, P:], token_mask_BT[:, P:],
+                         cache=model.repeat_cache(prompt.cache, model_cfg, G),
+                         experts_LBTA=replay(slice(None), slice(P, None)), decoding=False)
+  # The prompt's last position predicts the first completion token, and so on.
+  last = jax.tree.map(lambda x: jnp.repeat(x[:, -1:], G, axis=0), prompt.hidden)
+  hidden = jax.tree.map(lambda a, b: jnp.concatenate([a, b[:, :-1]], axis=1), last,
+                        completion.hidden)
+  logp_BT, entropy_BT = _next_token_logprobs(params, model_cfg, hidden, tokens_BT[:, P:],
+                                             temperature, chunk)
+  prompt_zeros = lambda x: jnp.concatenate([jnp.zeros((BG, P), jnp.float32), x], axis=1)
+  aux = model.merge_aux([(prompt.aux, G), (completion.aux, 1)])
+  return prompt_zeros(logp_BT), prompt_zeros(entropy_BT), aux
+
+
+def _next_token_logprobs(params: Any, model_cfg: ModelConfig, hidden: model.Hidden,
+                         next_BT: jax.Array, temperature: float,
+                         chunk: int) -> tuple[jax.Array, jax.Array]:
+  """log pi(next_BT[:, t]) and the entropy of pi, from the hidden states at position t (the
+  first next_BT.shape[1] positions of `hidden`), `chunk` positions at a time (token_logprobs)."""
+  B, T = next_BT.shape
   c = min(chunk, T)
   n = -(-T // c)
-  next_BT = jnp.concatenate([tokens_BT[:, 1:], jnp.zeros((B, 1), tokens_BT.dtype)], axis=1)
 
   def to_chunks(x):  # [B, T, ...] -> [n, B, c, ...]
-    x = jnp.pad(x, [(0, 0), (0, n * c - T)] + [(0, 0)] * (x.ndim - 2))
+    x = jnp.pad(x[:, :T], [(0, 0), (0, n * c - T)] + [(0, 0)] * (x.ndim - 2))
     return jnp.swapaxes(x.reshape(B, n, c, *x.shape[2:]), 0, 1)
 
   @jax.checkpoint
@@ -326,10 +375,9 @@ def token_logprobs(params: Any, model_cfg: ModelConfig, tokens_BT: jax.Array,
     entropy_Bc = -jnp.sum(jnp.exp(logp_BcV) * logp_BcV, axis=-1)
     return logp_Bc, jax.lax.stop_gradient(entropy_Bc)
 
-  logp_nBc, entropy_nBc = jax.lax.map(one_chunk, jax.tree.map(to_chunks, (out.hidden, next_BT)))
-  from_chunks = lambda x: jnp.swapaxes(x, 0, 1).reshape(B, n * c)[:, :T - 1]
-  shift = lambda x: jnp.concatenate([jnp.zeros((B, 1), jnp.float32), from_chunks(x)], axis=1)
-  return shift(logp_nBc), shift(entropy_nBc), out
+  logp_nBc, entropy_nBc = jax.lax.map(one_chunk, jax.tree.map(to_chunks, (hidden, next_BT)))
+  from_chunks = lambda x: jnp.swapaxes(x, 0, 1).reshape(B, n * c)[:, :T]
+  return from_chunks(logp_nBc), from_chunks(entropy_nBc)
 
 
 # ----------------------------------------------------------------------------- the update
@@ -352,15 +400,25 @@ def _split(x: jax.Array, M: int, axis: int = 0) -> jax.Array:
   return jnp.moveaxis(x.reshape(shape), axis + 1, 0)
 
 
-def _micro_loss(params, mb: _Micro, old_BT, ref_BT, denom, n_tokens, *, model_cfg: ModelConfig,
-                rl_cfg: RLConfig, M: int):
-  """This micro-batch's share of the loss (its sums / the full batch's denominators)."""
+def _logprobs(params, mb: _Micro, *, model_cfg: ModelConfig, rl_cfg: RLConfig, replay: bool,
+              share: tuple[int, int] | None) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
+  """(logp_BT, entropy_BT, MoE aux) of a micro-batch's rows; with `share` = (G, P) each group
+  of G rows runs its P-token prompt once (`shared_prompt_logprobs`)."""
   tokens = sharding.constrain(mb.tokens, ("batch", "length"))
-  experts = mb.experts if rl_cfg.router_replay else None
-  logp_BT, entropy_BT, out = token_logprobs(
-      params, model_cfg, tokens, mb.token_mask, temperature=rl_cfg.temperature,
-      chunk=rl_cfg.logprob_chunk, experts_LBTA=experts)
-  aux = out.aux
+  kwargs = dict(temperature=rl_cfg.temperature, chunk=rl_cfg.logprob_chunk,
+                experts_LBTA=mb.experts if replay else None)
+  if share:
+    return shared_prompt_logprobs(params, model_cfg, tokens, mb.token_mask, group=share[0],
+                                  prompt_len=share[1], **kwargs)
+  logp_BT, entropy_BT, out = token_logprobs(params, model_cfg, tokens, mb.token_mask, **kwargs)
+  return logp_BT, entropy_BT, out.aux
+
+
+def _micro_loss(params, mb: _Micro, old_BT, ref_BT, denom, n_tokens, *, model_cfg: ModelConfig,
+                rl_cfg: RLConfig, M: int, share: tuple[int, int] | None):
+  """This micro-batch's share of the loss (its sums / the full batch's denominators)."""
+  logp_BT, entropy_BT, aux = _logprobs(params, mb, model_cfg=model_cfg, rl_cfg=rl_cfg,
+                                       replay=rl_cfg.router_replay, share=share)
   mask_BT = mb.loss_mask
   old_BT = jax.lax.stop_gradient(logp_BT) if old_BT is None else old_BT
   log_r_BT = losses.log_ratio(logp_BT, old_BT, mask_BT, rl_cfg.importance_level)
@@ -463,12 +521,11 @@ def _train_step(state: TrainState, batch: Batch, ref_params: Any, hp: dict[str, 
                  loss_mask=_split(loss_mask, M), adv=_split(adv_BG.reshape(B * G), M),
                  experts=None if batch.experts is None else _split(batch.experts, M, axis=1))
 
+  share = prompt_sharing(cfg, batch)
+  logprobs = functools.partial(_logprobs, model_cfg=model_cfg, rl_cfg=cfg, share=share)
+
   def logprobs_per_micro(params, replay):
-    def one(mb):
-      return token_logprobs(params, model_cfg, mb.tokens, mb.token_mask,
-                            temperature=cfg.temperature, chunk=cfg.logprob_chunk,
-                            experts_LBTA=mb.experts if replay else None)[0]
-    return jax.lax.map(one, micro)
+    return jax.lax.map(lambda mb: logprobs(params, mb, replay=replay)[0], micro)
 
   # The reference policy routes by itself; the policy replays the rollout's experts if asked.
   ref_MBT = logprobs_per_micro(ref_params, False) if cfg.beta > 0 else None
@@ -480,8 +537,8 @@ def _train_step(state: TrainState, batch: Batch, ref_params: Any, hp: dict[str, 
     # Differentiate the trainable leaves only: frozen ones get no gradient accumulators.
     train, frozen = split_trainable(state.params, trainable)
     loss_fn = lambda train, *a: _micro_loss(merge_trainable(train, frozen), *a,
-                                            model_cfg=model_cfg,
-                                            rl_cfg=cfg, M=M)
+                                            model_cfg=model_cfg, rl_cfg=cfg, M=M,
+                                            share=share)
     grads, m = _accumulate(train, micro, old_MBT, ref_MBT, denom, n_tokens, loss_fn)
     state, applied = apply_if_finite(state, grads, frozen, m["loss"], optimizer, hp)
     return state, {**m, **applied}
@@ -498,12 +555,23 @@ def _train_step(state: TrainState, batch: Batch, ref_params: Any, hp: dict[str, 
   return state.replace(step=state.step + 1), metrics
 
 
-def batch_shardings(mesh: Mesh, with_experts: bool) -> Batch:
+def prompt_sharing(rl_cfg: RLConfig, batch: Batch) -> tuple[int, int] | None:
+  """(rows per prompt in a micro-batch, prompt width) when the update runs each prompt once per
+  micro-batch (`shared_prompt_logprobs`), else None. Micro-batch m holds samples m, m + M, ...
+  of every group, so it holds G / M rows of each prompt (M must divide G: `make_update`)."""
+  G, M = batch.rewards.shape[1], rl_cfg.num_micro_batches
+  if not (rl_cfg.share_prompt and batch.prompt_len and G % M == 0 and G // M > 1):
+    return None
+  return G // M, batch.prompt_len
+
+
+def batch_shardings(mesh: Mesh, with_experts: bool, prompt_len: int = 0) -> Batch:
   """Rows over the BATCH_AXES mesh axes; rewards (tiny) replicated."""
   rows = NamedSharding(mesh, P(BATCH_AXES))
   return Batch(tokens=rows, token_mask=rows, loss_mask=rows, rewards=sharding.replicated(mesh),
                truncated=rows,
-               experts=NamedSharding(mesh, P(None, BATCH_AXES)) if with_experts else None)
+               experts=NamedSharding(mesh, P(None, BATCH_AXES)) if with_experts else None,
+               prompt_len=prompt_len)
 
 
 def program_config(rl_cfg: RLConfig) -> RLConfig:
@@ -528,17 +596,18 @@ def _program_optimizer(model_cfg: ModelConfig, program: RLConfig):
 
 @functools.lru_cache(maxsize=32)
 def _jitted_step(model_cfg: ModelConfig, program: RLConfig, mesh: Mesh | None,
-                 optimizer: optax.GradientTransformation, train_step: Callable) -> Callable:
+                 optimizer: optax.GradientTransformation, train_step: Callable,
+                 prompt_len: int = 0) -> Callable:
   """`train_step` (_train_step; tests wrap it) jitted, one per (model, program config, mesh,
-  optimizer): a second stage or sweep run that differs only in run-time values reuses it
-  without tracing again."""
+  optimizer, Batch.prompt_len): a second stage or sweep run that differs only in run-time
+  values reuses it without tracing again."""
   trainable = trainable_mask(program.freeze, model.abstract_params(model_cfg))
   step_fn = functools.partial(train_step, model_cfg=model_cfg, rl_cfg=program,
                               optimizer=optimizer, trainable=trainable)
   if mesh is None:
     return jax.jit(step_fn, donate_argnums=0)
   state_sh = state_shardings(model_cfg, optimizer, mesh)
-  batch_sh = batch_shardings(mesh, program.router_replay)
+  batch_sh = batch_shardings(mesh, program.router_replay, prompt_len)
   ref_sh = model.param_shardings(model_cfg, mesh) if program.beta > 0 else None
   return jax.jit(step_fn, in_shardings=(state_sh, batch_sh, ref_sh, sharding.replicated(mesh)),
                  out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
@@ -560,7 +629,8 @@ def make_update(model_cfg: ModelConfig, rl_cfg: RLConfig, mesh: Mesh | None,
   stages trace and compile it once.
   """
   optimizer = program_optimizer(model_cfg, rl_cfg) if optimizer is None else optimizer
-  jitted = _jitted_step(model_cfg, program_config(rl_cfg), mesh, optimizer, _train_step)
+  jitted = functools.partial(_jitted_step, model_cfg, program_config(rl_cfg), mesh, optimizer,
+                             _train_step)  # called with Batch.prompt_len
   row_devices = 1 if mesh is None else math.prod(mesh.shape[a] for a in BATCH_AXES)
 
   def prepare(state: TrainState, batch: Batch, ref_params: Any):
@@ -576,11 +646,16 @@ def make_update(model_cfg: ModelConfig, rl_cfg: RLConfig, mesh: Mesh | None,
       raise ValueError("rl.router_replay=True needs Batch.experts (the rollout's expert choices).")
     if rl_cfg.beta > 0 and ref_params is None:
       raise ValueError(f"rl.beta={rl_cfg.beta} > 0 needs ref_params (the reference policy).")
+    if rl_cfg.share_prompt and batch.prompt_len and G % rl_cfg.num_micro_batches:
+      raise ValueError(f"rl.share_prompt=True runs each prompt once per micro-batch, which needs "
+                       f"rl.num_micro_batches={rl_cfg.num_micro_batches} to divide the group size "
+                       f"G={G}; change either, or set rl.share_prompt=False.")
     if not rl_cfg.router_replay:
       batch = batch.replace(experts=None)
     ref_params = ref_params if rl_cfg.beta > 0 else None
     if mesh is not None:
-      batch = jax.device_put(batch, batch_shardings(mesh, rl_cfg.router_replay))
+      batch = jax.device_put(batch, batch_shardings(mesh, rl_cfg.router_replay,
+                                                    batch.prompt_len))
     return state, batch, ref_params, hp
 
   hp = hyperparams(rl_cfg)
@@ -588,13 +663,13 @@ def make_update(model_cfg: ModelConfig, rl_cfg: RLConfig, mesh: Mesh | None,
 
   def update(state: TrainState, batch: Batch, ref_params: Any = None):
     with in_mesh():
-      return jitted(*prepare(state, batch, ref_params))
+      return jitted(batch.prompt_len)(*prepare(state, batch, ref_params))
 
   def lower(state: TrainState, batch: Batch, ref_params: Any = None) -> jax.stages.Lowered:
     """The jitted step lowered for these arguments (for cost and memory analysis)."""
     with in_mesh():
-      return jitted.lower(*prepare(state, batch, ref_params))
+      return jitted(batch.prompt_len).lower(*prepare(state, batch, ref_params))
 
   update.lower = lower
-  update.jitted = jitted  # lowering with abstract, pre-sharded arguments (bench/scale.py)
+  update.jitted = jitted  # jitted(prompt_len): for lowering with abstract, pre-sharded arguments
   return update

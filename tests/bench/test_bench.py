@@ -35,10 +35,18 @@ def test_forward_flops_hand_counted():
 
 def test_update_flops_counts_passes():
   cfg = ModelConfig.preset("tiny")
+  args = argparse.Namespace(prompts=2, group=2, prompt_len=6, completion_len=10)
   fwd = common.forward_flops(cfg, 4, 16)
-  assert update.update_flops(cfg, RLConfig(beta=0.0), 4, 16) == 3 * fwd
-  assert update.update_flops(cfg, RLConfig(beta=0.1), 4, 16) == 4 * fwd
-  assert update.update_flops(cfg, RLConfig(beta=0.1, num_iterations=2), 4, 16) == 8 * fwd
+  full = lambda **kw: RLConfig(share_prompt=False, **kw)
+  assert update.update_flops(cfg, full(beta=0.0), args) == 3 * fwd
+  assert update.update_flops(cfg, full(beta=0.1), args) == 4 * fwd
+  assert update.update_flops(cfg, full(beta=0.1, num_iterations=2), args) == 8 * fwd
+  # Shared prompts: 2 prompts of 6 tokens run once, 4 rows of 10 completion tokens after them.
+  shared = common.shared_prompt_flops(cfg, 2, 2, 6, 10)
+  assert shared == fwd - common.forward_flops(cfg, 4, 6) + common.forward_flops(cfg, 2, 6)
+  assert update.update_flops(cfg, RLConfig(beta=0.0), args) == 3 * shared < 3 * fwd
+  # Two micro-batches of one row per prompt: nothing is shared.
+  assert update.update_flops(cfg, RLConfig(beta=0.0, num_micro_batches=2), args) == 3 * fwd
 
 
 def test_largest_vocab_array():

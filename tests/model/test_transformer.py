@@ -2,6 +2,7 @@
 
 import functools
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -146,8 +147,7 @@ def test_jit_equals_no_jit():
   jitted = _run(params, cfg, tokens)
   np.testing.assert_allclose(model.project(params, cfg, jitted.hidden),
                              model.project(params, cfg, eager.hidden), **TOL)
-  for k in eager.aux:
-    np.testing.assert_allclose(jitted.aux[k], eager.aux[k], **TOL)
+  chex.assert_trees_all_close(jitted.aux, eager.aux, **TOL)
 
 
 def _loss(params, cfg, tokens):

@@ -1,6 +1,7 @@
 """The RL update: exact accumulation, sharded == single device, freezing, skipping, one compile."""
 
 import dataclasses
+import functools
 import types
 from unittest import mock
 
@@ -364,7 +365,7 @@ def test_updates_differing_in_runtime_fields_share_one_jitted_step(params):
     updates = [step.make_update(CFG, cfg, None) for cfg in (base, other)]
     got = [_numpy(update(step.init_state(CFG, opt, params), batch))
            for update, opt in zip(updates, opts)]
-  assert updates[0].jitted is updates[1].jitted
+  assert updates[0].jitted(batch.prompt_len) is updates[1].jitted(batch.prompt_len)
   for (got_state, got_metrics), (want_state, want_metrics) in zip(got, want):
     chex.assert_trees_all_close(got_state.params, want_state.params, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(got_metrics["loss"], want_metrics["loss"], rtol=1e-6)
@@ -415,3 +416,127 @@ def test_router_replay_uses_the_given_experts(params, reference):
   other = (own + 1) % CFG.num_experts
   _, metrics = update(step.init_state(CFG, SGD, params), dataclasses.replace(b, experts=other))
   assert abs(float(metrics["entropy"]) - reference.metrics["entropy"]) > 1e-4
+
+
+# ----------------------------------------------------------------------------- shared prompts
+
+# The tiny preset with its thinking head and both MoE aux losses on: the shared pass must give
+# the whole batch's aux losses, think spans and expert choices, not only the log-probs.
+THINK_CFG = model.ModelConfig.preset("tiny", vocab_size=64, d_model=32, d_ff=32, num_layers=1,
+                                     num_heads=4, num_kv_heads=2, thinking_layers=1)
+
+
+def _shared_batch(cfg, B=2, G=4, P=4, TC=5, seed=0, experts=False):
+  """make_batch of B left-padded prompts (different padding) and G completions each, some
+  ending early, some opening (and one closing) a think span; experts from a full pass."""
+  rng = np.random.default_rng(seed)
+  prompts = rng.integers(6, cfg.vocab_size, (B, P)).astype(np.int32)
+  prompts[0, :2] = cfg.pad_id
+  completions = rng.integers(6, cfg.vocab_size, (B * G, TC)).astype(np.int32)
+  completions[::2, 0] = cfg.think_start_id
+  completions[2, 3] = cfg.think_end_id
+  lengths = rng.integers(1, TC + 1, B * G)
+  mask = np.arange(TC) < lengths[:, None]
+  completions[~mask] = cfg.pad_id
+  rollout = types.SimpleNamespace(tokens=completions, mask=mask, truncated=lengths == TC,
+                                  experts=None)
+  batch = step.make_batch(prompts, prompts != cfg.pad_id, rollout,
+                          rng.normal(size=(B, G)).astype(np.float32))
+  if experts:
+    out = model.run(_think_params(), cfg, batch.tokens, batch.token_mask)
+    batch = batch.replace(experts=out.experts_LBTA)
+  return batch
+
+
+@functools.cache
+def _think_params():
+  return model.init_params(THINK_CFG, jax.random.key(3))
+
+
+@pytest.mark.parametrize("replay", [False, True])
+def test_shared_prompt_logprobs_equal_the_full_pass(replay):
+  """Each prompt run once into a KV cache for its 4 rows gives the full pass's completion
+  log-probs and entropies, the whole batch's MoE aux losses (prompt tokens counted per row) and
+  its gradients, with a thinking head, left padding, early ends and router replay."""
+  params = _think_params()
+  b = _shared_batch(THINK_CFG, experts=replay)
+  assert b.prompt_len == 4 and step.prompt_sharing(RLConfig(), b) == (4, 4)
+  kw = dict(temperature=0.7, chunk=3, experts_LBTA=b.experts)
+  full = lambda p: step.token_logprobs(p, THINK_CFG, b.tokens, b.token_mask, **kw)
+  shared = lambda p: step.shared_prompt_logprobs(p, THINK_CFG, b.tokens, b.token_mask, group=4,
+                                                 prompt_len=4, **kw)
+  (logp, entropy, out), (s_logp, s_entropy, s_aux) = jax.jit(full)(params), jax.jit(shared)(params)
+  m = np.asarray(b.loss_mask)
+  np.testing.assert_allclose(s_logp[m], logp[m], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(s_entropy[m], entropy[m], rtol=1e-5, atol=1e-5)
+  assert np.all(np.asarray(s_logp)[:, :4] == 0)
+  for k in ("load_balance_loss", "z_loss", "expert_load"):
+    np.testing.assert_allclose(s_aux[k], out.aux[k], rtol=1e-5, err_msg=k)
+  assert out.aux["load_balance_loss"] > 1.0  # not a trivially balanced value
+
+  def loss(fn, aux_of):
+    def f(p):
+      logp, _, o = fn(p)
+      aux = aux_of(o)
+      return (jnp.sum(jnp.where(m, logp, 0.0) * jnp.arange(9.0)) + aux["load_balance_loss"]
+              + aux["z_loss"])
+    return jax.jit(jax.grad(f))
+
+  g_full = loss(full, lambda o: o.aux)(params)
+  g_shared = loss(shared, lambda a: a)(params)
+  chex.assert_trees_all_close(g_shared, g_full, rtol=1e-4, atol=1e-5)  # |g| up to ~3
+
+
+def test_merge_aux_counts_each_part_by_its_weight():
+  """Two parts with 3 and 1 real tokens in one layer, the second counted twice: every statistic
+  is the token mean over 3 + 2 tokens and the load-balance loss comes from the merged ones."""
+  stats = lambda load, prob, z, n: {"stats": {"expert_load": jnp.array([load]),
+                                              "router_prob": jnp.array([prob]),
+                                              "z_loss": jnp.array([z]), "tokens": jnp.array([n])}}
+  a = stats([0.5, 0.5], [0.6, 0.4], 2.0, 3.0)
+  b = stats([1.0, 0.0], [0.9, 0.1], 7.0, 1.0)
+  merged = model.merge_aux([(a, 1), (b, 2)])
+  np.testing.assert_allclose(merged["expert_load"], [[0.7, 0.3]], rtol=1e-6)
+  np.testing.assert_allclose(merged["stats"]["router_prob"], [[0.72, 0.28]], rtol=1e-6)
+  np.testing.assert_allclose(merged["z_loss"], (3 * 2.0 + 2 * 7.0) / 5, rtol=1e-6)
+  np.testing.assert_allclose(merged["load_balance_loss"], 2 * (0.7 * 0.72 + 0.3 * 0.28), rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape, micro", [(None, 1), (None, 2), ((2, 2, 2, 1), 1)])
+def test_update_with_shared_prompts_equals_the_full_update(shape, micro):
+  """rl.share_prompt (the default) against False on the same make_batch batch: the same step
+  (SGD), on one device, over 2 micro-batches (each runs both prompts for 2 of their 4 rows), and
+  sharded on 8 devices; and the shared program really is smaller (XLA's FLOP count)."""
+  params = _think_params()
+  b = _shared_batch(THINK_CFG)
+  mesh = None if shape is None else sharding.make_mesh(shape)
+  rl_cfg = dataclasses.replace(RL, num_micro_batches=micro, beta=0.05, max_completion_len=5)
+  results, flops = [], []
+  for share in (True, False):
+    cfg_ = dataclasses.replace(rl_cfg, share_prompt=share)
+    update = step.make_update(THINK_CFG, cfg_, mesh, SGD)
+    state = step.init_state(THINK_CFG, SGD, params, mesh)
+    ref = jax.tree.map(lambda x: x * 0.9, params)  # a reference that differs: KL > 0
+    if mesh is not None:
+      ref = jax.device_put(ref, model.param_shardings(THINK_CFG, mesh))
+    if shape is None and micro == 1:
+      flops.append(update.lower(state, b, ref).cost_analysis()["flops"])
+    results.append(_numpy(update(state, b, ref)))
+  (s_state, s_m), (f_state, f_m) = results
+  assert f_m["kl"] > 1e-3 and f_m["load_balance_loss"] > 0
+  for k in ("loss", "pg_loss", "kl", "entropy", "grad_norm", "load_balance_loss", "z_loss"):
+    np.testing.assert_allclose(s_m[k], f_m[k], rtol=2e-5, atol=1e-7, err_msg=k)
+  chex.assert_trees_all_close(s_state.params, f_state.params, rtol=1e-5, atol=1e-6)
+  if flops:
+    assert flops[0] < 0.85 * flops[1], flops
+
+
+def test_shared_prompts_need_micro_batches_that_divide_the_group():
+  b = _shared_batch(THINK_CFG)  # G = 4
+  rl_cfg = dataclasses.replace(RL, num_micro_batches=8)
+  update = step.make_update(THINK_CFG, rl_cfg, None, SGD)
+  state = step.init_state(THINK_CFG, SGD, _think_params())
+  with pytest.raises(ValueError, match="share_prompt=True .*num_micro_batches=8 to divide"):
+    update(state, b)
+  assert step.prompt_sharing(dataclasses.replace(rl_cfg, share_prompt=False), b) is None
+  assert step.prompt_sharing(RL, b.replace(prompt_len=0)) is None  # rows not known to share
