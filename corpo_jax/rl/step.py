@@ -16,6 +16,10 @@ were and `state.skipped` counts it. Nothing is random, so no rng is taken.
 
 Log-probs live in "token space": logp_BT[:, t] = log pi(tokens[t] | tokens[:t]) (from the
 logits at t - 1; 0 at t = 0), aligned with Batch.loss_mask.
+Shared prompts (`rl.share_prompt`, Batch.prompt_len > 0 as `make_batch` sets it): the policy and
+reference passes run each group's prompt once into a KV cache that its G rows read
+(`shared_prompt_logprobs`), the same values to float rounding; prompt tokens then get log-prob 0
+(they carry no loss).
 Micro-batch m holds rows m, m + M, m + 2M, ... so every device keeps an equal share of each.
 Aux losses of a micro-batch are its own means (load balance is not additive over tokens); the
 update adds their mean over micro-batches, so accumulation equals the full batch exactly only
