@@ -252,10 +252,12 @@ def _generate(params, prompts_BP, prompt_mask_BP, rng, eos_id, max_new_tokens,
                  experts=jnp.concatenate([experts_LBPA, state.experts_LBTA], axis=2))
 
 
-# XLA:CPU's YNNPACK reductions ran the decode attention's multiply-reduce over the cache ~2x
-# slower than XLA's own loops (measured); other backends ignore this option.
-_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
-                    "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE"}
+# No YNNPACK fusions in the sampler on XLA:CPU (other backends ignore this option): its
+# reductions ran the decode attention's multiply-reduce over the cache ~2x slower than XLA's own
+# loops, and its dots repack the weights on every small decode matmul: on an AVX2 VM,
+# `generate` at the reference config took 1.14 s without YNNPACK against 1.47 s with its dots
+# (8 interleaved runs each, every run without faster; docs/benchmarks.md "Session 10").
+_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 @functools.cache
