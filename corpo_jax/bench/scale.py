@@ -96,8 +96,8 @@ def measure(args) -> dict:
 
   start = time.perf_counter()
   with jax.set_mesh(mesh):
-    lowered = update.jitted(batch.prompt_len).lower(_abstract(state, state_sh), _abstract(batch, batch_sh), ref,
-                                  rl_step.hyperparams(rl_cfg))
+    lowered = update.jitted(batch.prompt_len).lower(
+        _abstract(state, state_sh), _abstract(batch, batch_sh), ref, rl_step.hyperparams(rl_cfg))
   lower_s = time.perf_counter() - start
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start - lower_s

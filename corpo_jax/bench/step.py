@@ -7,9 +7,8 @@ trainer's RL stage does it: `sampling.generate` (temperature 1, completions forc
 exact_match + 0.1 format), `rl.step.make_batch`, then `rl.step.make_update`'s update (one AdamW
 step, beta > 0). Each part is timed separately after one compiling step; medians over `--runs`
 steps (>= 5). `update_s` includes the reference forward, which make_update runs inside the
-jitted update; `ref_forward_s` is that pass (the update's log-probs on the reference
-parameters: `rl.step.shared_prompt_logprobs`, or `token_logprobs` with `--share_prompt 0`) timed
-alone, and is not part of `step_s` = rollout + reward + batch + update.
+jitted update; `ref_forward_s` is that pass (`rl.step.update_logprobs` on the reference
+parameters, prompts shared unless `--share_prompt 0`) timed alone, and is not part of `step_s` = rollout + reward + batch + update.
 `mfu` is the update's (see `bench update`); `step_mfu` counts the rollout's forward FLOPs too.
 """
 
@@ -68,11 +67,8 @@ def measure(args) -> dict:
   prompts_BP, mask_BP, examples, task = arithmetic_prompts(tokenizer, B, args.prompt_len,
                                                            cfg.pad_id, args.seed)
   row_examples = [ex for ex in examples for _ in range(G)]
-  kwargs = dict(temperature=rl_cfg.temperature, chunk=rl_cfg.logprob_chunk)
-  if rl_cfg.share_prompt:
-    kwargs.update(group=G, prompt_len=args.prompt_len)
-  logprobs = rl_step.shared_prompt_logprobs if rl_cfg.share_prompt else rl_step.token_logprobs
-  ref_logprobs = jax.jit(lambda p, b: logprobs(p, cfg, b.tokens, b.token_mask, **kwargs)[0])
+  ref_logprobs = jax.jit(lambda p, b: rl_step.update_logprobs(
+      p, cfg, rl_cfg, b.tokens, b.token_mask, share=rl_step.prompt_sharing(rl_cfg, b))[0])
   times = {k: [] for k in ("rollout_s", "reward_s", "batch_s", "update_s", "ref_forward_s",
                            "step_s", "step_cpu_s")}
   for k in range(args.runs + 1):  # step 0 compiles

@@ -73,9 +73,10 @@ def update_flops(cfg: ModelConfig, rl_cfg: RLConfig, args) -> float:
   """Model FLOPs of one update call on args' batch (module docstring)."""
   passes = 3 * rl_cfg.num_iterations + (rl_cfg.beta > 0) + (rl_cfg.num_iterations > 1)
   B, G, P, T = args.prompts, args.group, args.prompt_len, args.completion_len
-  if rl_cfg.share_prompt and G // rl_cfg.num_micro_batches > 1:
-    M = rl_cfg.num_micro_batches  # each micro-batch runs every prompt once
-    return passes * M * common.shared_prompt_flops(cfg, B, G // M, P, T)
+  share = rl_step.group_sharing(rl_cfg, G, P)
+  if share:  # each of the G / rows micro-batches runs every prompt once
+    rows = share[0]
+    return passes * (G // rows) * common.shared_prompt_flops(cfg, B, rows, P, T)
   return passes * common.forward_flops(cfg, B * G, P + T)
 
 

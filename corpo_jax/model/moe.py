@@ -64,6 +64,16 @@ def route(logits_NE: jax.Array, top_k: int,
   return experts_NA, jax.nn.softmax(chosen_NA, axis=-1)
 
 
+# What a layer sows: per-layer token means and the token count, from which the losses follow
+# (`load_balance_loss`) and which passes over disjoint tokens merge exactly (model.merge_aux).
+STATS = ("expert_load", "router_prob", "z_loss", "tokens")
+
+
+def load_balance_loss(load_E: jax.Array, prob_E: jax.Array) -> jax.Array:
+  """Switch load-balancing loss E * sum_e f_e * P_e (over the last axis; see module doc)."""
+  return load_E.shape[-1] * jnp.sum(load_E * prob_E, axis=-1)
+
+
 def aux_losses(logits_NE: jax.Array, experts_NA: jax.Array,
                token_mask_N: jax.Array) -> dict[str, jax.Array]:
   """Load-balancing loss, z-loss and per-expert load over the unmasked tokens (float32), and
@@ -75,10 +85,10 @@ def aux_losses(logits_NE: jax.Array, experts_NA: jax.Array,
   load_E = assign_NE.sum(0) / (count * experts_NA.shape[-1])
   prob_E = (jax.nn.softmax(logits_NE, axis=-1) * w_N[:, None]).sum(0) / count
   z_N = jax.nn.logsumexp(logits_NE, axis=-1) ** 2
-  return {"load_balance_loss": E * jnp.sum(load_E * prob_E),
+  return {"load_balance_loss": load_balance_loss(load_E, prob_E),
           "z_loss": jnp.sum(z_N * w_N) / count,
           "expert_load": load_E,
-          "router_prob": prob_E,  # with expert_load, z_loss and tokens: what merging passes needs
+          "router_prob": prob_E,
           "tokens": w_N.sum()}
 
 
@@ -334,8 +344,9 @@ class MoE(nn.Module):
     logits_NE = jnp.einsum("ND,DE->NE", x_ND.astype(jnp.float32), w_router.astype(jnp.float32))
     replay_NA = None if experts_BTA is None else experts_BTA.reshape(B * T, -1)
     experts_NA, gates_NA = route(logits_NE, cfg.top_k, replay_NA)
-    for name, value in aux_losses(logits_NE, experts_NA, mask_N).items():
-      self.sow("intermediates", name, value)
+    aux = aux_losses(logits_NE, experts_NA, mask_N)
+    for name in STATS:
+      self.sow("intermediates", name, aux[name])
 
     weights = tuple(w.astype(cfg.dtype) for w in (w_gate, w_up, w_down))
     no_drops = cfg.moe_dispatch == "capacity" and capacity(B * T, cfg) == B * T

@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 
 from corpo_jax import sharding
+from corpo_jax.model import moe
 from corpo_jax.model.config import ModelConfig
 from corpo_jax.model.layers import Attention, RMSNorm, fan_in_init, param
-from corpo_jax.model.moe import MoE
 from corpo_jax.sharding import constrain
 
 _REMAT_POLICIES = {
@@ -41,7 +41,7 @@ class Block(nn.Module):
     new_cache, h_BTD = Attention(self.cfg, name="attn")(
         RMSNorm(self.cfg, name="attn_norm")(x_BTD), pos_BT, mask_BTS, cache, write_index)
     x_BTD = x_BTD + h_BTD
-    h_BTD, experts_BTA = MoE(self.cfg, name="moe")(
+    h_BTD, experts_BTA = moe.MoE(self.cfg, name="moe")(
         RMSNorm(self.cfg, name="moe_norm")(x_BTD), token_mask_BT, layer_in["experts"],
         decoding=self.decoding)
     x_BTD = constrain(x_BTD + h_BTD, ("batch", "length", "act_embed"))
@@ -267,23 +267,19 @@ def run(params: Any, cfg: ModelConfig, tokens_BT: jax.Array, token_mask_BT: jax.
                 step_logits_BTC=step_logits, aux=aux)
 
 
-_STATS = ("expert_load", "router_prob", "z_loss", "tokens")  # per layer: what losses come from
-
-
 def _aux_losses(intermediates: Any) -> dict[str, Any]:
   """Per-layer MoE statistics of the base and thinking stacks: losses averaged over layers."""
   stacks = [intermediates["layers"]["moe"]]
   if "thinking" in intermediates:
     stacks.append(intermediates["thinking"]["layers"]["moe"])
-  return _aux_from_stats({k: jnp.concatenate([s[k][0] for s in stacks]) for k in _STATS})
+  return _aux_from_stats({k: jnp.concatenate([s[k][0] for s in stacks]) for k in moe.STATS})
 
 
 def _aux_from_stats(stats: dict[str, jax.Array]) -> dict[str, Any]:
-  """moe.aux_losses' load-balance loss per layer from its statistics, then means over layers."""
-  load_LE = stats["expert_load"]
-  balance_L = load_LE.shape[-1] * jnp.sum(load_LE * stats["router_prob"], axis=-1)
+  """The losses of per-layer statistics (moe.STATS), averaged over layers."""
+  balance_L = moe.load_balance_loss(stats["expert_load"], stats["router_prob"])
   return {"load_balance_loss": jnp.mean(balance_L), "z_loss": jnp.mean(stats["z_loss"]),
-          "expert_load": load_LE, "stats": stats}
+          "expert_load": stats["expert_load"], "stats": stats}
 
 
 def merge_aux(parts: Sequence[tuple[dict[str, Any], float]]) -> dict[str, Any]:
@@ -298,7 +294,7 @@ def merge_aux(parts: Sequence[tuple[dict[str, Any], float]]) -> dict[str, Any]:
     xs = [aux["stats"][k] for aux, _ in parts]
     return sum(along(w, x) * x for w, x in zip(w_L, xs)) / along(jnp.maximum(total_L, 1.0), xs[0])
 
-  return _aux_from_stats({**{k: mean(k) for k in _STATS if k != "tokens"}, "tokens": total_L})
+  return _aux_from_stats({**{k: mean(k) for k in moe.STATS if k != "tokens"}, "tokens": total_L})
 
 
 def _unembedding(params: Any, cfg: ModelConfig, thinking: bool) -> jax.Array:

@@ -404,25 +404,29 @@ def _split(x: jax.Array, M: int, axis: int = 0) -> jax.Array:
   return jnp.moveaxis(x.reshape(shape), axis + 1, 0)
 
 
-def _logprobs(params, mb: _Micro, *, model_cfg: ModelConfig, rl_cfg: RLConfig, replay: bool,
-              share: tuple[int, int] | None) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
-  """(logp_BT, entropy_BT, MoE aux) of a micro-batch's rows; with `share` = (G, P) each group
-  of G rows runs its P-token prompt once (`shared_prompt_logprobs`)."""
-  tokens = sharding.constrain(mb.tokens, ("batch", "length"))
+def update_logprobs(params, model_cfg: ModelConfig, rl_cfg: RLConfig, tokens_BT: jax.Array,
+                    token_mask_BT: jax.Array, *, share: tuple[int, int] | None,
+                    experts_LBTA: jax.Array | None = None
+                    ) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
+  """(logp_BT, entropy_BT, MoE aux) of rows as the update computes them (rl_cfg's temperature
+  and chunk); with `share` = (G, P) (`prompt_sharing`) each group of G rows runs its P-token
+  prompt once (`shared_prompt_logprobs`)."""
+  tokens_BT = sharding.constrain(tokens_BT, ("batch", "length"))
   kwargs = dict(temperature=rl_cfg.temperature, chunk=rl_cfg.logprob_chunk,
-                experts_LBTA=mb.experts if replay else None)
+                experts_LBTA=experts_LBTA)
   if share:
-    return shared_prompt_logprobs(params, model_cfg, tokens, mb.token_mask, group=share[0],
+    return shared_prompt_logprobs(params, model_cfg, tokens_BT, token_mask_BT, group=share[0],
                                   prompt_len=share[1], **kwargs)
-  logp_BT, entropy_BT, out = token_logprobs(params, model_cfg, tokens, mb.token_mask, **kwargs)
+  logp_BT, entropy_BT, out = token_logprobs(params, model_cfg, tokens_BT, token_mask_BT, **kwargs)
   return logp_BT, entropy_BT, out.aux
 
 
 def _micro_loss(params, mb: _Micro, old_BT, ref_BT, denom, n_tokens, *, model_cfg: ModelConfig,
                 rl_cfg: RLConfig, M: int, share: tuple[int, int] | None):
   """This micro-batch's share of the loss (its sums / the full batch's denominators)."""
-  logp_BT, entropy_BT, aux = _logprobs(params, mb, model_cfg=model_cfg, rl_cfg=rl_cfg,
-                                       replay=rl_cfg.router_replay, share=share)
+  logp_BT, entropy_BT, aux = update_logprobs(
+      params, model_cfg, rl_cfg, mb.tokens, mb.token_mask, share=share,
+      experts_LBTA=mb.experts if rl_cfg.router_replay else None)
   mask_BT = mb.loss_mask
   old_BT = jax.lax.stop_gradient(logp_BT) if old_BT is None else old_BT
   log_r_BT = losses.log_ratio(logp_BT, old_BT, mask_BT, rl_cfg.importance_level)
@@ -526,10 +530,11 @@ def _train_step(state: TrainState, batch: Batch, ref_params: Any, hp: dict[str, 
                  experts=None if batch.experts is None else _split(batch.experts, M, axis=1))
 
   share = prompt_sharing(cfg, batch)
-  logprobs = functools.partial(_logprobs, model_cfg=model_cfg, rl_cfg=cfg, share=share)
 
   def logprobs_per_micro(params, replay):
-    return jax.lax.map(lambda mb: logprobs(params, mb, replay=replay)[0], micro)
+    return jax.lax.map(lambda mb: update_logprobs(
+        params, model_cfg, cfg, mb.tokens, mb.token_mask, share=share,
+        experts_LBTA=mb.experts if replay else None)[0], micro)
 
   # The reference policy routes by itself; the policy replays the rollout's experts if asked.
   ref_MBT = logprobs_per_micro(ref_params, False) if cfg.beta > 0 else None
@@ -560,13 +565,18 @@ def _train_step(state: TrainState, batch: Batch, ref_params: Any, hp: dict[str, 
 
 
 def prompt_sharing(rl_cfg: RLConfig, batch: Batch) -> tuple[int, int] | None:
+  """`group_sharing` for the batch's group size and prompt width."""
+  return group_sharing(rl_cfg, batch.rewards.shape[1], batch.prompt_len)
+
+
+def group_sharing(rl_cfg: RLConfig, group: int, prompt_len: int) -> tuple[int, int] | None:
   """(rows per prompt in a micro-batch, prompt width) when the update runs each prompt once per
   micro-batch (`shared_prompt_logprobs`), else None. Micro-batch m holds samples m, m + M, ...
   of every group, so it holds G / M rows of each prompt (M must divide G: `make_update`)."""
-  G, M = batch.rewards.shape[1], rl_cfg.num_micro_batches
-  if not (rl_cfg.share_prompt and batch.prompt_len and G % M == 0 and G // M > 1):
+  M = rl_cfg.num_micro_batches
+  if not (rl_cfg.share_prompt and prompt_len and group % M == 0 and group // M > 1):
     return None
-  return G // M, batch.prompt_len
+  return group // M, prompt_len
 
 
 def batch_shardings(mesh: Mesh, with_experts: bool, prompt_len: int = 0) -> Batch:
