@@ -664,6 +664,14 @@ def make_update(model_cfg: ModelConfig, rl_cfg: RLConfig, mesh: Mesh | None,
       raise ValueError(f"rl.share_prompt=True runs each prompt once per micro-batch, which needs "
                        f"rl.num_micro_batches={rl_cfg.num_micro_batches} to divide the group size "
                        f"G={G}; change either, or set rl.share_prompt=False.")
+    micro_rows = rows // rl_cfg.num_micro_batches
+    if prompt_sharing(rl_cfg, batch) and micro_rows % row_devices:
+      # Measured: data 2 x fsdp 2 x expert 2, 4 rows per micro-batch gave a wrong embedding
+      # gradient (forward values exact; XLA's SPMD partitioner pads the rows).
+      raise ValueError(f"rl.share_prompt=True needs each micro-batch's B*G/M={micro_rows} rows "
+                       f"to divide over the {row_devices} devices of mesh axes {BATCH_AXES}; use "
+                       f"more prompts per step or fewer rl.num_micro_batches, or set "
+                       f"rl.share_prompt=False.")
     if not rl_cfg.router_replay:
       batch = batch.replace(experts=None)
     ref_params = ref_params if rl_cfg.beta > 0 else None

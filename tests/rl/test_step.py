@@ -465,25 +465,24 @@ def test_shared_prompt_logprobs_equal_the_full_pass(replay):
   full = lambda p: step.token_logprobs(p, THINK_CFG, b.tokens, b.token_mask, **kw)
   shared = lambda p: step.shared_prompt_logprobs(p, THINK_CFG, b.tokens, b.token_mask, group=4,
                                                  prompt_len=4, **kw)
-  (logp, entropy, out), (s_logp, s_entropy, s_aux) = jax.jit(full)(params), jax.jit(shared)(params)
   m = np.asarray(b.loss_mask)
+
+  def grad_and_outputs(fn, aux_of):  # one program per pass: its outputs and a loss's gradient
+    def loss(p):
+      logp, entropy, out = fn(p)
+      aux = aux_of(out)
+      return (jnp.sum(jnp.where(m, logp, 0.0) * jnp.arange(9.0)) + aux["load_balance_loss"]
+              + aux["z_loss"]), (logp, entropy, aux)
+    return jax.jit(jax.grad(loss, has_aux=True))(params)
+
+  g_full, (logp, entropy, aux) = grad_and_outputs(full, lambda o: o.aux)
+  g_shared, (s_logp, s_entropy, s_aux) = grad_and_outputs(shared, lambda a: a)
   np.testing.assert_allclose(s_logp[m], logp[m], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(s_entropy[m], entropy[m], rtol=1e-5, atol=1e-5)
   assert np.all(np.asarray(s_logp)[:, :4] == 0)
   for k in ("load_balance_loss", "z_loss", "expert_load"):
-    np.testing.assert_allclose(s_aux[k], out.aux[k], rtol=1e-5, err_msg=k)
-  assert out.aux["load_balance_loss"] > 1.0  # not a trivially balanced value
-
-  def loss(fn, aux_of):
-    def f(p):
-      logp, _, o = fn(p)
-      aux = aux_of(o)
-      return (jnp.sum(jnp.where(m, logp, 0.0) * jnp.arange(9.0)) + aux["load_balance_loss"]
-              + aux["z_loss"])
-    return jax.jit(jax.grad(f))
-
-  g_full = loss(full, lambda o: o.aux)(params)
-  g_shared = loss(shared, lambda a: a)(params)
+    np.testing.assert_allclose(s_aux[k], aux[k], rtol=1e-5, err_msg=k)
+  assert aux["load_balance_loss"] > 1.0  # not a trivially balanced value
   chex.assert_trees_all_close(g_shared, g_full, rtol=1e-4, atol=1e-5)  # |g| up to ~3
 
 
@@ -502,13 +501,13 @@ def test_merge_aux_counts_each_part_by_its_weight():
   np.testing.assert_allclose(merged["load_balance_loss"], 2 * (0.7 * 0.72 + 0.3 * 0.28), rtol=1e-6)
 
 
-@pytest.mark.parametrize("shape, micro", [(None, 1), (None, 2), ((2, 2, 2, 1), 1)])
-def test_update_with_shared_prompts_equals_the_full_update(shape, micro):
+@pytest.mark.parametrize("shape, micro, prompts", [(None, 1, 2), ((2, 2, 2, 1), 2, 4)])
+def test_update_with_shared_prompts_equals_the_full_update(shape, micro, prompts):
   """rl.share_prompt (the default) against False on the same make_batch batch: the same step
-  (SGD), on one device, over 2 micro-batches (each runs both prompts for 2 of their 4 rows), and
-  sharded on 8 devices; and the shared program really is smaller (XLA's FLOP count)."""
+  (SGD), on one device, and sharded on 8 devices over 2 micro-batches (each runs its 4 prompts
+  for 2 of their 4 rows); and the shared program really is smaller (XLA's FLOP count)."""
   params = _think_params()
-  b = _shared_batch(THINK_CFG)
+  b = _shared_batch(THINK_CFG, B=prompts)
   mesh = None if shape is None else sharding.make_mesh(shape)
   rl_cfg = dataclasses.replace(RL, num_micro_batches=micro, beta=0.05, max_completion_len=5)
   results, flops = [], []
@@ -540,3 +539,18 @@ def test_shared_prompts_need_micro_batches_that_divide_the_group():
     update(state, b)
   assert step.prompt_sharing(dataclasses.replace(rl_cfg, share_prompt=False), b) is None
   assert step.prompt_sharing(RL, b.replace(prompt_len=0)) is None  # rows not known to share
+
+
+def test_shared_prompts_need_micro_batches_that_divide_over_the_devices():
+  """2 micro-batches of 4 rows on 8 batch devices: refused with sharing (it gave a wrong
+  embedding gradient), allowed without."""
+  b = _shared_batch(THINK_CFG)  # 2 prompts x 4
+  mesh = sharding.make_mesh((2, 2, 2, 1))
+  state = step.init_state(THINK_CFG, SGD, _think_params(), mesh)
+  with mock.patch.object(step, "_jitted_step", return_value=lambda *args: "ran"):
+    shared = step.make_update(THINK_CFG, dataclasses.replace(RL, num_micro_batches=2), mesh, SGD)
+    plain = step.make_update(THINK_CFG, dataclasses.replace(RL, num_micro_batches=2,
+                                                            share_prompt=False), mesh, SGD)
+    assert plain(state, b) == "ran"
+    with pytest.raises(ValueError, match="B\\*G/M=4 rows to divide over the 8 devices"):
+      shared(state, b)
