@@ -112,53 +112,46 @@ def _two_stages(workdir):
           "--config.eval.tasks=()", "--config.log.progress=false"]
 
 
-@pytest.fixture(scope="module")
-def two_stage_reference(tmp_path_factory):
-  """(env, metrics rows) of an uninterrupted sft + rl run. The env shares a persistent JAX
-  compilation cache, so later runs in this module skip most compilation."""
-  root = tmp_path_factory.mktemp("two_stage")
-  env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+def _run_two_stages(workdir, env, *, main="corpo_jax.main", extra=(), check=True):
+  return subprocess.run([sys.executable, "-m", main, *extra, *_two_stages(workdir)], cwd=ROOT,
+                        env=env, capture_output=True, text=True, check=check)
+
+
+@pytest.mark.slow
+def test_reruns_and_kill_9_resumes_equal_the_uninterrupted_run(tmp_path):
+  """An uninterrupted sft + rl run, then (1) the same config and seed again: bit-identical
+  metrics; (2) SIGKILL after a random sft step, while rl's step-2 checkpoint is being written,
+  and after rl step 3; each rerun resumes from the last complete checkpoint (never the partial
+  one) and the finished run's metrics equal the uninterrupted run's. One test, so the reference
+  runs once (pytest-xdist sets a module fixture up once per worker). The env keeps the session's
+  persistent compilation cache (tests/conftest.py, shared by the workers) and caches every
+  program, so the runs after the first skip most compilation."""
+  env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  subprocess.run([sys.executable, "-m", "corpo_jax.main", *_two_stages(root / "ref")], cwd=ROOT,
-                 env=env, check=True, capture_output=True)
-  rows = _comparable(read_jsonl(str(root / "ref" / "metrics.jsonl")))
-  assert [(r["stage"], r["step"]) for r in rows] == [(s, k) for s in ("sft", "rl") for k in range(1, 5)]
-  return env, rows
+  _run_two_stages(tmp_path / "ref", env)
+  reference = _comparable(read_jsonl(str(tmp_path / "ref" / "metrics.jsonl")))
+  assert [(r["stage"], r["step"]) for r in reference] == [
+      (s, k) for s in ("sft", "rl") for k in range(1, 5)]
 
+  _run_two_stages(tmp_path / "again", env)
+  assert _comparable(read_jsonl(str(tmp_path / "again" / "metrics.jsonl"))) == reference  # exact
 
-@pytest.mark.slow
-def test_same_config_and_seed_give_bit_identical_metrics(tmp_path, two_stage_reference):
-  env, reference = two_stage_reference
-  subprocess.run([sys.executable, "-m", "corpo_jax.main", *_two_stages(tmp_path)], cwd=ROOT,
-                 env=env, check=True, capture_output=True)
-  assert _comparable(read_jsonl(str(tmp_path / "metrics.jsonl"))) == reference  # floats exact
-
-
-@pytest.mark.slow
-def test_kill_9_in_each_stage_and_mid_checkpoint_then_rerun_equals_uninterrupted(
-    tmp_path, two_stage_reference):
-  """SIGKILL after a random sft step, while rl's step-2 checkpoint is being written, and after
-  rl step 3; each rerun resumes from the last complete checkpoint (never the partial one)."""
-  env, reference = two_stage_reference
+  workdir = tmp_path / "killed"
   sft_step = random.Random(0).randint(1, 3)
   outputs = []
   for point in (f"row:sft:{sft_step}", "save:rl:2", "row:rl:3"):
-    out = subprocess.run([sys.executable, "-m", "tests.train.crash_main", point,
-                          *_two_stages(tmp_path)], cwd=ROOT, env=env, capture_output=True,
-                         text=True)
+    out = _run_two_stages(workdir, env, main="tests.train.crash_main", extra=(point,), check=False)
     assert out.returncode == -signal.SIGKILL, out.stderr
     outputs.append(out.stderr)
     if point == "save:rl:2":  # killed mid-write: only orbax's temporary directory exists
-      assert [p.name for p in (tmp_path / "checkpoints" / "rl").iterdir()] == [
+      assert [p.name for p in (workdir / "checkpoints" / "rl").iterdir()] == [
           "2.orbax-checkpoint-tmp"]
-  out = subprocess.run([sys.executable, "-m", "corpo_jax.main", *_two_stages(tmp_path)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+  out = _run_two_stages(workdir, env)
   resumed_sft = "stage sft: resuming from the checkpoint at step 2" in outputs[1]
   assert resumed_sft == (sft_step == 3)  # row 2 is written just before checkpoint 2
   assert "stage rl: resuming" not in outputs[2]  # the partial step-2 checkpoint was not used
   assert "stage rl: resuming from the checkpoint at step 2" in out.stderr
-  assert _comparable(read_jsonl(str(tmp_path / "metrics.jsonl"))) == reference
+  assert _comparable(read_jsonl(str(workdir / "metrics.jsonl"))) == reference
 
 
 @pytest.mark.slow
