@@ -48,7 +48,9 @@ class RLConfig:
   num_iterations: int = 1  # optimizer steps per rollout batch (old log-probs computed once)
   num_micro_batches: int = 1  # gradient accumulation: rows are split into this many parts
   logprob_chunk: int = 128  # time steps projected to logits at once ([B, chunk, V] live)
-  share_prompt: bool = True  # run each prompt once for its G completions (step.py), not G times
+  # Run each prompt once for its G completions (step.py), not G times. Needs num_micro_batches to
+  # divide G and, on a mesh, each micro-batch's rows to divide over the batch devices.
+  share_prompt: bool = True
   # Optimizer (AdamW, linear warmup then cosine decay to 0, global-norm clipping).
   learning_rate: float = 1e-6
   warmup_steps: int = 0
