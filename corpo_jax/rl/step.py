@@ -579,6 +579,28 @@ def group_sharing(rl_cfg: RLConfig, group: int, prompt_len: int) -> tuple[int, i
   return group // M, prompt_len
 
 
+def check_layout(rl_cfg: RLConfig, B: int, G: int, prompt_len: int, row_devices: int) -> None:
+  """Raises ValueError, naming the rl.* fields, unless B prompts x G samples split into
+  rl_cfg.num_micro_batches micro-batches and over `row_devices` (the mesh's BATCH_AXES devices).
+  The update checks every batch; the trainer checks its stages at start."""
+  rows, M = B * G, rl_cfg.num_micro_batches
+  if rows % M or rows % row_devices:
+    raise ValueError(f"Batch rows B*G={rows} must be divisible by rl.num_micro_batches={M} and "
+                     f"by the {row_devices} devices of mesh axes {BATCH_AXES}; change the batch "
+                     f"size, group size or mesh.")
+  if rl_cfg.share_prompt and prompt_len and G % M:
+    raise ValueError(f"rl.share_prompt=True runs each prompt once per micro-batch, which needs "
+                     f"rl.num_micro_batches={M} to divide the group size G={G}; change either, "
+                     f"or set rl.share_prompt=False.")
+  if group_sharing(rl_cfg, G, prompt_len) and (rows // M) % row_devices:
+    # Measured: data 2 x fsdp 2 x expert 2, 4 rows per micro-batch gave a wrong embedding
+    # gradient (forward values exact; XLA's SPMD partitioner pads the rows).
+    raise ValueError(f"rl.share_prompt=True needs each micro-batch's B*G/M={rows // M} rows to "
+                     f"divide over the {row_devices} devices of mesh axes {BATCH_AXES}; use more "
+                     f"prompts per step or fewer rl.num_micro_batches, or set "
+                     f"rl.share_prompt=False.")
+
+
 def batch_shardings(mesh: Mesh, with_experts: bool, prompt_len: int = 0) -> Batch:
   """Rows over the BATCH_AXES mesh axes; rewards (tiny) replicated."""
   rows = NamedSharding(mesh, P(BATCH_AXES))
@@ -652,26 +674,11 @@ def make_update(model_cfg: ModelConfig, rl_cfg: RLConfig, mesh: Mesh | None,
     B, G = batch.rewards.shape
     if rows != B * G:
       raise ValueError(f"Batch has {rows} rows but rewards are [B={B}, G={G}].")
-    if rows % rl_cfg.num_micro_batches or rows % row_devices:
-      raise ValueError(f"Batch rows B*G={rows} must be divisible by rl.num_micro_batches="
-                       f"{rl_cfg.num_micro_batches} and by the {row_devices} devices of mesh axes "
-                       f"{BATCH_AXES}; change the batch size, group size or mesh.")
+    check_layout(rl_cfg, B, G, batch.prompt_len, row_devices)
     if rl_cfg.router_replay and batch.experts is None:
       raise ValueError("rl.router_replay=True needs Batch.experts (the rollout's expert choices).")
     if rl_cfg.beta > 0 and ref_params is None:
       raise ValueError(f"rl.beta={rl_cfg.beta} > 0 needs ref_params (the reference policy).")
-    if rl_cfg.share_prompt and batch.prompt_len and G % rl_cfg.num_micro_batches:
-      raise ValueError(f"rl.share_prompt=True runs each prompt once per micro-batch, which needs "
-                       f"rl.num_micro_batches={rl_cfg.num_micro_batches} to divide the group size "
-                       f"G={G}; change either, or set rl.share_prompt=False.")
-    micro_rows = rows // rl_cfg.num_micro_batches
-    if prompt_sharing(rl_cfg, batch) and micro_rows % row_devices:
-      # Measured: data 2 x fsdp 2 x expert 2, 4 rows per micro-batch gave a wrong embedding
-      # gradient (forward values exact; XLA's SPMD partitioner pads the rows).
-      raise ValueError(f"rl.share_prompt=True needs each micro-batch's B*G/M={micro_rows} rows "
-                       f"to divide over the {row_devices} devices of mesh axes {BATCH_AXES}; use "
-                       f"more prompts per step or fewer rl.num_micro_batches, or set "
-                       f"rl.share_prompt=False.")
     if not rl_cfg.router_replay:
       batch = batch.replace(experts=None)
     ref_params = ref_params if rl_cfg.beta > 0 else None

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import os
 import sys
 import time
@@ -183,11 +184,29 @@ def check_workdir_model(workdir: str, cfg: ModelConfig) -> None:
                      f"fresh --config.workdir.")
 
 
+def check_batch_layout(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  """Fails at start, naming the stage's fields, when an RL stage's batch cannot split into its
+  micro-batches and over the mesh (rl_step.check_layout; the update would fail at its first
+  step, after the earlier stages had run)."""
+  row_devices = math.prod(mesh.shape[a] for a in rl_step.BATCH_AXES)
+  for name in config.stages:
+    stage = config[name]
+    if stage.kind != "rl":
+      continue
+    try:  # prompt_len 1: the trainer's batches always carry their prompts' width
+      rl_step.check_layout(rl_config(config, name), stage.prompts_per_step, stage.group_size, 1,
+                           row_devices)
+    except ValueError as e:
+      raise ValueError(str(e).replace("rl.", f"config.{name}.").replace(
+          "B*G", f"config.{name}.prompts_per_step * group_size")) from None
+
+
 def setup(config: ml_collections.ConfigDict) -> Run:
   check_config(config)
   compile_cache.use(config.get("jax_cache_dir", "auto"))  # old workdirs' configs lack it
   cfg = ModelConfig.from_dict(config.model)
   mesh = sharding.make_mesh(config.mesh)
+  check_batch_layout(config, mesh)
   tokenizer = load_tokenizer(config, cfg)
   is_main = jax.process_index() == 0
   check_workdir_model(config.workdir, cfg)

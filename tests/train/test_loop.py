@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 from configs import common
 from configs import corpo as corpo_config
 from configs import grpo as grpo_config
+from corpo_jax import sharding
 from corpo_jax.train import loop
 from corpo_jax.train.metrics import read_jsonl
 
@@ -187,6 +189,26 @@ def _config(**rl):
 def test_incompatible_options_fail_at_start_naming_the_field(overrides, field):
   with pytest.raises(ValueError, match=field.replace(".", r"\.")):
     loop.check_config(_config(**overrides))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"prompts_per_step": 3, "group_size": 3}, "prompts_per_step * group_size=9 must be divisible"),
+    ({"prompts_per_step": 4, "group_size": 2, "num_micro_batches": 4},
+     "config.rl.num_micro_batches=4 to divide the group size G=2"),
+    ({"num_micro_batches": 2}, "config.rl.share_prompt=True needs each micro-batch's"),
+    ({"num_micro_batches": 2, "share_prompt": False}, None),
+    ({}, None),
+])
+def test_batch_layout_is_checked_at_start_against_the_mesh(overrides, message):
+  """2 prompts x 4 samples unless overridden, on a mesh with 8 batch devices (data 2 x fsdp 2 x
+  expert 2)."""
+  config = _config(**{"prompts_per_step": 2, "group_size": 4, **overrides})
+  mesh = sharding.make_mesh((2, 2, 2, 1))
+  if message is None:
+    loop.check_batch_layout(config, mesh)
+  else:
+    with pytest.raises(ValueError, match=re.escape(message)):
+      loop.check_batch_layout(config, mesh)
 
 
 def test_eval_k_larger_than_samples_is_rejected():
