@@ -8,7 +8,8 @@ exact_match + 0.1 format), `rl.step.make_batch`, then `rl.step.make_update`'s up
 step, beta > 0). Each part is timed separately after one compiling step; medians over `--runs`
 steps (>= 5). `update_s` includes the reference forward, which make_update runs inside the
 jitted update; `ref_forward_s` is that pass (`rl.step.update_logprobs` on the reference
-parameters, prompts shared unless `--share_prompt 0`) timed alone, and is not part of `step_s` = rollout + reward + batch + update.
+parameters, prompts shared unless `--share_prompt 0`) timed alone, and is not part of `step_s`
+= rollout + reward + batch + update.
 `mfu` is the update's (see `bench update`); `step_mfu` counts the rollout's forward FLOPs too.
 """
 

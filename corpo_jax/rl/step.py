@@ -579,11 +579,12 @@ def group_sharing(rl_cfg: RLConfig, group: int, prompt_len: int) -> tuple[int, i
   return group // M, prompt_len
 
 
-def check_layout(rl_cfg: RLConfig, B: int, G: int, prompt_len: int, row_devices: int) -> None:
+def check_layout(rl_cfg: RLConfig, B: int, G: int, prompt_len: int, mesh: Mesh | None) -> None:
   """Raises ValueError, naming the rl.* fields, unless B prompts x G samples split into
-  rl_cfg.num_micro_batches micro-batches and over `row_devices` (the mesh's BATCH_AXES devices).
-  The update checks every batch; the trainer checks its stages at start."""
+  rl_cfg.num_micro_batches micro-batches and over the mesh's BATCH_AXES devices (None: one
+  device). The update checks every batch; the trainer checks its stages at start."""
   rows, M = B * G, rl_cfg.num_micro_batches
+  row_devices = 1 if mesh is None else math.prod(mesh.shape[a] for a in BATCH_AXES)
   if rows % M or rows % row_devices:
     raise ValueError(f"Batch rows B*G={rows} must be divisible by rl.num_micro_batches={M} and "
                      f"by the {row_devices} devices of mesh axes {BATCH_AXES}; change the batch "
@@ -667,14 +668,13 @@ def make_update(model_cfg: ModelConfig, rl_cfg: RLConfig, mesh: Mesh | None,
   optimizer = program_optimizer(model_cfg, rl_cfg) if optimizer is None else optimizer
   jitted = functools.partial(_jitted_step, model_cfg, program_config(rl_cfg), mesh, optimizer,
                              _train_step)  # called with Batch.prompt_len
-  row_devices = 1 if mesh is None else math.prod(mesh.shape[a] for a in BATCH_AXES)
 
   def prepare(state: TrainState, batch: Batch, ref_params: Any):
     rows = batch.tokens.shape[0]
     B, G = batch.rewards.shape
     if rows != B * G:
       raise ValueError(f"Batch has {rows} rows but rewards are [B={B}, G={G}].")
-    check_layout(rl_cfg, B, G, batch.prompt_len, row_devices)
+    check_layout(rl_cfg, B, G, batch.prompt_len, mesh)
     if rl_cfg.router_replay and batch.experts is None:
       raise ValueError("rl.router_replay=True needs Batch.experts (the rollout's expert choices).")
     if rl_cfg.beta > 0 and ref_params is None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import math
 import os
 import sys
 import time
@@ -141,7 +140,13 @@ def rl_config(config: ml_collections.ConfigDict, name: str) -> RLConfig:
   try:
     return RLConfig.from_dict(fields)
   except ValueError as e:
-    raise ValueError(str(e).replace("rl.", f"config.{name}.")) from None
+    raise _for_stage(e, name) from None
+
+
+def _for_stage(error: ValueError, name: str) -> ValueError:
+  """An RLConfig / rl.step error with its rl.* field names as the stage's config.<name>.* ones."""
+  return ValueError(str(error).replace("rl.", f"config.{name}.").replace(
+      "B*G", f"config.{name}.prompts_per_step * group_size"))
 
 
 def stage_optimizer(run: Run, name: str) -> tuple[RLConfig, Any]:
@@ -188,17 +193,15 @@ def check_batch_layout(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
   """Fails at start, naming the stage's fields, when an RL stage's batch cannot split into its
   micro-batches and over the mesh (rl_step.check_layout; the update would fail at its first
   step, after the earlier stages had run)."""
-  row_devices = math.prod(mesh.shape[a] for a in rl_step.BATCH_AXES)
   for name in config.stages:
     stage = config[name]
     if stage.kind != "rl":
       continue
     try:  # prompt_len 1: the trainer's batches always carry their prompts' width
       rl_step.check_layout(rl_config(config, name), stage.prompts_per_step, stage.group_size, 1,
-                           row_devices)
+                           mesh)
     except ValueError as e:
-      raise ValueError(str(e).replace("rl.", f"config.{name}.").replace(
-          "B*G", f"config.{name}.prompts_per_step * group_size")) from None
+      raise _for_stage(e, name) from None
 
 
 def setup(config: ml_collections.ConfigDict) -> Run:
