@@ -83,7 +83,7 @@ def evaluate_task(generate_fn, tokenizer, task, *, num_prompts: int, num_samples
   for start in range(0, num_prompts, prompts_per_batch):
     chunk = examples[start:start + prompts_per_batch]
     prompts, mask = pipeline.left_pad_prompts(
-        [pipeline.prompt_ids(tokenizer, ex.prompt) for ex in chunk], tokenizer.pad_id)
+        [tokenizer.prompt_ids(ex.prompt) for ex in chunk], tokenizer.pad_id)
     texts += generate_fn(prompts, mask, num_samples)
   correct_PN = np.array([[task.exact(texts[p * num_samples + i], ex) for i in range(num_samples)]
                          for p, ex in enumerate(examples)], bool)

@@ -81,7 +81,7 @@ def test_too_long_prompt_is_truncated_and_counted(tmp_path):
   long_row = int(np.argmax(batch["truncated"]))
   assert batch["truncated"].tolist().count(True) == 1
   tokens = batch["tokens"][long_row][batch["token_mask"][long_row]]
-  full = pipeline.prompt_ids(TOK, "Add up " + " + ".join(["1"] * 40) + ".")
+  full = TOK.prompt_ids("Add up " + " + ".join(["1"] * 40) + ".")
   assert len(tokens) == 24 and tokens[0] == TOK.bos_id
   assert tokens[1:].tolist() == full[-23:]  # the prompt's end (and its newline) is kept
 

@@ -9,7 +9,10 @@ import pytest
 
 from corpo_jax import model, sampling, sharding
 from corpo_jax.model import ModelConfig
-from corpo_jax.model.config import EOS_ID, THINK_END_ID, THINK_START_ID
+from corpo_jax.data.tokenizer import bundled
+
+_TOK = bundled()  # the special ids the tiny preset was made for
+EOS_ID, THINK_START_ID, THINK_END_ID = _TOK.eos_id, _TOK.think_start_id, _TOK.think_end_id
 
 TINY = ModelConfig.preset("tiny")
 PLAIN = dataclasses.replace(TINY, thinking_layers=0)

@@ -10,7 +10,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from corpo_jax import model, sharding
-from corpo_jax.model.config import PAD_ID, THINK_END_ID, THINK_START_ID
+from corpo_jax.data.tokenizer import bundled
+
+_TOK = bundled()  # the special ids the tiny preset was made for
+PAD_ID, THINK_START_ID, THINK_END_ID = _TOK.pad_id, _TOK.think_start_id, _TOK.think_end_id
 
 
 def test_mesh_shape_resolves_one_minus_one_and_rejects_bad_shapes():

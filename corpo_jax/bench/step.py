@@ -46,7 +46,7 @@ def arithmetic_prompts(tokenizer, num: int, length: int, pad_id: int, seed: int)
   examples = [task.example("train", seed * num + i) for i in range(num)]
   tokens = np.full((num, length), pad_id, np.int32)
   for i, ex in enumerate(examples):
-    ids = pipeline.prompt_ids(tokenizer, ex.prompt)[-length:]
+    ids = tokenizer.prompt_ids(ex.prompt)[-length:]
     tokens[i, length - len(ids):] = ids
   return tokens, tokens != pad_id, examples, task
 

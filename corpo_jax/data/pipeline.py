@@ -17,14 +17,17 @@ workers: guard `__main__` and parse absl flags before iterating).
 RL batch (prompts left-padded so generation appends on the right), B rows:
   tokens [B, T] int32, token_mask [B, T] bool, task_id [B] int32 (index into `tasks`),
   index [B] int64 (example index in the split), truncated [B] bool (the prompt was longer than
-  `max_prompt_len` and kept only <bos> and its last tokens); `examples(batch, tasks, split)`
+  `max_prompt_len` and kept only <bos> and its last tokens), think_tags [B] int32 (literal think
+  tags escaped in the prompt, Tokenizer.guard); `examples(batch, tasks, split)`
   rebuilds the Examples the rewards need. A longer prompt raises ValueError naming its source
   (file:line for jsonl tasks) when long_prompts="reject" (the default), or is cut when "truncate".
 SFT batch (right-padded), B rows of <bos> prompt <think> trace </think> answer <eos>:
   tokens, token_mask, trace_mask (tokens after <think> up to and including </think>: the
   thinking head's targets), answer_mask (the base head's targets: the <think> that opens the
   trace, and the tokens after </think> up to and including <eos>),
-  step_labels [B, T] int32 (data/steps.py classes on the first token of each trace line).
+  step_labels [B, T] int32 (data/steps.py classes on the first token of each trace line),
+  think_tags [B] int32 (literal think tags escaped in the row's text).
+Prompts are in the tokenizer's prompt format (Tokenizer.prompt_ids) in both.
 Masks mark the positions of target tokens; the trainer shifts them against the logits.
 """
 
@@ -39,17 +42,13 @@ import numpy as np
 from corpo_jax.data import steps as steps_lib
 from corpo_jax.data import text as text_lib
 from corpo_jax.data.tasks import Example, Task
-from corpo_jax.data.tasks.jsonl import read_objects
+from corpo_jax.data.tasks.jsonl import read_numbered
 from corpo_jax.data.tokenizer import Tokenizer
 
 DEFAULT_BUCKETS = (32, 64, 128, 256, 512, 1024)
 _GOLDEN = (5 ** 0.5 - 1) / 2
 LONG_PROMPTS = ("reject", "truncate")
 SFT_FIELDS = ("prompt", "thinking_trace", "final_output")
-
-
-def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
-  return [tokenizer.bos_id] + tokenizer.encode(text_lib.prompt_text(prompt))
 
 
 def _bucket(length: int, buckets: Sequence[int]) -> int:
@@ -135,10 +134,10 @@ class PromptSource(grain.sources.RandomAccessDataSource):
   def __getitem__(self, record: int) -> dict:
     task_id, index = record % len(self.tasks), record // len(self.tasks)
     ex = self.tasks[task_id].example(self.split, index)
-    tokens = np.asarray(prompt_ids(self.tokenizer, ex.prompt), np.int32)
+    where = ex.meta.get("source", f"{self.split} example {index} of {self.tasks[task_id]!r}")
+    tokens = np.asarray(self.tokenizer.prompt_ids(ex.prompt, f"The prompt of {where}"), np.int32)
     truncated = len(tokens) > self.max_prompt_len
     if truncated and self.long_prompts == "reject":
-      where = ex.meta.get("source", f"{self.split} example {index} of {self.tasks[task_id]!r}")
       raise ValueError(f"The prompt of {where} has {len(tokens)} tokens, more than "
                        f"max_prompt_len={self.max_prompt_len}; shorten it, raise "
                        f"config.<stage>.max_prompt_len, or set config.<stage>.long_prompts="
@@ -147,7 +146,8 @@ class PromptSource(grain.sources.RandomAccessDataSource):
       tokens = np.concatenate([tokens[:1], tokens[len(tokens) - self.max_prompt_len + 1:]])
     return {"tokens": tokens, "token_mask": np.ones(len(tokens), bool),
             "task_id": np.int32(task_id), "index": np.int64(index),
-            "truncated": np.bool_(truncated)}
+            "truncated": np.bool_(truncated),
+            "think_tags": np.int32(text_lib.count_think_tags(ex.prompt))}
 
 
 def examples(batch: dict[str, np.ndarray], tasks: Sequence[Task], split: str) -> list[Example]:
@@ -212,22 +212,38 @@ def rl_prompts(tasks: Sequence[Task], tokenizer: Tokenizer, *, batch_size: int, 
                  batch_rows=batch_rows)
 
 
-def sft_example(tokenizer: Tokenizer, prompt: str, trace: str, answer: str) -> dict:
-  """One SFT row: tokens and the masks/labels described in the module docstring."""
-  newline = tokenizer.encode("\n")
-  trace_ids, trace_labels = steps_lib.encode_trace(trace.strip(), tokenizer)
-  head = prompt_ids(tokenizer, prompt) + [tokenizer.think_start_id]
-  think = newline + trace_ids + newline + [tokenizer.think_end_id]
-  tail = tokenizer.encode("\n" + answer.strip()) + [tokenizer.eos_id]
-  tokens = np.asarray(head + think + tail, np.int32)
-  start, end = len(head), len(head) + len(think)
+def sft_example(tokenizer: Tokenizer, prompt: str, trace: str, answer: str,
+                where: str = "an SFT row") -> dict:
+  """One SFT row: tokens and the masks/labels described in the module docstring.
+
+  The row's text is encoded in one pass (corpo_jax/data/tokenizer.py), its parts found by byte
+  offsets: the prompt's tokens equal `tokenizer.prompt_ids(prompt)`, those RL and evaluation
+  sample from. `where` names the row in errors.
+  """
+  tags = sum(map(text_lib.count_think_tags, (prompt, trace, answer)))
+  guard = lambda text: tokenizer.guard(text, where)
+  prompt_text = text_lib.format_prompt(guard(prompt), tokenizer.prompt_format)
+  trace = guard(trace).strip()
+  ids, spans = tokenizer.encode_with_offsets(
+      prompt_text + text_lib.completion_text(trace, guard(answer)))
+  tokens = np.asarray([tokenizer.bos_id] + ids + [tokenizer.eos_id], np.int32)
+  (open_at,), (close_at,) = (np.flatnonzero(tokens == i) for i in
+                             (tokenizer.think_start_id, tokenizer.think_end_id))
+  assert list(tokens[:open_at]) == tokenizer.prompt_ids(prompt, where), (
+      f"{tokenizer!r} merges the prompt's last token with <think>")
   positions = np.arange(len(tokens))
   step_labels = np.zeros(len(tokens), np.int32)
-  step_labels[start + len(newline):start + len(newline) + len(trace_ids)] = trace_labels
+  ends = np.asarray([end for _, end in spans])
+  line_start = len((prompt_text + text_lib.THINK_OPEN + "\n").encode())
+  for line in trace.split("\n"):
+    if line:  # the token holding the line's first byte (+1: <bos>)
+      step_labels[1 + np.searchsorted(ends, line_start, side="right")] = steps_lib.step_type(line)
+    line_start += len(line.encode()) + 1
   return {"tokens": tokens, "token_mask": np.ones(len(tokens), bool),
-          "trace_mask": (positions >= start) & (positions < end),
-          "answer_mask": (positions >= end) | (positions == start - 1),
-          "step_labels": step_labels}
+          "trace_mask": (positions > open_at) & (positions <= close_at),
+          "answer_mask": (positions > close_at) | (positions == open_at),
+          "step_labels": step_labels,
+          "think_tags": np.int32(tags)}
 
 
 def read_traces(path: str) -> list[dict]:
@@ -237,8 +253,8 @@ def read_traces(path: str) -> list[dict]:
                      "`python -m corpo_jax.data.distill --input ... --output ...`.")
   check = lambda row: None if all(isinstance(row.get(k), str) for k in SFT_FIELDS) else (
       f"need string fields {SFT_FIELDS} (the distill output format)")
-  rows = read_objects(path, "Trace file", "the distill output format", check)
-  return [{k: row[k] for k in SFT_FIELDS} for row in rows]
+  rows = read_numbered(path, "Trace file", "the distill output format", check)
+  return [{**{k: row[k] for k in SFT_FIELDS}, "source": f"{path}:{line}"} for line, row in rows]
 
 
 class TaskTraces(grain.sources.RandomAccessDataSource):
@@ -287,7 +303,8 @@ class SftSource(grain.sources.RandomAccessDataSource):
   def __getitem__(self, index: int) -> dict:
     row = self.rows[index]
     trace = row["thinking_trace"] if self.keeps_trace(index) else ""
-    return sft_example(self.tokenizer, row["prompt"], trace, row["final_output"])
+    return sft_example(self.tokenizer, row["prompt"], trace, row["final_output"],
+                       where=row.get("source", f"SFT row {index}"))
 
 
 def sft_sequences(rows, tokenizer: Tokenizer, *, batch_size: int, seed: int,

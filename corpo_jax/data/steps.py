@@ -8,7 +8,6 @@ Per-token labels put the line's type on the first token of the line and 0 everyw
 from __future__ import annotations
 
 import re
-import numpy as np
 
 # Step types of the thinking head's step classifier (ALGORITHMS.md), marking the first token of a line.
 STEP_CONTINUE, STEP_NUMBERED, STEP_STEP_K, STEP_TRANSITION, STEP_BULLET = range(5)
@@ -42,26 +41,6 @@ def parse_steps(trace: str) -> list[str]:
     else:
       steps[-1] += "\n" + line
   return steps
-
-
-def encode_trace(trace: str, tokenizer) -> tuple[list[int], np.ndarray]:
-  """Token ids of a trace and their step labels [T] int32, aligned.
-
-  The trace is encoded line by line with an encoded newline between lines (for the bundled
-  tokenizer, which keeps "\n" as its own piece, this equals tokenizer.encode(trace)). The first
-  token of each line gets step_type(line); every other token, newlines included, gets 0.
-  """
-  newline = tokenizer.encode("\n")
-  ids: list[int] = []
-  labels: list[int] = []
-  for k, line in enumerate(trace.split("\n")):
-    if k:
-      ids += newline
-      labels += [STEP_CONTINUE] * len(newline)
-    line_ids = tokenizer.encode(line)
-    ids += line_ids
-    labels += [step_type(line)] * bool(line_ids) + [STEP_CONTINUE] * (len(line_ids) - 1)
-  return ids, np.asarray(labels, np.int32)
 
 
 def count_marked_steps(trace: str) -> int:

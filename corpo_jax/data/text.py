@@ -1,11 +1,12 @@
 """The one text format of prompts and completions, and answer extraction.
 
-Token layout of one example (ids from corpo_jax.model.config):
+Token layout of one example (special ids from the tokenizer):
 
-    <bos> PROMPT \\n <think> \\n TRACE \\n </think> \\n ANSWER <eos>
-    `---- prompt_text ----'`------------ completion_text ------------'
+    <bos> PROMPT <think> \\n TRACE \\n </think> \\n ANSWER <eos>
+    `- format_prompt -'`------------ completion_text ------------'
 
-The prompt is the task's question followed by one newline; the model writes the completion:
+The prompt is the task's question in the run's prompt format (`format_prompt`: by default the
+question followed by one newline); the model writes the completion:
 `<think>`, a newline, the reasoning trace (one step per line), a newline, `</think>`, a newline,
 the final answer, then `<eos>`. Decoding drops <bos>/<eos>/<pad> and keeps `<think>`/`</think>`
 as text, so decoded completions are parsed by `split_completion`.
@@ -21,8 +22,36 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _NUMBER = r"-?\d+(?:,\d{3})*(?:\.\d+)?"
 
 
+PROMPT_FORMATS = {
+    "plain": "{prompt}\n",
+    "mistral_instruct": "[INST] {prompt} [/INST]",  # Mistral / Mixtral-Instruct (v0.1) turns
+}
+
+
+def format_prompt(question: str, prompt_format: str = "plain") -> str:
+  """The prompt text of a question: a PROMPT_FORMATS name or a template holding "{prompt}" once.
+
+  The question's trailing newlines are dropped first. Other braces in a template are literal.
+  """
+  template = PROMPT_FORMATS.get(prompt_format, prompt_format)
+  if template.count("{prompt}") != 1:
+    raise ValueError(f"prompt_format={prompt_format!r} is neither one of {sorted(PROMPT_FORMATS)} "
+                     f"nor a template with exactly one {{prompt}}, e.g. 'Question: {{prompt}}\\n'.")
+  return template.replace("{prompt}", question.rstrip("\n"))
+
+
 def prompt_text(question: str) -> str:
-  return question.rstrip("\n") + "\n"
+  """The plain prompt format."""
+  return format_prompt(question, "plain")
+
+
+def count_think_tags(text: str) -> int:
+  return text.count(THINK_OPEN) + text.count(THINK_CLOSE)
+
+
+def escape_think_tags(text: str) -> str:
+  """Literal think tags in user text written so that they tokenize as text: "<" -> "&lt;"."""
+  return text.replace(THINK_CLOSE, "&lt;/think>").replace(THINK_OPEN, "&lt;think>")
 
 
 def completion_text(trace: str, answer: str) -> str:

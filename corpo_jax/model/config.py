@@ -6,9 +6,6 @@ import dataclasses
 import numbers
 from typing import Any, Mapping
 
-# Special token ids shared by the bundled SentencePiece tokenizer (corpo_jax/data/tokenizer.py).
-PAD_ID, UNK_ID, BOS_ID, EOS_ID, THINK_START_ID, THINK_END_ID = 0, 1, 2, 3, 4, 5
-
 DISPATCH_MODES = ("capacity", "sort")
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -45,10 +42,11 @@ class ModelConfig:
   thinking_layers: int = 0  # 0 = plain Mixtral
   thinking_shared_unembed: bool = True  # thinking head reuses the base unembedding
   num_step_classes: int = 5  # step-type classifier classes (ALGORITHMS.md)
-  # Token ids the model needs to know about (-1: the vocabulary has no such token).
-  pad_id: int = PAD_ID
-  think_start_id: int = THINK_START_ID
-  think_end_id: int = THINK_END_ID
+  # Token ids the model needs to know about (-1: the vocabulary has no such token). The trainer
+  # sets them from its tokenizer (TOKENIZER_FIELDS); the defaults are the bundled tokenizer's.
+  pad_id: int = 0
+  think_start_id: int = 4
+  think_end_id: int = 5
   # Numerics and memory.
   dtype: str = "float32"  # compute dtype of activations and matmuls; router/softmax/logits stay float32
   param_dtype: str = "float32"
@@ -112,6 +110,9 @@ class ModelConfig:
     return cls(**d)
 
 
+# Fields the trainer takes from its tokenizer, never from config.model (corpo_jax/train/loop.py).
+TOKENIZER_FIELDS = ("pad_id", "think_start_id", "think_end_id")
+
 _POSITIVE_INTS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                   "d_ff", "num_experts", "top_k", "max_seq_len", "num_step_classes")
 
@@ -131,7 +132,7 @@ PRESETS: dict[str, ModelConfig] = {
                         head_dim=32, d_ff=256, num_experts=4, top_k=2, max_seq_len=512,
                         thinking_layers=1),
     # Mixtral-8x7B-v0.1 (46.7B parameters) and Mixtral-8x22B-v0.1 (141B); no thinking head by
-    # default, Llama tokenizer ids (unk 0, bos 1, eos 2, no pad or think tokens).
+    # default, no pad or think tokens (Mixtral's tokenizer: unk 0, bos 1, eos 2, no pad).
     "mixtral_8x7b": ModelConfig(vocab_size=32000, d_model=4096, num_layers=32, num_heads=32,
                                 num_kv_heads=8, head_dim=128, d_ff=14336, num_experts=8, top_k=2,
                                 max_seq_len=32768, pad_id=-1, think_start_id=-1, think_end_id=-1,

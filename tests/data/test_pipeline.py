@@ -38,7 +38,7 @@ def test_rl_batch_layout_and_examples():
   assert batch["task_id"].shape == batch["index"].shape == (4,)
   exs = pipeline.examples(batch, TASKS, "train")
   for row, mask, ex in zip(batch["tokens"], batch["token_mask"], exs):
-    n = len(pipeline.prompt_ids(TOK, ex.prompt))
+    n = len(TOK.prompt_ids(ex.prompt))
     assert mask.sum() == n and mask[-n:].all()                      # left padded
     assert (row[:-n] == TOK.pad_id).all() and row[-n] == TOK.bos_id
     assert TOK.decode(row) == ex.prompt + "\n"

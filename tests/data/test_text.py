@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from corpo_jax.data import steps, text, tokenizer
+from corpo_jax.data import pipeline, steps, text, tokenizer
 
 
 @pytest.mark.parametrize("completion,trace,answer,well_formed", [
@@ -40,6 +40,13 @@ def test_extract_answer(s, expected):
 
 def test_prompt_and_completion_text():
   assert text.prompt_text("Compute 1 + 2.\n") == "Compute 1 + 2.\n"
+  assert text.format_prompt("2+2?\n", "mistral_instruct") == "[INST] 2+2? [/INST]"
+  assert text.format_prompt("2+2?", "Q: {prompt} {x}\nA:") == "Q: 2+2? {x}\nA:"
+  for bad in ("chatml", "{prompt} {prompt}"):
+    with pytest.raises(ValueError, match="exactly one {prompt}"):
+      text.format_prompt("q", bad)
+  assert text.escape_think_tags("a <think> b </think>") == "a &lt;think> b &lt;/think>"
+  assert text.count_think_tags("<think></think><think>") == 3
   assert text.completion_text(" 1. x \n", " 3 ") == "<think>\n1. x\n</think>\n3"
 
 
@@ -61,10 +68,12 @@ def test_parse_steps():
 def test_step_labels_for_a_hand_written_trace():
   tok = tokenizer.bundled()
   trace = "First, add.\n1. Ones: 2\ncarry\nStep 2: x\n- b\n\nThen 3"
-  ids, labels = steps.encode_trace(trace, tok)
-  assert ids == tok.encode(trace)
+  row = pipeline.sft_example(tok, "q", trace, "3")
+  ids, labels = row["tokens"], row["step_labels"]
+  trace_at = int(np.flatnonzero(ids == tok.think_start_id)[0]) + 2  # <think> \n then the trace
   # The first token of each line carries the line's class; everything else is 0.
-  line_starts = [0] + [i + 1 for i, t in enumerate(ids) if t == tok.newline_id]
+  line_starts = [trace_at] + [i + 1 for i in range(trace_at, len(ids))
+                              if ids[i] == tok.newline_id][:6]
   assert [int(labels[i]) for i in line_starts] == [3, 1, 0, 2, 4, 0, 3]
   assert [tok.id_to_piece(ids[i]) for i in line_starts] == ["First", "1", "carry", "S", "-", "\n", "T"]
   assert np.count_nonzero(labels) == 5

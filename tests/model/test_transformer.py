@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 
 from corpo_jax import model
-from corpo_jax.model.config import PAD_ID, THINK_END_ID, THINK_START_ID
+from corpo_jax.data.tokenizer import bundled
+
+_TOK = bundled()  # the special ids the tiny preset was made for
+PAD_ID, THINK_START_ID, THINK_END_ID = _TOK.pad_id, _TOK.think_start_id, _TOK.think_end_id
 
 S, E = THINK_START_ID, THINK_END_ID
 TOL = dict(rtol=1e-5, atol=1e-5)

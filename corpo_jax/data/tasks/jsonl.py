@@ -21,19 +21,14 @@ from corpo_jax.data.tasks import base
 REWARDS = ("exact_match", "numeric")
 
 
-def read_objects(path: str, what: str, fmt: str,
-                 check: Callable[[Any], str | None]) -> list[dict]:
-  """The objects of a JSON-lines file, one per non-empty line.
+def read_numbered(path: str, what: str, fmt: str,
+                  check: Callable[[Any], str | None]) -> list[tuple[int, dict]]:
+  """The objects of a JSON-lines file, one per non-empty line, with their line numbers:
+  [(line, object), ...].
 
   what: the file's role for messages ("jsonl task file"); fmt: one line's expected form;
   check(row) -> None or what is wrong with it. Every error names file:line.
   """
-  return [row for _, row in read_numbered(path, what, fmt, check)]
-
-
-def read_numbered(path: str, what: str, fmt: str,
-                  check: Callable[[Any], str | None]) -> list[tuple[int, dict]]:
-  """read_objects with each object's line number: [(line, object), ...]."""
   if not os.path.isfile(path):
     raise ValueError(f"{what} {path!r} does not exist.")
   rows = []
