@@ -8,6 +8,13 @@ Tensor layouts read:
   `save_pretrained(save_original_format=False)`).
 `save_mixtral` writes the hub layout.
 
+A thinking head (which HF Mixtral does not have) is written beside the Mixtral files:
+`corpo_jax_thinking.json` holds its config fields (THINKING_FIELDS) and
+`corpo_jax_thinking.safetensors` its parameters in our own layout, one tensor per leaf of
+params["thinking"] named by its path ("layers.attn.q" [L_think, D, N, H], "norm.scale",
+"step_head", and "lm_head" when it has its own). transformers ignores both files; `load_mixtral`
+reads them back, so saving and loading a thinking model is exact.
+
 Mapping (an HF nn.Linear weight is [out, in]; ours are [in, ...out]): q_proj [N*H, D] -> q [D, N, H]
 (k, v alike), o_proj [D, N*H] -> o [N, H, D], gate.weight [E, D] -> router [D, E], w1 -> gate,
 w3 -> up, w2 -> down (each transposed), lm_head.weight [V, D] -> lm_head [D, V], norm weights ->
@@ -38,6 +45,9 @@ from safetensors.numpy import save_file
 from corpo_jax.model import transformer
 from corpo_jax.model.config import ModelConfig
 
+THINKING_CONFIG, THINKING_TENSORS = "corpo_jax_thinking.json", "corpo_jax_thinking.safetensors"
+THINKING_FIELDS = ("thinking_layers", "thinking_shared_unembed", "num_step_classes",
+                   "think_start_id", "think_end_id")
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 _MAX_POSITIONS = 131072  # transformers' MixtralConfig defaults for fields a config.json may omit
 _ROPE_THETA = 1e6
@@ -168,7 +178,8 @@ class _Checkpoint:
       self.files = dict(json.loads(index.read_text())["weight_map"])
       return
     single = path / "model.safetensors"
-    paths = [single] if single.exists() else sorted(path.glob("*.safetensors"))
+    paths = [single] if single.exists() else sorted(
+        p for p in path.glob("*.safetensors") if p.name != THINKING_TENSORS)
     if not paths:
       raise ValueError(f"No *.safetensors files in {path}; convert a PyTorch .bin checkpoint with "
                        f"transformers (from_pretrained, then save_pretrained).")
@@ -310,7 +321,8 @@ def load_mixtral(path: str | pathlib.Path, *, dtype: str | None = None,
   """(ModelConfig, params) of a transformers Mixtral checkpoint directory.
 
   path: config.json plus model.safetensors, or shards with model.safetensors.index.json (either
-  tensor layout, see the module docstring). dtype: parameter and compute dtype (default: the
+  tensor layout, see the module docstring), and a thinking head's files if `save_mixtral` wrote
+  one. dtype: parameter and compute dtype (default: the
   checkpoint's). mesh: place every parameter directly into its sharding (`param_shardings`);
   each device reads only its own slice. Without a mesh, params live on the default device.
   """
@@ -324,10 +336,17 @@ def load_mixtral(path: str | pathlib.Path, *, dtype: str | None = None,
     fused = "model.layers.0.mlp.experts.gate_up_proj" in ckpt.files
     _check_tensors(ckpt, cfg, fused)
     dtype = dtype or _checkpoint_dtype(ckpt)
-    cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
+    cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype, **thinking_config(path))
     readers = _readers(ckpt, cfg, fused)
+    if cfg.has_thinking_head:
+      head = stack.enter_context(safe_open(str(path / THINKING_TENSORS), framework="numpy"))
+      for name in head.keys():
+        readers[("thinking",) + tuple(name.split("."))] = (
+            lambda idx, name=name: head.get_slice(name)[idx])
     abstract = traverse_util.flatten_dict(nn.unbox(transformer.abstract_params(cfg)))
-    assert set(abstract) == set(readers), set(abstract) ^ set(readers)
+    if set(abstract) != set(readers):
+      raise ValueError(f"{path / THINKING_TENSORS} does not match {THINKING_CONFIG}: tensors "
+                       f"{sorted('.'.join(k) for k in set(abstract) ^ set(readers))[:3]} differ.")
     if mesh is None:
       shardings = dict.fromkeys(abstract, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     else:
@@ -335,6 +354,18 @@ def load_mixtral(path: str | pathlib.Path, *, dtype: str | None = None,
     params = {k: _materialise(readers[k], v.shape, v.dtype, shardings[k])
               for k, v in abstract.items()}
   return cfg, traverse_util.unflatten_dict(params)
+
+
+def thinking_config(path: str | pathlib.Path) -> dict[str, Any]:
+  """The thinking head's ModelConfig fields saved beside a checkpoint ({} when it has none)."""
+  path = pathlib.Path(path) / THINKING_CONFIG
+  if not path.exists():
+    return {}
+  fields = json.loads(path.read_text())
+  if set(fields) != set(THINKING_FIELDS) or not (path.parent / THINKING_TENSORS).exists():
+    raise ValueError(f"{path} must hold exactly the fields {THINKING_FIELDS}, beside "
+                     f"{THINKING_TENSORS}; rewrite both with corpo_jax.model.hf.save_mixtral.")
+  return fields
 
 
 def _checkpoint_dtype(ckpt: _Checkpoint) -> str:
@@ -392,20 +423,16 @@ def save_mixtral(params: Any, cfg: ModelConfig, path: str | pathlib.Path, *,
   """Writes config.json and safetensors (hub layout) readable by transformers and `load_mixtral`.
 
   Files: model.safetensors, or model-0000i-of-0000n.safetensors plus
-  model.safetensors.index.json when the tensors exceed `max_shard_bytes`. Tensors keep the
-  params' dtype and are fetched from the devices one at a time.
-  base_only: drop the thinking head (params["thinking"]); required when cfg has one, since HF
-  Mixtral has no thinking head. extra_config: more config.json fields ModelConfig does not carry
-  (e.g. bos_token_id / eos_token_id).
+  model.safetensors.index.json when the tensors exceed `max_shard_bytes`; a thinking head's two
+  files beside them (module docstring). Tensors keep the params' dtype and are fetched from the
+  devices one at a time. base_only: leave a thinking head out. extra_config: more config.json
+  fields ModelConfig does not carry (e.g. bos_token_id / eos_token_id).
   """
-  if cfg.has_thinking_head:
-    if not base_only:
-      raise ValueError(f"cfg has a thinking head (thinking_layers={cfg.thinking_layers}) but HF "
-                       f"Mixtral has none; pass save_mixtral(..., base_only=True) to export the "
-                       f"base model without params['thinking'].")
-    params = {k: v for k, v in params.items() if k != "thinking"}
-    cfg = dataclasses.replace(cfg, thinking_layers=0)
   _check_params(params, cfg)
+  head = params.get("thinking") if cfg.has_thinking_head and not base_only else None
+  if cfg.has_thinking_head:
+    params = {k: v for k, v in params.items() if k != "thinking"}
+    cfg_head, cfg = cfg, dataclasses.replace(cfg, thinking_layers=0)
   path = pathlib.Path(path)
   path.mkdir(parents=True, exist_ok=True)
   if list(path.glob("*.safetensors")):
@@ -438,6 +465,12 @@ def save_mixtral(params: Any, cfg: ModelConfig, path: str | pathlib.Path, *,
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
   hf = {**config_to_hf(cfg), **(extra_config or {})}
   (path / "config.json").write_text(json.dumps(hf, indent=2))
+  if head is not None:
+    flat = traverse_util.flatten_dict(head)
+    save_file({".".join(k): np.ascontiguousarray(jax.device_get(v)) for k, v in flat.items()},
+              str(path / THINKING_TENSORS), metadata={"format": "corpo_jax"})
+    fields = {f: getattr(cfg_head, f) for f in THINKING_FIELDS}
+    (path / THINKING_CONFIG).write_text(json.dumps(fields, indent=2))
 
 
 def _check_params(params: Any, cfg: ModelConfig) -> None:

@@ -228,18 +228,22 @@ def _random_params(cfg):
   return jax.tree_util.tree_map_with_path(one, flax.linen.unbox(model.abstract_params(cfg)))
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_export_base_of_thinking_model(tmp_path, tie):
-  cfg = ModelConfig.preset("tiny", tie_embeddings=tie)
+@pytest.mark.parametrize("tie,shared", [(False, True), (True, True), (False, False)])
+def test_thinking_model_round_trip(tmp_path, tie, shared):
+  """The base goes out as Mixtral, the head beside it; loading both back is exact."""
+  cfg = ModelConfig.preset("tiny", tie_embeddings=tie, thinking_shared_unembed=shared)
   params = _random_params(cfg)
-  with pytest.raises(ValueError, match="base_only=True"):
-    hf.save_mixtral(params, cfg, tmp_path)
-  hf.save_mixtral(params, cfg, tmp_path, base_only=True)
-  cfg2, params2 = hf.load_mixtral(tmp_path)
-  assert cfg2.thinking_layers == 0 and cfg2.tie_embeddings == tie and cfg2.pad_id == cfg.pad_id
-  _assert_identical(params2, {k: v for k, v in params.items() if k != "thinking"})
+  hf.save_mixtral(params, cfg, tmp_path / "all")
+  cfg2, params2 = hf.load_mixtral(tmp_path / "all")
+  fields = lambda c: {f: getattr(c, f) for f in hf.THINKING_FIELDS + ("tie_embeddings", "pad_id")}
+  assert fields(cfg2) == fields(cfg) and cfg2.thinking_layers == 1
+  _assert_identical(params2, params)
+  hf.save_mixtral(params, cfg, tmp_path / "base", base_only=True)
+  cfg3, params3 = hf.load_mixtral(tmp_path / "base")
+  assert cfg3.thinking_layers == 0 and cfg3.tie_embeddings == tie
+  _assert_identical(params3, {k: v for k, v in params.items() if k != "thinking"})
   # transformers reads it too (a tied checkpoint has no lm_head.weight; HF ties it to embed).
-  hf_model = transformers.MixtralForCausalLM.from_pretrained(tmp_path)
+  hf_model = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "all")
   assert hf_model.config.tie_word_embeddings == tie
   np.testing.assert_array_equal(hf_model.lm_head.weight.detach().numpy(),
                                 np.asarray(params["embed"] if tie else params["lm_head"].T))
