@@ -6,7 +6,9 @@ be overridden with `--config.FIELD=VALUE`; the config is locked, so a misspelt f
 "did you mean ...".
 
 Layout of a config (every field is read by corpo_jax/train/loop.py):
-  seed, workdir, mesh, tokenizer, model.*     the run
+  seed, workdir, mesh, model.*                the run
+  init_from, new_token_init                   start from a pretrained Hugging Face Mixtral
+  tokenizer, prompt_format, literal_think_tags   text -> tokens
   tasks.<name>.*                              task options (corpo_jax/data/tasks)
   stages                                      names of the stage sub-configs to run, in order
   <stage>.*                                   one sub-config per stage: kind "sft" or "rl"
@@ -19,7 +21,7 @@ from typing import Any
 
 import ml_collections
 
-from corpo_jax.model.config import ModelConfig
+from corpo_jax.model.config import TOKENIZER_FIELDS, ModelConfig
 from corpo_jax.rl.config import RLConfig
 
 # RLConfig fields the loop derives from the stage's sampling settings (not set by hand).
@@ -54,9 +56,12 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 
 
 def model_config(preset: str, **overrides: Any) -> ml_collections.ConfigDict:
-  """Every ModelConfig field of a preset, so any of them can be overridden by flag
-  (`--config.model.num_layers=2`); corpo_jax.model.ModelConfig.from_dict reads it back."""
-  return ml_collections.ConfigDict(ModelConfig.preset(preset, **overrides).to_dict())
+  """Every ModelConfig field of a preset but the special token ids (the trainer takes those from
+  its tokenizer), so any of them can be overridden by flag (`--config.model.num_layers=2`);
+  corpo_jax.model.ModelConfig.from_dict reads it back. With config.init_from, the checkpoint's
+  config.json sets the architecture fields (corpo_jax/model/pretrained.py)."""
+  fields = ModelConfig.preset(preset, **overrides).to_dict()
+  return ml_collections.ConfigDict({k: v for k, v in fields.items() if k not in TOKENIZER_FIELDS})
 
 
 def rl_fields(**overrides: Any) -> dict[str, Any]:
@@ -183,7 +188,17 @@ def base_config(arg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.model = model_config(arg.model)  # a preset of corpo_jax/model/config.py, every field
   # Device mesh sizes over axes (data, fsdp, expert, tensor); one may be -1 (all remaining).
   config.mesh = (-1, 1, 1, 1)
-  config.tokenizer = ""  # a SentencePiece .model with the special tokens; "" = the bundled one
+  # A Hugging Face Mixtral directory (config.json, *.safetensors, tokenizer.model) to start from;
+  # "" = random init. Its config.json sets model.* architecture fields (corpo_jax/model/pretrained.py).
+  config.init_from = ""
+  config.new_token_init = "mean"  # rows of tokens added to its vocabulary: "mean" or "zeros"
+  # A SentencePiece .model; "" = init_from's tokenizer.model, else the bundled one. <think>,
+  # </think> and a pad are appended when it lacks them (corpo_jax/data/tokenizer.py).
+  config.tokenizer = ""
+  # How a question becomes the prompt: "plain" ("{prompt}\n"), "mistral_instruct"
+  # ("[INST] {prompt} [/INST]") or a template with one "{prompt}" (corpo_jax/data/text.py).
+  config.prompt_format = "plain"
+  config.literal_think_tags = "reject"  # <think>/</think> in user text: "reject" or "escape"
   # Persistent XLA compilation cache (corpo_jax/compile_cache.py): "auto" is
   # $JAX_COMPILATION_CACHE_DIR or ~/.cache/corpo_jax/xla; "" turns it off.
   config.jax_cache_dir = "auto"

@@ -271,7 +271,8 @@ class TaskTraces(grain.sources.RandomAccessDataSource):
 
   def __getitem__(self, index: int) -> dict:
     ex = self.task.example(self.split, index)
-    return {"prompt": ex.prompt, "thinking_trace": ex.trace, "final_output": ex.answer}
+    return {"prompt": ex.prompt, "thinking_trace": ex.trace, "final_output": ex.answer,
+            "source": ex.meta.get("source", f"{self.split} example {index} of {self.task!r}")}
 
 
 class SftSource(grain.sources.RandomAccessDataSource):

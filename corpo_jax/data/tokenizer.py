@@ -247,11 +247,12 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, path: str | os.PathLi
   return Tokenizer(out.getvalue(), name=str(path))
 
 
-def bundled() -> Tokenizer:
-  """The tokenizer shipped for the bundled tasks (corpo_jax/data/assets/bundled.model).
+def bundled(**options) -> Tokenizer:
+  """The tokenizer shipped for the bundled tasks (corpo_jax/data/assets/bundled.model), with
+  Tokenizer's keyword options.
 
   It is train_tokenizer(tasks.bundled_corpus(), BUNDLED_VOCAB_SIZE, ...); tests check that
   retraining reproduces the shipped file byte for byte.
   """
   data = resources.files("corpo_jax.data").joinpath("assets/bundled.model").read_bytes()
-  return Tokenizer(data, name="bundled")
+  return Tokenizer(data, name="bundled", **options)

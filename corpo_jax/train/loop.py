@@ -17,6 +17,7 @@ are dropped from metrics.jsonl on resume, so the file reads as one uninterrupted
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -35,7 +36,8 @@ from corpo_jax import compile_cache, distributed, evaluate, model, sampling, sha
 from corpo_jax.data import pipeline
 from corpo_jax.data import tasks as tasks_lib
 from corpo_jax.data.tokenizer import Tokenizer, bundled
-from corpo_jax.model import ModelConfig
+from corpo_jax.model import ModelConfig, pretrained
+from corpo_jax.model.config import TOKENIZER_FIELDS
 from corpo_jax.rl import rewards as rewards_lib
 from corpo_jax.rl import step as rl_step
 from corpo_jax.rl.config import RLConfig
@@ -109,6 +111,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     else:
       sft_lib.check_loss_on(stage.loss_on)
     rl_config(config, name)  # validates the RL / optimizer fields
+  if config.get("new_token_init", "mean") not in pretrained.NEW_TOKEN_INITS:
+    raise ValueError(f"config.new_token_init={config.new_token_init!r} is not one of "
+                     f"{pretrained.NEW_TOKEN_INITS}.")
   for k in config.eval.ks:
     if not 1 <= k <= config.eval.num_samples:
       raise ValueError(f"config.eval.ks contains {k}; each k must be in [1, "
@@ -156,17 +161,63 @@ def stage_optimizer(run: Run, name: str) -> tuple[RLConfig, Any]:
   return rl_cfg, rl_step.program_optimizer(run.cfg, rl_cfg)
 
 
-def load_tokenizer(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Tokenizer:
-  tok = Tokenizer.load(config.tokenizer) if config.tokenizer else bundled()
+def load_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
+  """config.tokenizer, else config.init_from's tokenizer.model, else the bundled one, with the
+  run's prompt format and think-tag policy."""
+  options = dict(prompt_format=config.get("prompt_format", "plain"),  # old configs lack them
+                 literal_think_tags=config.get("literal_think_tags", "reject"))
+  path = config.tokenizer
+  if config.get("init_from") and not os.path.isdir(config.init_from):
+    raise ValueError(f"--config.init_from={config.init_from!r} is not a directory; pass a Hugging "
+                     f"Face Mixtral directory (config.json, *.safetensors, tokenizer.model).")
+  if not path and config.get("init_from"):
+    path = os.path.join(config.init_from, "tokenizer.model")
+    if not os.path.isfile(path):
+      raise ValueError(f"--config.init_from={config.init_from!r} has no tokenizer.model; pass the "
+                       f"checkpoint's SentencePiece model with --config.tokenizer=PATH.")
+  return Tokenizer.load(path, **options) if path else bundled(**options)
+
+
+def model_config(config: ml_collections.ConfigDict, tok: Tokenizer) -> ModelConfig:
+  """The run's ModelConfig: config.model, with the architecture of config.init_from's checkpoint
+  (corpo_jax/model/pretrained.py) and the tokenizer's special ids; the vocabulary grows by the
+  pieces the tokenizer added to a pretrained one."""
+  fields = dict(config.model)
+  for field in TOKENIZER_FIELDS:  # set by the tokenizer; an old or hand-written config has them
+    if field in fields and fields.pop(field) != getattr(tok, field):
+      raise ValueError(f"config.model.{field}={config.model[field]} but the tokenizer's id is "
+                       f"{getattr(tok, field)}; remove config.model.{field} (the trainer takes "
+                       f"it from the tokenizer).")
+  if config.get("init_from"):
+    checkpoint = pretrained.checkpoint_fields(config.init_from)
+    if tok.base_vocab_size > checkpoint["vocab_size"]:
+      raise ValueError(f"The tokenizer {tok.name} has {tok.base_vocab_size} pieces but the "
+                       f"checkpoint {config.init_from} has {checkpoint['vocab_size']} embedding "
+                       f"rows; use the checkpoint's own tokenizer.model.")
+    for field in set(TOKENIZER_FIELDS) & set(checkpoint):  # a saved thinking head's ids
+      if checkpoint.pop(field) != getattr(tok, field):
+        raise ValueError(f"The thinking head in {config.init_from} was trained with another "
+                         f"{field} than the tokenizer {tok.name}'s {getattr(tok, field)}; use the "
+                         f"tokenizer.model saved with it.")
+    fields.update(checkpoint, vocab_size=max(checkpoint["vocab_size"], tok.vocab_size))
+  cfg = ModelConfig.from_dict({**fields, **{f: getattr(tok, f) for f in TOKENIZER_FIELDS}})
   if tok.vocab_size > cfg.vocab_size:
     raise ValueError(f"The tokenizer has {tok.vocab_size} tokens but model.vocab_size="
                      f"{cfg.vocab_size}; set --config.model.vocab_size={tok.vocab_size} or more.")
-  for field, tok_id in (("pad_id", tok.pad_id), ("think_start_id", tok.think_start_id),
-                        ("think_end_id", tok.think_end_id)):
-    if getattr(cfg, field) != tok_id:
-      raise ValueError(f"model.{field}={getattr(cfg, field)} but the tokenizer's id is {tok_id}; "
-                       f"set --config.model.{field}={tok_id}.")
-  return tok
+  return cfg
+
+
+def initial_params(run: Run) -> Callable[[], Any]:
+  """The first stage's starting params (config.init_from's checkpoint, else the seeded random
+  init), made when first asked for: a rerun whose first stage has a checkpoint skips it."""
+  rng = jax.random.key(run.config.seed)
+  if not run.config.get("init_from"):
+    return functools.cache(lambda: model.init_params(run.cfg, rng, run.mesh))
+  tok = run.tokenizer
+  return functools.cache(lambda: pretrained.load(
+      run.config.init_from, run.cfg, run.mesh, rng=rng,
+      new_token_ids=range(tok.base_vocab_size, tok.vocab_size), existing_rows=tok.base_vocab_size,
+      new_token_init=run.config.get("new_token_init", "mean")))
 
 
 def check_workdir_model(workdir: str, cfg: ModelConfig) -> None:
@@ -207,12 +258,14 @@ def check_batch_layout(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
 def setup(config: ml_collections.ConfigDict) -> Run:
   check_config(config)
   compile_cache.use(config.get("jax_cache_dir", "auto"))  # old workdirs' configs lack it
-  cfg = ModelConfig.from_dict(config.model)
   mesh = sharding.make_mesh(config.mesh)
   check_batch_layout(config, mesh)
-  tokenizer = load_tokenizer(config, cfg)
+  tokenizer = load_tokenizer(config)
+  cfg = model_config(config, tokenizer)
   is_main = jax.process_index() == 0
   check_workdir_model(config.workdir, cfg)
+  # The saved config.json shows the model the run has (a checkpoint's architecture, the vocabulary).
+  config.model.update({k: v for k, v in cfg.to_dict().items() if k in config.model})
   if is_main:
     try:
       os.makedirs(config.workdir, exist_ok=True)
@@ -270,7 +323,8 @@ def _sft_plan(run: Run, name: str, stage, index: int) -> StagePlan:
     del k
     batch = _global_batch(run, batch, rows_sh, stage.batch_size, left=False)
     state, metrics = update(state, sft_lib.SftBatch.from_numpy(batch))
-    return state, metrics, {"tokens": int(batch["token_mask"].sum())}
+    return state, metrics, {"tokens": int(batch["token_mask"].sum()),
+                            "data/think_tags_escaped": int(batch["think_tags"].sum())}
 
   return StagePlan(optimizer, loader, step, ("loss", "nll"), tasks)
 
@@ -286,7 +340,7 @@ def _strategy(stage) -> tuple:
   return tuple(out)
 
 
-def _rl_plan(run: Run, name: str, stage, index: int, ref_params: Any) -> StagePlan:
+def _rl_plan(run: Run, name: str, stage, index: int, start: Callable[[], Any]) -> StagePlan:
   rl_cfg, optimizer = stage_optimizer(run, name)
   update = rl_step.make_update(run.cfg, rl_cfg, run.mesh, optimizer)
   tasks = [run.task(t) for t in stage.tasks]
@@ -299,7 +353,7 @@ def _rl_plan(run: Run, name: str, stage, index: int, ref_params: Any) -> StagePl
   stage_rng = jax.random.fold_in(jax.random.key(run.config.seed), index)
   spec, G, tok = rewards_lib.check_spec(stage.rewards), stage.group_size, run.tokenizer
   max_think = stage.max_thinking_tokens or None
-  ref = ref_params if rl_cfg.beta > 0 else None
+  ref = start() if rl_cfg.beta > 0 else None  # the stage's starting policy
 
   def step(state, prompts, k):
     t0 = time.perf_counter()
@@ -311,7 +365,8 @@ def _rl_plan(run: Run, name: str, stage, index: int, ref_params: Any) -> StagePl
           max_new_tokens=stage.max_new_tokens, strategy=_strategy(stage), eos_id=tok.eos_id,
           max_thinking_tokens=max_think)
     tokens, mask, ids = distributed.fetch(
-        (rollout.tokens, rollout.mask, {f: prompts[f] for f in ("task_id", "index", "truncated")}))
+        (rollout.tokens, rollout.mask,
+         {f: prompts[f] for f in ("task_id", "index", "truncated", "think_tags")}))
     t_rollout = time.perf_counter() - t0
     texts = [tok.decode(t[m]) for t, m in zip(tokens, mask)]
     examples = [ex for ex in pipeline.examples(ids, tasks, "train") for _ in range(G)]
@@ -323,6 +378,7 @@ def _rl_plan(run: Run, name: str, stage, index: int, ref_params: Any) -> StagePl
     host = {f"reward/{k}": float(v.mean()) for k, v in scores.components.items()}
     host.update({f"reward/{k}/errors": v for k, v in scores.errors.items()})
     host["data/prompts_truncated"] = int(ids["truncated"].sum())
+    host["data/think_tags_escaped"] = int(ids["think_tags"].sum())
     host.update({"reward/scoring_failures": scores.num_failed, "time/rollout_s": t_rollout,
                  "tokens": int(mask.sum()),
                  "samples": [{"completion": texts[i], "reward": float(scores.total_N[i]),
@@ -421,13 +477,15 @@ def _stop_diverged(name: str, stage, ckpt: Checkpointer, k: int, skipped: int) -
                    f"the data and rewards), then rerun to resume from it.")
 
 
-def run_stage(run: Run, index: int, name: str, start_params: Any) -> tuple[Any, list[dict]]:
-  """Runs (or resumes, or skips if done) one stage; returns its final params and eval rows."""
+def run_stage(run: Run, index: int, name: str,
+              start: Callable[[], Any]) -> tuple[Any, list[dict]]:
+  """Runs (or resumes, or skips if done) one stage from the params `start()` gives; returns its
+  final params and eval rows."""
   stage = run.config[name]
   ckpt = Checkpointer(run.path("checkpoints", name), max_to_keep=run.config.checkpoint.max_to_keep,
                       async_save=run.config.checkpoint.async_save)
   plan = (_sft_plan(run, name, stage, index) if stage.kind == "sft"
-          else _rl_plan(run, name, stage, index, start_params))
+          else _rl_plan(run, name, stage, index, start))
   iterator = iter(plan.loader)
   latest = ckpt.latest_step()
   if latest is not None:
@@ -438,7 +496,7 @@ def run_stage(run: Run, index: int, name: str, start_params: Any) -> tuple[Any, 
       return state.params, []
     run.say(f"stage {name}: resuming from the checkpoint at step {latest}")
   else:
-    state = rl_step.init_state(run.cfg, plan.optimizer, start_params, run.mesh)
+    state = rl_step.init_state(run.cfg, plan.optimizer, start(), run.mesh)
   if run.is_main:  # rows an interrupted attempt wrote after its last complete checkpoint
     for log in (run.writer.path, run.path("eval.jsonl"), run.path("samples.jsonl")):
       _drop_rows_after(log, name, latest or 0)
@@ -495,27 +553,26 @@ def run_stage(run: Run, index: int, name: str, start_params: Any) -> tuple[Any, 
 def run(config: ml_collections.ConfigDict) -> dict[str, list[dict]]:
   """Runs every stage; returns each stage's final evaluation rows."""
   r = setup(config)
-  params = model.init_params(r.cfg, jax.random.key(config.seed), r.mesh)
-  r.say(f"model {model.count_params(params) / 1e6:.2f}M parameters on mesh {dict(r.mesh.shape)} "
-        f"({jax.device_count()} {jax.default_backend()} devices); stages {tuple(config.stages)}; "
-        f"workdir {os.path.abspath(config.workdir)}")
+  start = initial_params(r)
+  source = "random init"
+  if config.get("init_from"):
+    added = r.tokenizer.added_pieces
+    source = f"from {config.init_from}" + (f", vocabulary + {', '.join(added)}" if added else "")
+  r.say(f"model {model.count_params(model.abstract_params(r.cfg)) / 1e6:.2f}M parameters "
+        f"({source}) on mesh {dict(r.mesh.shape)} ({jax.device_count()} "
+        f"{jax.default_backend()} devices); stages {tuple(config.stages)}; workdir "
+        f"{os.path.abspath(config.workdir)}")
   results = {}
   for index, name in enumerate(config.stages):
-    params, results[name] = run_stage(r, index, name, params)
+    params, results[name] = run_stage(r, index, name, start)
+    start = lambda params=params: params
   r.writer.close()
   return results
 
 
-def evaluate_workdir(workdir: str, stage: str | None = None, num_prompts: int | None = None,
-                     out: str | None = None) -> list[dict]:
-  """Evaluates a run's checkpoint with its saved config.json's eval settings and the run's eval
-  rng (so it is paired with the in-training evaluations); rows appended to `out` (default:
-  <workdir>/eval.jsonl).
-
-  stage: evaluate that stage's newest checkpoint (default: the newest of the last stage that has
-  one). num_prompts: evaluate on this many problems instead of config.eval.num_prompts (the
-  first problems are the same ones).
-  """
+def restore_workdir(workdir: str, stage: str | None = None) -> tuple[Run, str, int, Any]:
+  """(the run set up from a workdir's saved config.json, stage, step, params) of that stage's
+  newest checkpoint (default: the newest of the last stage that has one)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise ValueError(f"No config.json in {workdir!r}: is it the --config.workdir of a run?")
@@ -525,11 +582,7 @@ def evaluate_workdir(workdir: str, stage: str | None = None, num_prompts: int | 
   if stage is not None and stage not in config.stages:
     raise ValueError(f"--stage={stage!r} is not a stage of this run; its stages are "
                      f"{tuple(config.stages)}.")
-  if num_prompts is not None and num_prompts < 1:
-    raise ValueError(f"--num_prompts={num_prompts}: evaluate at least one problem.")
   r = setup(config)
-  if num_prompts is not None:
-    r.config.eval.num_prompts = num_prompts  # after setup: the saved config.json is unchanged
   for name in [stage] if stage else reversed(config.stages):
     directory = r.path("checkpoints", name)
     if not os.path.isdir(directory):
@@ -543,6 +596,21 @@ def evaluate_workdir(workdir: str, stage: str | None = None, num_prompts: int | 
       state, _ = ckpt.restore(latest, _abstract_state(r, optimizer))
     finally:
       ckpt.close()
-    return _evaluate(r, state.params, name, latest, eval_rng(config), out)
+    return r, name, latest, state.params
   where = f"{workdir}/checkpoints/{stage}" if stage else f"{workdir}/checkpoints"
-  raise ValueError(f"No checkpoint under {where}; nothing to evaluate.")
+  raise ValueError(f"No checkpoint under {where}.")
+
+
+def evaluate_workdir(workdir: str, stage: str | None = None, num_prompts: int | None = None,
+                     out: str | None = None) -> list[dict]:
+  """Evaluates a run's checkpoint (`restore_workdir`) with its saved config.json's eval settings
+  and the run's eval rng (so it is paired with the in-training evaluations); rows appended to
+  `out` (default: <workdir>/eval.jsonl). num_prompts: evaluate on this many problems instead of
+  config.eval.num_prompts (the first problems are the same ones).
+  """
+  if num_prompts is not None and num_prompts < 1:
+    raise ValueError(f"--num_prompts={num_prompts}: evaluate at least one problem.")
+  r, name, step, params = restore_workdir(workdir, stage)
+  if num_prompts is not None:
+    r.config.eval.num_prompts = num_prompts  # after setup: the saved config.json is unchanged
+  return _evaluate(r, params, name, step, eval_rng(r.config), out)
