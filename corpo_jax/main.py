@@ -1,7 +1,9 @@
 """Entry point: `python -m corpo_jax.main --config=configs/grpo.py[:args] [--config.x=y ...]`.
 
 Runs the config's stages (corpo_jax/train/loop.py), resuming from `workdir` if a previous run of
-the same command stopped early. SIGTERM (preemption) writes a checkpoint and exits 0.
+the same command stopped early. SIGTERM (preemption) during a stage's steps writes a checkpoint
+and exits 0; before that (initialising, compiling: nothing to save) it ends the process at
+once (corpo_jax/train/checkpoint.py's SIGTERM contract).
 
 Multi-process (corpo_jax/distributed.py): on a Cloud TPU VM slice, run the same command on every
 worker (jax.distributed starts by itself); elsewhere give every process the coordinator flags,
@@ -42,12 +44,12 @@ def main(argv):
   config = _CONFIG.value
   if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO; -v 0 shows it
     logging.set_verbosity(logging.WARNING)
-  checkpoint.install_sigterm_handler()
   t0 = time.perf_counter()
   try:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                            heartbeat_timeout_s=_HEARTBEAT.value)
-    results = loop.run(config)
+    with checkpoint.terminate_on_sigterm():  # the loop takes SIGTERM over once it can save
+      results = loop.run(config)
   except loop.Preempted as e:
     print(f"corpo_jax: {e}; rerun the same command to resume.")
     sys.exit(0)

@@ -3,11 +3,13 @@ anything saved is touched (the catalogue is docs/reliability.md)."""
 
 import json
 import os
+import resource
 
 import grain
 import numpy as np
 import pytest
 
+from configs import corpo
 from configs import grpo as grpo_config
 from corpo_jax.data import pipeline, tasks, tokenizer
 from corpo_jax.model import ModelConfig
@@ -102,10 +104,13 @@ def test_bad_prompt_limits_are_rejected():
     ("pad_id", 6, r"model\.pad_id=6 but the tokenizer's id is 0"),
 ])
 def test_tokenizer_model_mismatch_names_the_field(field, value, message):
+  """The trainer takes the special ids from its tokenizer; a config that sets one (an old
+  config.json, a hand-written config) must agree with it."""
   config = grpo_config.get_config("smoke")
-  cfg = ModelConfig.from_dict({**config.model.to_dict(), field: value})
+  assert loop.model_config(config, TOK).pad_id == TOK.pad_id and "pad_id" not in config.model
+  config.model[field] = value
   with pytest.raises(ValueError, match=message):
-    loop.load_tokenizer(config, cfg)
+    loop.model_config(config, TOK)
 
 
 def test_workdir_of_another_model_is_refused_naming_fields_and_kept(tmp_path):
@@ -142,3 +147,13 @@ def test_evaluate_cli_names_a_missing_run_stage_or_checkpoint(tmp_path):
     loop.evaluate_workdir(str(tmp_path), stage="rl")
   with pytest.raises(ValueError, match="--num_prompts=0: evaluate at least one problem"):
     loop.evaluate_workdir(str(tmp_path), num_prompts=0)
+
+
+def test_a_model_that_cannot_fit_is_refused_before_allocating(tmp_path):
+  """mixtral_8x7b (46.7B parameters) on this CPU: the estimate is in the message, and the
+  refusal comes from shapes alone (the process stays far below the model's size)."""
+  config = corpo.get_config(f"model=mixtral_8x7b,workdir={tmp_path}")
+  with pytest.raises(ValueError, match=r"params 174\.0 GiB \+ optimizer state 348\.0 GiB \+ "
+                                       r"reference 174\.0 GiB = 695\.9 GiB .* but has"):
+    loop.run(config)
+  assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 8 * 2**20  # KiB: under 8 GiB

@@ -27,7 +27,6 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from corpo_jax import model, sharding
 from corpo_jax.model import ModelConfig

@@ -25,7 +25,7 @@ import numpy as np
 
 from corpo_jax import model, sampling
 from corpo_jax.bench import common, update as update_bench
-from corpo_jax.data import pipeline, tasks
+from corpo_jax.data import tasks
 from corpo_jax.data.tokenizer import bundled
 from corpo_jax.rl import rewards, step as rl_step
 

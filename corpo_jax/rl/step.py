@@ -289,6 +289,18 @@ def state_shardings(model_cfg: ModelConfig, optimizer: optax.GradientTransformat
   return TrainState(step=rep, params=param_sh, opt_state=opt_sh, skipped=rep)
 
 
+def abstract_state(model_cfg: ModelConfig, optimizer: optax.GradientTransformation,
+                   mesh: Mesh) -> TrainState:
+  """The TrainState's shapes with its shardings on `mesh` (a restore target, or what a memory
+  estimate counts); nothing is allocated."""
+  shapes = jax.eval_shape(
+      lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),
+                           skipped=jnp.zeros((), jnp.int32)),
+      nn.unbox(model.abstract_params(model_cfg)))
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      shapes, state_shardings(model_cfg, optimizer, mesh))
+
+
 def init_state(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, params: Any,
                mesh: Mesh | None = None) -> TrainState:
   """A TrainState at step 0 holding a copy of `params` (so the caller may keep `params` as the

@@ -9,15 +9,32 @@ on one mesh restores onto another.
 Preemption: `Checkpointer.preempted(step)` is True after SIGTERM (installed by
 `install_sigterm_handler`) or when JAX's multi-host preemption notice arrives; the loop then
 saves and exits 0.
+
+SIGTERM contract: until a stage has a state to save, SIGTERM keeps its default action and ends
+the process at once: main.py runs the stages inside `terminate_on_sigterm()` (entered after
+jax.distributed.initialize). The loop calls `install_sigterm_handler()` once a stage has taken
+its first step; from then on SIGTERM asks for a checkpoint, which `preempted` reports at the end
+of a step (one process: a flag; jax.distributed: JAX's preemption notifier, so that all
+processes save at the same step). A later stretch that can sit in one long C call (initialising
+or compiling the next stage) goes back inside `terminate_on_sigterm()`, which restores the
+handler when it exits. Why: CPython runs a signal handler only between bytecodes of the main
+thread, so while that thread is inside XLA compilation or a large allocation (minutes for a
+large model) a flag handler never runs and the process would ignore SIGTERM until the scheduler
+kills it; the default action is taken by the kernel, and nothing newer than the last complete
+checkpoint is lost (an interrupted asynchronous save leaves only orbax's temporary directory,
+never a partial checkpoint).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import dataclasses
 import logging
 import os
 import signal
 import threading
-from typing import Any
+from typing import Any, Iterator
 
 import grain
 import jax
@@ -47,9 +64,80 @@ def _register_array_handler() -> None:
 _register_array_handler()
 
 
+# ----------------------------------------------------------------------------- SIGTERM
+
+
+def _libc_sigaction() -> Any:
+  try:
+    return ctypes.CDLL(None, use_errno=True).sigaction
+  except (OSError, AttributeError):  # no C library to ask (not POSIX): Python's view only
+    return None
+
+
+_SIGACTION = _libc_sigaction()
+_SIGACTION_BYTES = 512  # more than sizeof(struct sigaction) on Linux and macOS; copied opaquely
+
+
+@dataclasses.dataclass(frozen=True)
+class _Action:
+  """SIGTERM's disposition as Python's signal module and the OS each hold it: the OS's may be a
+  handler installed from C++ (jax.distributed's preemption notifier) that Python cannot see."""
+
+  python: Any
+  os: Any  # a raw struct sigaction, None without libc
+
+
+def _current() -> _Action:
+  raw = None
+  if _SIGACTION is not None:
+    raw = ctypes.create_string_buffer(_SIGACTION_BYTES)
+    raw = raw if _SIGACTION(signal.SIGTERM, None, raw) == 0 else None
+  return _Action(signal.getsignal(signal.SIGTERM), raw)
+
+
+def _restore(action: _Action) -> None:
+  # None: set outside Python, which cannot reinstall it; the raw action below does.
+  signal.signal(signal.SIGTERM, signal.SIG_DFL if action.python is None else action.python)
+  if action.os is not None:
+    _SIGACTION(signal.SIGTERM, action.os, None)
+
+
+_SAVED: list[_Action] = []  # the actions that open terminate_on_sigterm blocks will restore
+
+
 def install_sigterm_handler() -> None:
-  """Turns SIGTERM into a flag the training loop polls (main thread only)."""
+  """From now on SIGTERM asks for a checkpoint (main thread only; module doc). In a
+  jax.distributed run that is JAX's preemption notifier, which jax.distributed.initialize
+  installs and `Checkpointer.preempted` reads in step with the other processes: it is put back
+  if an enclosing `terminate_on_sigterm` (entered after initialize) replaced it. Otherwise
+  SIGTERM sets the flag that `preempted` reads."""
+  if jax.distributed.is_initialized():
+    if _SAVED:
+      _restore(_SAVED[0])
+    return
   signal.signal(signal.SIGTERM, lambda signum, frame: _SIGTERM.set())
+
+
+def sigterm_received() -> bool:
+  """True once SIGTERM arrived while `install_sigterm_handler`'s flag handler was installed."""
+  return _SIGTERM.is_set()
+
+
+@contextlib.contextmanager
+def terminate_on_sigterm() -> Iterator[None]:
+  """Inside the block SIGTERM ends the process at once (its default action): for stretches with
+  no state to save that may sit in one long C call (module doc). On exit SIGTERM's previous
+  action is back, a C++ handler included. A no-op off the main thread (only the main thread may
+  set signal handlers)."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  _SAVED.append(_current())
+  signal.signal(signal.SIGTERM, signal.SIG_DFL)
+  try:
+    yield
+  finally:
+    _restore(_SAVED.pop())
 
 
 class Checkpointer:
@@ -112,7 +200,7 @@ class Checkpointer:
 
   def preempted(self, step: int) -> bool:
     """True once SIGTERM arrived or a multi-host preemption notice reached `step`."""
-    return _SIGTERM.is_set() or self._manager.reached_preemption(step)
+    return sigterm_received() or self._manager.reached_preemption(step)
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk."""

@@ -16,6 +16,7 @@ are dropped from metrics.jsonl on resume, so the file reads as one uninterrupted
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -27,9 +28,7 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from corpo_jax import compile_cache, distributed, evaluate, model, sampling, sharding
@@ -41,6 +40,7 @@ from corpo_jax.model.config import TOKENIZER_FIELDS
 from corpo_jax.rl import rewards as rewards_lib
 from corpo_jax.rl import step as rl_step
 from corpo_jax.rl.config import RLConfig
+from corpo_jax.train import checkpoint, memory
 from corpo_jax.train import sft as sft_lib
 from corpo_jax.train.checkpoint import Checkpointer
 from corpo_jax.train.metrics import MetricsWriter, OneStepLate, Progress
@@ -389,17 +389,6 @@ def _rl_plan(run: Run, name: str, stage, index: int, start: Callable[[], Any]) -
                    tasks)
 
 
-def _abstract_state(run: Run, optimizer) -> Any:
-  """The TrainState's shapes with this run's shardings: the restore target."""
-  shapes = jax.eval_shape(
-      lambda p: rl_step.TrainState(step=jnp.zeros((), jnp.int32), params=p,
-                                   opt_state=optimizer.init(p), skipped=jnp.zeros((), jnp.int32)),
-      nn.unbox(model.abstract_params(run.cfg)))
-  shardings = rl_step.state_shardings(run.cfg, optimizer, run.mesh)
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                      shapes, shardings)
-
-
 # fold_in tag of the evaluation rng: apart from the stages' streams, fold_in(key(seed), index).
 EVAL_STREAM = 0x5EED_E7A1
 
@@ -480,7 +469,21 @@ def _stop_diverged(name: str, stage, ckpt: Checkpointer, k: int, skipped: int) -
 def run_stage(run: Run, index: int, name: str,
               start: Callable[[], Any]) -> tuple[Any, list[dict]]:
   """Runs (or resumes, or skips if done) one stage from the params `start()` gives; returns its
-  final params and eval rows."""
+  final params and eval rows. SIGTERM ends the process at once until the stage's first step has
+  run (setting up, initialising and compiling leave nothing to save), then asks for a
+  checkpoint (corpo_jax/train/checkpoint.py)."""
+  with contextlib.ExitStack() as nothing_to_save:
+    nothing_to_save.enter_context(checkpoint.terminate_on_sigterm())
+
+    def can_save():
+      nothing_to_save.close()
+      checkpoint.install_sigterm_handler()
+
+    return _run_stage(run, index, name, start, can_save)
+
+
+def _run_stage(run: Run, index: int, name: str, start: Callable[[], Any],
+               can_save: Callable[[], None]) -> tuple[Any, list[dict]]:
   stage = run.config[name]
   ckpt = Checkpointer(run.path("checkpoints", name), max_to_keep=run.config.checkpoint.max_to_keep,
                       async_save=run.config.checkpoint.async_save)
@@ -489,7 +492,7 @@ def run_stage(run: Run, index: int, name: str,
   iterator = iter(plan.loader)
   latest = ckpt.latest_step()
   if latest is not None:
-    state, meta = ckpt.restore(latest, _abstract_state(run, plan.optimizer), iterator)
+    state, meta = ckpt.restore(latest, rl_step.abstract_state(run.cfg, plan.optimizer, run.mesh), iterator)
     if meta.get("done"):
       run.say(f"stage {name}: already finished (step {latest}); skipping")
       ckpt.close()
@@ -527,13 +530,15 @@ def run_stage(run: Run, index: int, name: str,
       ckpt.save(k, state, {"stage": name, "step": k, "done": done}, iterator)
       saved.add(k)
 
-  eval_rows = []
-  for k in range(int(state.step), stage.steps):
+  eval_rows, first = [], int(state.step)
+  for k in range(first, stage.steps):
     if ckpt.preempted(k):
       save(k, done=False)
       ckpt.close()
       raise Preempted(f"stage {name} preempted at step {k}; checkpoint saved")
     state, metrics, host = plan.step(state, next(iterator), k)
+    if k == first:
+      can_save()
     now = time.perf_counter()
     host.update({"time/step_s": now - t_last, "tokens_per_s": host["tokens"] / (now - t_last)})
     t_last = now
@@ -550,6 +555,21 @@ def run_stage(run: Run, index: int, name: str,
   return state.params, eval_rows
 
 
+def check_memory(run: Run) -> None:
+  """Prints the per-device memory of the stage that holds the most (its train state, and its
+  reference policy when it has one) and refuses a run that cannot fit, from shapes alone
+  (corpo_jax/train/memory.py)."""
+  estimates = []
+  for name in run.config.stages:
+    rl_cfg, optimizer = stage_optimizer(run, name)
+    state = rl_step.abstract_state(run.cfg, optimizer, run.mesh)
+    has_ref = run.config[name].kind == "rl" and rl_cfg.beta > 0
+    estimates.append(memory.estimate(state, state.params if has_ref else None))
+  est = max(estimates, key=lambda e: e.total)
+  run.say(memory.describe(est))
+  memory.check_fits(est)
+
+
 def run(config: ml_collections.ConfigDict) -> dict[str, list[dict]]:
   """Runs every stage; returns each stage's final evaluation rows."""
   r = setup(config)
@@ -562,6 +582,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, list[dict]]:
         f"({source}) on mesh {dict(r.mesh.shape)} ({jax.device_count()} "
         f"{jax.default_backend()} devices); stages {tuple(config.stages)}; workdir "
         f"{os.path.abspath(config.workdir)}")
+  check_memory(r)
   results = {}
   for index, name in enumerate(config.stages):
     params, results[name] = run_stage(r, index, name, start)
@@ -593,12 +614,12 @@ def restore_workdir(workdir: str, stage: str | None = None) -> tuple[Run, str, i
       if latest is None:
         continue
       _, optimizer = stage_optimizer(r, name)
-      state, _ = ckpt.restore(latest, _abstract_state(r, optimizer))
+      state, _ = ckpt.restore(latest, rl_step.abstract_state(r.cfg, optimizer, r.mesh))
     finally:
       ckpt.close()
     return r, name, latest, state.params
   where = f"{workdir}/checkpoints/{stage}" if stage else f"{workdir}/checkpoints"
-  raise ValueError(f"No checkpoint under {where}.")
+  raise ValueError(f"No checkpoint under {where}; nothing to restore.")
 
 
 def evaluate_workdir(workdir: str, stage: str | None = None, num_prompts: int | None = None,

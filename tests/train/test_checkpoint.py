@@ -1,8 +1,12 @@
-"""Checkpointer: exact round trip, restore onto another mesh, data iterator resume, errors."""
+"""Checkpointer: exact round trip, restore onto another mesh, data iterator resume, errors;
+the SIGTERM handlers (flag, default action, JAX's preemption notifier)."""
 
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import grain
 import jax
@@ -109,3 +113,83 @@ def test_importing_the_checkpointer_logs_no_orbax_override_warning():
   out = subprocess.run([sys.executable, "-c", "import corpo_jax.train.checkpoint"],
                        cwd=ROOT, capture_output=True, text=True, check=True)
   assert "overriding" not in out.stderr + out.stdout, out.stderr
+
+
+def _wait_for(proc, line):
+  got = proc.stdout.readline().strip()
+  assert got == line, got + proc.stdout.read()
+
+
+def _signal_after(proc, line):
+  _wait_for(proc, line)
+  proc.send_signal(signal.SIGTERM)
+  return time.perf_counter()
+
+
+_FLAG_THEN_TERMINATE = """
+import time
+from corpo_jax.train import checkpoint
+checkpoint.install_sigterm_handler()
+with checkpoint.terminate_on_sigterm():
+  pass
+print("flag handler back", flush=True)
+deadline = time.time() + 30
+while not checkpoint.sigterm_received() and time.time() < deadline:
+  time.sleep(0.01)
+print("flag", checkpoint.sigterm_received(), flush=True)
+with checkpoint.terminate_on_sigterm():
+  print("terminating", flush=True)
+  time.sleep(30)
+print("survived", flush=True)
+"""
+
+
+def test_sigterm_sets_the_flag_outside_terminate_on_sigterm_and_kills_inside():
+  proc = subprocess.Popen([sys.executable, "-c", _FLAG_THEN_TERMINATE], cwd=ROOT, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  _signal_after(proc, "flag handler back")
+  _wait_for(proc, "flag True")  # the flag handler ran; the process lives on
+  t0 = _signal_after(proc, "terminating")
+  assert proc.wait(timeout=10) == -signal.SIGTERM, proc.stdout.read()
+  assert time.perf_counter() - t0 < 5  # not the 30 s sleep
+  assert proc.stdout.read() == ""
+
+
+_DISTRIBUTED = """
+import itertools, sys, time
+import jax
+from jax.experimental import multihost_utils
+from corpo_jax.train import checkpoint
+jax.distributed.initialize(f"localhost:{sys.argv[1]}", num_processes=1, process_id=0)
+with checkpoint.terminate_on_sigterm():
+  with checkpoint.terminate_on_sigterm():
+    pass
+  checkpoint.install_sigterm_handler()  # JAX's preemption notifier, replaced by the outer block
+  print("notifier back", flush=True)
+  deadline = time.time() + 30
+  for step in itertools.count():
+    if multihost_utils.reached_preemption_sync_point(step) or time.time() > deadline:
+      break
+    time.sleep(0.01)
+  print("preemption notice", time.time() < deadline, "flag", checkpoint.sigterm_received(),
+        flush=True)
+  with checkpoint.terminate_on_sigterm():
+    print("terminating", flush=True)
+    time.sleep(30)
+"""
+
+
+def test_terminate_on_sigterm_keeps_jax_distributed_preemption_notifier():
+  """jax.distributed.initialize installs a C++ SIGTERM handler (the multi-process preemption
+  notice) that Python's signal module cannot see; terminate_on_sigterm overrides it inside the
+  block and puts it back after, and install_sigterm_handler keeps it."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  proc = subprocess.Popen([sys.executable, "-c", _DISTRIBUTED, str(port)], cwd=ROOT, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+  _signal_after(proc, "notifier back")
+  _wait_for(proc, "preemption notice True flag False")
+  t0 = _signal_after(proc, "terminating")
+  assert proc.wait(timeout=10) == -signal.SIGTERM, proc.stdout.read()
+  assert time.perf_counter() - t0 < 5

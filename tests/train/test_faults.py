@@ -2,7 +2,6 @@
 
 import errno
 import os
-import types
 
 import jax
 import jax.numpy as jnp
@@ -70,7 +69,7 @@ def test_checkpoint_from_mesh_4x2_restores_onto_2x4_and_1_device_and_continues_e
                                    step_loss_weight=0.1)
 
   def abstract(mesh):
-    return loop._abstract_state(types.SimpleNamespace(cfg=cfg, mesh=mesh), optimizer)
+    return rl_step.abstract_state(cfg, optimizer, mesh)
 
   mesh = sharding.make_mesh((4, 2, 1, 1))
   state = rl_step.init_state(cfg, optimizer, model.init_params(cfg, jax.random.key(0), mesh), mesh)

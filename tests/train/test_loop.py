@@ -171,6 +171,17 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path):
   rows = read_jsonl(str(tmp_path / "metrics.jsonl"))
   assert meta == {"stage": "rl", "step": steps[-1], "done": False}
   assert steps[-1] == max(r["step"] for r in rows) and steps[-1] < 50
+  # Before a stage's first step (initialising, compiling) there is nothing to save: SIGTERM ends
+  # the process at once instead of waiting for the step (corpo_jax/train/checkpoint.py).
+  proc = subprocess.Popen(_rl_only(tmp_path / "early", steps=50), cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  for line in proc.stdout:
+    if "per-device memory estimate" in line:
+      break
+  proc.send_signal(signal.SIGTERM)
+  t0 = time.time()
+  assert proc.wait(timeout=30) == -signal.SIGTERM and time.time() - t0 < 5
+  assert not os.path.exists(tmp_path / "early" / "metrics.jsonl")
 
 
 def _config(**rl):
