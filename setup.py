@@ -20,12 +20,13 @@ setup(
         "ml_collections>=1.1.0",
         "absl-py>=2.0",
         "numpy>=1.26",
+        "safetensors>=0.6",  # Hugging Face checkpoints in and out (config.init_from, export)
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "chex>=0.1.90",
                  "matplotlib>=3.8"],  # matplotlib: launch/sweep.py's plots
         # torch is pinned: other versions pull GBs of CUDA wheels. Only the HF parity tests use it.
-        "hf": ["torch==2.13.0", "transformers>=5.0", "safetensors>=0.6"],
+        "hf": ["torch==2.13.0", "transformers>=5.0"],
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
     },
 )

@@ -15,7 +15,7 @@ _NEEDS_HF = "HF interop tests need the `hf` extra (torch, transformers): pip ins
 torch = pytest.importorskip("torch", reason=_NEEDS_HF)
 transformers = pytest.importorskip("transformers", reason=_NEEDS_HF)
 
-from configs import grpo  # noqa: E402
+from configs import pretrained  # noqa: E402
 from corpo_jax import export, model  # noqa: E402
 from corpo_jax.data import pipeline  # noqa: E402
 from corpo_jax.data.tokenizer import Tokenizer  # noqa: E402
@@ -26,6 +26,7 @@ from tests.data.test_tokenizer import train_llama_style  # noqa: E402
 ROWS = [{"prompt": f"What is {a} + {b}?", "answer": str(a + b), "trace": f"1. {a} + {b} = {a + b}."}
         for a in range(2, 12) for b in range(3, 11)]
 SFT_BATCH = 8
+forward = jax.jit(model.forward, static_argnums=1)
 
 
 def _hf_checkpoint(path, vocab_size):
@@ -59,12 +60,8 @@ def run(tmp_path_factory):
   hf_model = _hf_checkpoint(root / "hf", vocab)
   shutil.copy(tokenizer_path, root / "hf" / "tokenizer.model")
   (root / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-  config = grpo.get_config(f"smoke,workdir={root / 'work'}")
-  config.init_from = str(root / "hf")
-  config.stages = ("sft", "rl")
-  config.tasks.jsonl.path = str(root / "task.jsonl")
-  config.sft.tasks = config.rl.tasks = config.eval.tasks = ("jsonl",)
-  config.model.moe_dispatch = "sort"  # dropless, as transformers computes
+  config = pretrained.get_config(f"init_from={root / 'hf'},data={root / 'task.jsonl'},smoke,"
+                                 f"workdir={root / 'work'}")
   results = loop.run(config)
   return dict(root=root, config=config, hf_model=hf_model, vocab=vocab, results=results)
 
@@ -78,6 +75,7 @@ def test_init_from_hf_trains_and_exports(run, tmp_path):
   assert tok.added_pieces == ("<think>", "</think>", "<pad>") and tok.bos_id == 1
   assert cfg.vocab_size == V0 + 3 and (cfg.think_start_id, cfg.pad_id) == (V0, V0 + 2)
   assert (cfg.d_model, cfg.num_layers, cfg.rope_theta, cfg.thinking_layers) == (64, 2, 1e4, 1)
+  assert cfg.moe_dispatch == "sort"  # dropless, as transformers computes
   params0 = loop.initial_params(r)()
   np.testing.assert_array_equal(params0["embed"][:V0],
                                 hf_model.model.embed_tokens.weight.detach().numpy())
@@ -87,7 +85,7 @@ def test_init_from_hf_trains_and_exports(run, tmp_path):
                                   batch_size=SFT_BATCH, seed=config.seed,
                                   trace_share=config.sft.trace_share, batch_rows=range(SFT_BATCH))
   batch = next(iter(loader))
-  logp_BTV = jax.nn.log_softmax(model.forward(params0, cfg, batch["tokens"], batch["token_mask"]))
+  logp_BTV = jax.nn.log_softmax(forward(params0, cfg, batch["tokens"], batch["token_mask"]))
   target = (batch["trace_mask"] | batch["answer_mask"])[:, 1:]
   logp_BT = np.take_along_axis(np.asarray(logp_BTV[:, :-1]), batch["tokens"][:, 1:, None], -1)[..., 0]
   first = json.loads(open(root / "work" / "metrics.jsonl").readline())
@@ -99,7 +97,7 @@ def test_init_from_hf_trains_and_exports(run, tmp_path):
   prompts, mask = pipeline.left_pad_prompts([tok.prompt_ids(row["prompt"]) for row in ROWS[:4]],
                                             tok.pad_id, buckets=(16,))
   prompts = np.where(mask, prompts, tok.bos_id)  # transformers has no pad to embed
-  ours = model.forward(params0, cfg, jnp.asarray(prompts))
+  ours = forward(params0, cfg, jnp.asarray(prompts))
   ref = _logits(hf_model, prompts)
   np.testing.assert_allclose(ours[..., :V0], ref, atol=1e-4, rtol=0)
   restricted = jax.nn.log_softmax(ours[..., :V0])
@@ -125,7 +123,7 @@ def test_init_from_hf_trains_and_exports(run, tmp_path):
   base_cfg = dataclasses.replace(cfg, thinking_layers=0)
   base = {k: v for k, v in trained.items() if k != "thinking"}
   tokens = np.where(batch["token_mask"], batch["tokens"], tok.eos_id)
-  np.testing.assert_allclose(_logits(exported, tokens), model.forward(base, base_cfg, tokens),
+  np.testing.assert_allclose(_logits(exported, tokens), forward(base, base_cfg, tokens),
                              atol=1e-4, rtol=0)
   assert exported.generation_config.pad_token_id == tok.pad_id
   hf_tok = transformers.AutoTokenizer.from_pretrained(out)

@@ -67,14 +67,17 @@ def load(path: str | pathlib.Path, cfg: ModelConfig, mesh: jax.sharding.Mesh | N
   if hf_cfg.has_thinking_head and not cfg.has_thinking_head:
     params = {k: v for k, v in params.items() if k != "thinking"}
 
-  def adapt(params, rng):
-    params = grow_vocab(params, cfg.vocab_size, new_token_ids, existing_rows, new_token_init)
+  def adapt(kept, vocab, rng):
+    params = grow_vocab({**kept, **vocab}, cfg.vocab_size, new_token_ids, existing_rows,
+                        new_token_init)
     if add_head:
       params["thinking"] = thinking_head_like_base(params, cfg, rng)
     return params
 
+  # The layers keep their shapes and are donated (updated in place); the vocabulary leaves grow.
+  vocab = {k: params.pop(k) for k in ("embed", "lm_head") if k in params}
   shardings = None if mesh is None else transformer.param_shardings(cfg, mesh)
-  return jax.jit(adapt, out_shardings=shardings, donate_argnums=0)(params, rng)
+  return jax.jit(adapt, out_shardings=shardings, donate_argnums=0)(params, vocab, rng)
 
 
 def grow_vocab(params: Any, vocab_size: int, new_ids: Sequence[int], existing_rows: int,

@@ -14,6 +14,7 @@ from corpo_jax.model import pretrained
 from corpo_jax.model.config import ModelConfig
 
 BASE = ModelConfig.preset("tiny", vocab_size=60, num_layers=2, thinking_layers=0)
+forward = jax.jit(model.forward, static_argnums=1)
 
 
 def _params(cfg, seed=0):
@@ -43,13 +44,13 @@ def test_added_thinking_head_starts_equal_to_the_base_head(shared):
   S, E = cfg.think_start_id, cfg.think_end_id
   tokens = jnp.asarray([[9, S, 11, 12, 13, E, 14, 15], [20, 21, S, 22, E, 23, S, 24]])
   assert model.think_mask(tokens, tokens >= 0, cfg).sum() == 8  # the head is in use
-  np.testing.assert_allclose(model.forward(params, cfg, tokens),
-                             model.forward(base, BASE, tokens), atol=1e-6, rtol=0)
+  np.testing.assert_allclose(forward(params, cfg, tokens), forward(base, BASE, tokens),
+                             atol=1e-6, rtol=0)
   head = params["thinking"]["layers"]
   np.testing.assert_array_equal(head["attn"]["q"], base["layers"]["attn"]["q"][1:])  # top layer
   assert not np.asarray(head["attn"]["o"]).any() and not np.asarray(head["moe"]["down"]).any()
   # The copied layers still learn: the loss gradient of the zeroed projections is not zero.
-  grad = jax.grad(lambda p: model.forward(p, cfg, tokens)[:, :, 7].sum())(params)
+  grad = jax.jit(jax.grad(lambda p: model.forward(p, cfg, tokens)[:, :, 7].sum()))(params)
   assert float(jnp.abs(grad["thinking"]["layers"]["attn"]["o"]).max()) > 1e-3
 
 
