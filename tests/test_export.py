@@ -4,7 +4,10 @@ writes the trained policy back for transformers and for `--config.init_from`. No
 
 import dataclasses
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +29,7 @@ from tests.data.test_tokenizer import train_llama_style  # noqa: E402
 ROWS = [{"prompt": f"What is {a} + {b}?", "answer": str(a + b), "trace": f"1. {a} + {b} = {a + b}."}
         for a in range(2, 12) for b in range(3, 11)]
 SFT_BATCH = 8
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 forward = jax.jit(model.forward, static_argnums=1)
 
 
@@ -60,10 +64,19 @@ def run(tmp_path_factory):
   hf_model = _hf_checkpoint(root / "hf", vocab)
   shutil.copy(tokenizer_path, root / "hf" / "tokenizer.model")
   (root / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-  config = pretrained.get_config(f"init_from={root / 'hf'},data={root / 'task.jsonl'},smoke,"
-                                 f"workdir={root / 'work'}")
-  results = loop.run(config)
-  return dict(root=root, config=config, hf_model=hf_model, vocab=vocab, results=results)
+  arg = f"init_from={root / 'hf'},data={root / 'task.jsonl'},smoke,workdir={root / 'work'}"
+  main = [sys.executable, "-m", "corpo_jax.main", f"--config=configs/pretrained.py:{arg}"]
+  out = subprocess.run(main, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr
+  assert f"(from {root / 'hf'}, vocabulary + <think>, </think>, <pad>)" in out.stderr
+  # A rerun skips both finished stages without reading the checkpoint's weights again.
+  os.rename(root / "hf" / "model.safetensors", root / "model.safetensors")
+  again = subprocess.run(main, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0 and again.stderr.count("already finished") == 2, again.stderr
+  os.rename(root / "model.safetensors", root / "hf" / "model.safetensors")
+  rows = [json.loads(line) for line in open(root / "work" / "eval.jsonl")]
+  return dict(root=root, config=pretrained.get_config(arg), hf_model=hf_model, vocab=vocab,
+              final_rl_eval=[row for row in rows if row["stage"] == "rl"])
 
 
 @pytest.mark.slow
@@ -105,13 +118,14 @@ def test_init_from_hf_trains_and_exports(run, tmp_path):
   shift = np.asarray(restricted - jax.nn.log_softmax(ours)[..., :V0])
   assert 0 < shift.min() and shift.max() <= np.log1p(3 / V0) + 1e-6
 
-  # RL ran, and evaluating the workdir reproduces the final in-training evaluation.
+  # RL ran, and the workdir evaluates (the paired eval rng: the same rows as the run's last
+  # evaluation; an untrained random model scores 0, so this checks the path, not the numbers).
   rl_rows = [json.loads(line) for line in open(root / "work" / "metrics.jsonl")
              if '"stage": "rl"' in line]
   assert len(rl_rows) == config.rl.steps and all(np.isfinite(row["loss"]) for row in rl_rows)
   again = loop.evaluate_workdir(str(root / "work"), stage="rl", out=str(tmp_path / "e.jsonl"))
-  strip = lambda rows: [{k: v for k, v in row.items() if k != "time"} for row in rows]
-  assert strip(again) == strip(run["results"]["rl"])
+  strip = lambda rows: [json.loads(json.dumps(row)) for row in rows]  # as eval.jsonl holds them
+  assert strip(again) == strip(run["final_rl_eval"])
 
   # Export: transformers loads model and tokenizer; its logits equal our base head's (it has no
   # thinking head) on the SFT batch, think tokens included.
