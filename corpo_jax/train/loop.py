@@ -189,17 +189,17 @@ def model_config(config: ml_collections.ConfigDict, tok: Tokenizer) -> ModelConf
                        f"{getattr(tok, field)}; remove config.model.{field} (the trainer takes "
                        f"it from the tokenizer).")
   if config.get("init_from"):
-    checkpoint = pretrained.checkpoint_fields(config.init_from)
-    if tok.base_vocab_size > checkpoint["vocab_size"]:
+    fixed = pretrained.checkpoint_fields(config.init_from)
+    if tok.base_vocab_size > fixed["vocab_size"]:
       raise ValueError(f"The tokenizer {tok.name} has {tok.base_vocab_size} pieces but the "
-                       f"checkpoint {config.init_from} has {checkpoint['vocab_size']} embedding "
+                       f"checkpoint {config.init_from} has {fixed['vocab_size']} embedding "
                        f"rows; use the checkpoint's own tokenizer.model.")
-    for field in set(TOKENIZER_FIELDS) & set(checkpoint):  # a saved thinking head's ids
-      if checkpoint.pop(field) != getattr(tok, field):
+    for field in set(TOKENIZER_FIELDS) & set(fixed):  # a saved thinking head's ids
+      if fixed.pop(field) != getattr(tok, field):
         raise ValueError(f"The thinking head in {config.init_from} was trained with another "
                          f"{field} than the tokenizer {tok.name}'s {getattr(tok, field)}; use the "
                          f"tokenizer.model saved with it.")
-    fields.update(checkpoint, vocab_size=max(checkpoint["vocab_size"], tok.vocab_size))
+    fields.update(fixed, vocab_size=max(fixed["vocab_size"], tok.vocab_size))
   cfg = ModelConfig.from_dict({**fields, **{f: getattr(tok, f) for f in TOKENIZER_FIELDS}})
   if tok.vocab_size > cfg.vocab_size:
     raise ValueError(f"The tokenizer has {tok.vocab_size} tokens but model.vocab_size="
@@ -353,7 +353,8 @@ def _rl_plan(run: Run, name: str, stage, index: int, start: Callable[[], Any]) -
   stage_rng = jax.random.fold_in(jax.random.key(run.config.seed), index)
   spec, G, tok = rewards_lib.check_spec(stage.rewards), stage.group_size, run.tokenizer
   max_think = stage.max_thinking_tokens or None
-  ref = start() if rl_cfg.beta > 0 else None  # the stage's starting policy
+  # The stage's starting policy, made at the first step (a finished stage never needs it).
+  reference = functools.cache(lambda: start() if rl_cfg.beta > 0 else None)
 
   def step(state, prompts, k):
     t0 = time.perf_counter()
@@ -374,7 +375,7 @@ def _rl_plan(run: Run, name: str, stage, index: int, start: Callable[[], Any]) -
     scores = rewards_lib.compute(spec, texts, examples, row_tasks)
     rewards_BG = scores.total_N.reshape(-1, G)
     batch = rl_step.make_batch(prompts["tokens"], prompts["token_mask"], rollout, rewards_BG)
-    state, metrics = update(state, batch, ref)
+    state, metrics = update(state, batch, reference())
     host = {f"reward/{k}": float(v.mean()) for k, v in scores.components.items()}
     host.update({f"reward/{k}/errors": v for k, v in scores.errors.items()})
     host["data/prompts_truncated"] = int(ids["truncated"].sum())
@@ -492,7 +493,8 @@ def _run_stage(run: Run, index: int, name: str, start: Callable[[], Any],
   iterator = iter(plan.loader)
   latest = ckpt.latest_step()
   if latest is not None:
-    state, meta = ckpt.restore(latest, rl_step.abstract_state(run.cfg, plan.optimizer, run.mesh), iterator)
+    target = rl_step.abstract_state(run.cfg, plan.optimizer, run.mesh)
+    state, meta = ckpt.restore(latest, target, iterator)
     if meta.get("done"):
       run.say(f"stage {name}: already finished (step {latest}); skipping")
       ckpt.close()
