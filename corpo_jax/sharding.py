@@ -34,7 +34,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("classes", None),
     ("norm", None),
 )
-_RULES = dict(RULES)
+_RULES = RULES_BY_NAME = dict(RULES)
 
 
 def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:

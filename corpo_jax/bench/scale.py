@@ -45,6 +45,8 @@ _SLICE = {"v4": lambda n: f"v4-{2 * n}", "v5e": lambda n: f"v5litepod-{n}" if n 
 
 def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--model", default="mixtral_8x7b", help="a ModelConfig preset")
+  p.add_argument("--moe_dispatch", default="", help="override the preset's model.moe_dispatch "
+                 "(capacity | sort | expert_parallel)")
   p.add_argument("--mesh", default="4,16,4,1", help="data,fsdp,expert,tensor sizes")
   p.add_argument("--prompts", type=int, default=64)
   p.add_argument("--group", type=int, default=8)
@@ -71,7 +73,8 @@ def measure(args) -> dict:
   jax.config.update("jax_platforms", "cpu")
   jax.config.update("jax_num_cpu_devices", devices)
   mesh = sharding.make_mesh(mesh_shape)
-  cfg = ModelConfig.preset(args.model)
+  cfg = ModelConfig.preset(args.model, **(
+      {"moe_dispatch": args.moe_dispatch} if args.moe_dispatch else {}))
   T = args.prompt_len + args.completion_len
   rl_cfg = RLConfig(beta=args.beta, num_micro_batches=args.micro_batches,
                     max_completion_len=args.completion_len)
@@ -112,7 +115,7 @@ def measure(args) -> dict:
   }
   figures["peak"] = (figures["arguments"] + figures["temporaries"]
                      + figures["outputs_not_aliased"])
-  return {"model": args.model, "parameters": model.count_params(params), "mesh": mesh_shape,
+  return {"model": args.model, "moe_dispatch": cfg.moe_dispatch, "parameters": model.count_params(params), "mesh": mesh_shape,
           "devices": devices, "rows": BG, "tokens_per_row": T, "per_device_bytes": figures,
           "fits": fits(figures["peak"]), "lower_s": round(lower_s, 1),
           "compile_s": round(compile_s, 1)}

@@ -6,7 +6,7 @@ import dataclasses
 import numbers
 from typing import Any, Mapping
 
-DISPATCH_MODES = ("capacity", "sort")
+DISPATCH_MODES = ("capacity", "sort", "expert_parallel")
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -34,7 +34,9 @@ class ModelConfig:
   max_seq_len: int = 4096  # longest sequence a KV cache may hold; exported to HF configs
   tie_embeddings: bool = False  # unembed with the transposed token embedding (Mixtral: False)
   # Mixture of experts.
-  moe_dispatch: str = "capacity"  # "capacity" (drops past capacity) or "sort" (dropless)
+  # "capacity" (drops past capacity), "sort" (dropless) or "expert_parallel" (GShard: capacity per
+  # device, all_to_all to the experts' owners; dropless when decoding; corpo_jax/model/moe.py)
+  moe_dispatch: str = "capacity"
   capacity_factor: float = 2.0  # capacity path: slots per expert = cf * tokens * top_k / E (>= E/top_k: no drops)
   load_balance_weight: float = 0.01  # Switch load-balancing loss weight (mean over layers)
   z_loss_weight: float = 1e-3  # router z-loss weight (ST-MoE)

@@ -46,7 +46,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
+from corpo_jax import sharding
 from corpo_jax.model.config import ModelConfig
 from corpo_jax.model.layers import fan_in_init, param
 from corpo_jax.sharding import constrain
@@ -129,14 +131,20 @@ def _slots(experts_NA, token_mask_N, E: int, dtype) -> _Slots:
   return _Slots(expert_M, live_M, pos_M, token_EN, filled_EN)
 
 
-def _capacity_run(x_ND, gates_NA, weights, slots: _Slots, C: int):
-  """The experts on the first C slots of each, combined back per token. Returns y_ND."""
+def _constrained_swiglu_ECD(x_ECD, *weights):
+  names = ("exp", "capacity", "act_embed")
+  return constrain(_swiglu_ECD(constrain(x_ECD, names), *weights), names)
+
+
+def _capacity_run(x_ND, gates_NA, weights, slots: _Slots, C: int,
+                  experts=_constrained_swiglu_ECD):
+  """The experts on the first C slots of each (`experts(x_ECD, *weights) -> y_ECD`), combined
+  back per token. Returns y_ND."""
   N, D = x_ND.shape
-  E, A = weights[0].shape[0], gates_NA.shape[1]
+  A = gates_NA.shape[1]
+  E = slots.token_EN.shape[0]
   expert_M, live_M, pos_M, token_EN, filled_EN = slots
-  x_ECD = constrain(x_ND[token_EN[:, :C]] * filled_EN[:, :C, None],
-                    ("exp", "capacity", "act_embed"))
-  y_ECD = constrain(_swiglu_ECD(x_ECD, *weights), ("exp", "capacity", "act_embed"))
+  y_ECD = experts(x_ND[token_EN[:, :C]] * filled_EN[:, :C, None], *weights)
   y_SD = jnp.concatenate([y_ECD.reshape(E * C, D), jnp.zeros((1, D), y_ECD.dtype)])
   slot_M = jnp.where(live_M & (pos_M < C), expert_M * C + pos_M, E * C)  # E*C: dropped
   y_MD = y_SD[slot_M] * gates_NA.T.reshape(-1, 1).astype(x_ND.dtype)
@@ -311,6 +319,75 @@ def dispatch_blocks(x_ND, experts_NA, gates_NA, token_mask_N, weights, block: in
   return y_MD.reshape(N, A, D).sum(1)
 
 
+def dispatch_expert_parallel(x_ND, experts_NA, gates_NA, token_mask_N, weights, cfg: ModelConfig,
+                             decoding: bool):
+  """GShard dispatch on the ambient mesh: each device routes the tokens it holds, counts expert
+  capacity over them alone (its group), and sends each expert's slots to the expert's owner with
+  an all_to_all over the "expert" axis, which runs the expert and sends the results back the same
+  way. Expert weights are gathered over their "embed" (fsdp) axis inside the map in the compute
+  dtype; a d_ff sharded over "tensor" gets its psum after the down projection. Capacity per group
+  is `capacity(n, cfg)` for the group's n tokens while training, and n when decoding, which no
+  expert can exceed (a token's top_k experts are distinct), so decoding never drops a token.
+  Tokens that do not split over all the batch devices (a batch smaller than the mesh, or no
+  mesh) are one group, dispatched by the compiler's partitioning. Returns y_ND; the router and
+  its aux losses stay outside (global and exact)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  N = x_ND.shape[0]
+  sizes = {} if mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes))
+  tok = _names(sharding.logical_to_spec(("batch",), (N,), sizes)[0]) if sizes else ()
+  if set(tok) != set(_names(sharding.RULES_BY_NAME["batch"])):
+    return dispatch_capacity(x_ND, experts_NA, gates_NA, token_mask_N, weights,
+                             N if decoding else capacity(N, cfg))
+  specs = tuple(sharding.logical_to_spec(names, w.shape, sizes)
+                for names, w in zip(_WEIGHT_AXES, weights))
+  axes = _GroupAxes(experts=_names(specs[0][0]), embed=_names(specs[0][1]),
+                    mlp=_names(specs[0][2]))
+  row = lambda x: P(tok, *(None,) * (x.ndim - 1))
+  group = functools.partial(_expert_group, axes=axes, cfg=cfg, decoding=decoding)
+  return jax.shard_map(group, mesh=mesh, out_specs=row(x_ND),
+                       in_specs=(row(x_ND), row(experts_NA), row(gates_NA), row(token_mask_N),
+                                 specs))(x_ND, experts_NA, gates_NA, token_mask_N, weights)
+
+
+_WEIGHT_AXES = (("exp", "embed", "mlp"), ("exp", "embed", "mlp"), ("exp", "mlp", "embed"))
+
+
+class _GroupAxes(NamedTuple):
+  """Mesh axes (manual inside the shard_map) of the expert weights' dims."""
+
+  experts: tuple[str, ...]
+  embed: tuple[str, ...]
+  mlp: tuple[str, ...]
+
+
+def _names(entry) -> tuple[str, ...]:
+  """The mesh axes of one PartitionSpec entry."""
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _expert_group(x_nD, experts_nA, gates_nA, mask_n, weights, *, axes: _GroupAxes,
+                  cfg: ModelConfig, decoding: bool):
+  """One device's part of dispatch_expert_parallel (n: its tokens, E_loc: its experts)."""
+  n = x_nD.shape[0]
+  gather = lambda w, dim: (jax.lax.all_gather(w, axes.embed, axis=dim, tiled=True)
+                           if axes.embed else w)
+  w_gate, w_up, w_down = gather(weights[0], 1), gather(weights[1], 1), gather(weights[2], 2)
+
+  def experts(x_ECD):
+    if axes.experts:  # [E, C, D] -> [E_loc, X * C, D]: every group's slots of my experts
+      x_ECD = jax.lax.all_to_all(x_ECD, axes.experts, 0, 1, tiled=True)
+    y_ECD = _swiglu_ECD(x_ECD, w_gate, w_up, w_down)
+    if axes.mlp:
+      y_ECD = jax.lax.psum(y_ECD, axes.mlp)
+    if axes.experts:  # and back to the groups
+      y_ECD = jax.lax.all_to_all(y_ECD, axes.experts, 1, 0, tiled=True)
+    return y_ECD
+
+  slots = _slots(experts_nA, mask_n, cfg.num_experts, x_nD.dtype)
+  return _capacity_run(x_nD, gates_nA, (), slots, n if decoding else capacity(n, cfg),
+                       experts=experts)
+
+
 def _expert_sharded() -> bool:
   mesh = jax.sharding.get_abstract_mesh()
   return not mesh.empty and mesh.shape.get("expert", 1) > 1
@@ -349,6 +426,9 @@ class MoE(nn.Module):
       self.sow("intermediates", name, aux[name])
 
     weights = tuple(w.astype(cfg.dtype) for w in (w_gate, w_up, w_down))
+    if cfg.moe_dispatch == "expert_parallel":
+      y_ND = dispatch_expert_parallel(x_ND, experts_NA, gates_NA, mask_N, weights, cfg, decoding)
+      return y_ND.reshape(B, T, D), experts_NA.reshape(B, T, -1)
     no_drops = cfg.moe_dispatch == "capacity" and capacity(B * T, cfg) == B * T
     # Dropless "sort" on CPU, where ragged_dot is slow: the same result by the no-drop paths.
     no_drops |= cfg.moe_dispatch == "sort" and jax.default_backend() == "cpu"

@@ -293,3 +293,98 @@ def test_moe_layer_dispatch_selection(B, T, decoding, path):
       x_BTD.reshape(N, -1), experts_BTA.reshape(N, -1), gates_NA, mask_BT.reshape(N),
       (p["gate"], p["up"], p["down"]), N)
   np.testing.assert_allclose(y_BTD.reshape(N, -1), y_ref, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- expert parallel
+
+EP_MESHES = [(2, 2, 2, 1), (1, 2, 4, 1), (1, 1, 2, 4), (1, 4, 2, 1)]
+
+
+def _ep_layer(cf, B=4, T=8):
+  cfg = ModelConfig.preset("tiny", moe_dispatch="expert_parallel", capacity_factor=cf)
+  layer = moe.MoE(cfg)
+  x_BTD = jax.random.normal(jax.random.key(1), (B, T, cfg.d_model))
+  mask_BT = jnp.arange(T)[None, :] < jnp.array([T, T - 3, T, 2])[:B, None]
+  params = layer.init(jax.random.key(0), x_BTD, mask_BT)["params"]
+  return cfg, layer, nn.unbox(params), x_BTD, mask_BT
+
+
+def _ep_loss(layer, params, x_BTD, mask_BT, decoding=False):
+  y_BTD, _ = layer.apply({"params": params}, x_BTD, mask_BT, decoding=decoding,
+                         mutable=["intermediates"])[0]
+  return jnp.sum(jnp.where(mask_BT[..., None], y_BTD, 0.0) * jnp.cos(x_BTD)), y_BTD
+
+
+def _on_mesh(fn, mesh_shape, params, *args):
+  from corpo_jax import sharding  # noqa: PLC0415
+  mesh = sharding.make_mesh(mesh_shape)
+  with jax.set_mesh(mesh):
+    params = jax.device_put(params, sharding.tree_shardings(
+        jax.tree.map(lambda p: p, params), mesh))
+    return jax.jit(fn)(params, *args)
+
+
+@pytest.mark.parametrize("mesh_shape", EP_MESHES)
+def test_expert_parallel_layer_equals_one_device_without_drops(mesh_shape):
+  """Capacity factor E / top_k: no group can drop, so every mesh gives the one-device layer,
+  forward and gradients (params and input)."""
+  cfg, layer, params, x, mask = _ep_layer(cf=2.0)
+  fn = jax.value_and_grad(lambda p, x: _ep_loss(layer, p, x, mask), argnums=(0, 1), has_aux=True)
+  (loss1, y1), g1 = jax.jit(fn)(params, x)
+  (loss8, y8), g8 = _on_mesh(fn, mesh_shape, params, x)
+  _assert_close((y8, loss8, g8), (y1, loss1, g1))
+
+
+def _assert_close(got, want):
+  """float32 equality up to summation order: rtol 1e-5, and atol 1e-5 of each array's largest
+  entry (a sum over devices rounds differently from a sum on one)."""
+  close = lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(b))))
+  jax.tree.map(close, got, want)
+
+
+def _groups(mesh_shape, N):
+  """The token groups of a mesh: the rows split over the batch axes that divide them."""
+  from corpo_jax import sharding  # noqa: PLC0415
+  spec = sharding.logical_to_spec(("batch",), (N,), dict(zip(sharding.MESH_AXES, mesh_shape)))
+  axes = moe._names(spec[0])
+  return math.prod(dict(zip(sharding.MESH_AXES, mesh_shape))[a] for a in axes)
+
+
+def _per_group_reference(cfg, params, x_BTD, mask_BT, groups, C):
+  """Capacity dispatch run on each group of tokens by itself (what GShard computes)."""
+  x_ND, mask_N = x_BTD.reshape(-1, cfg.d_model), mask_BT.reshape(-1)
+  logits_NE = x_ND @ params["router"]
+  experts_NA, gates_NA = moe.route(logits_NE, cfg.top_k)
+  weights = (params["gate"], params["up"], params["down"])
+  split = lambda a: jnp.split(a, groups)
+  return jnp.concatenate([moe.dispatch_capacity(x, e, g, m, weights, C) for x, e, g, m in zip(
+      split(x_ND), split(experts_NA), split(gates_NA), split(mask_N))]).reshape(x_BTD.shape)
+
+
+@pytest.mark.parametrize("mesh_shape", EP_MESHES)
+def test_expert_parallel_drops_per_device_group_and_never_when_decoding(mesh_shape):
+  """capacity_factor 1: each device counts capacity over its own tokens (GShard) and drops what
+  overflows there, as the capacity dispatch on each group alone does. Decoding passes size the
+  capacity to a group's tokens, so nothing drops and the result is the one-device layer's."""
+  cfg, layer, params, x, mask = _ep_layer(cf=1.0)
+  groups = _groups(mesh_shape, x.shape[0] * x.shape[1])
+  n = x.shape[0] * x.shape[1] // groups
+  ref = _per_group_reference(cfg, params, x, mask, groups, moe.capacity(n, cfg))
+  full = _per_group_reference(cfg, params, x, mask, 1, x.shape[0] * x.shape[1])
+  y8 = _on_mesh(lambda p, x: _ep_loss(layer, p, x, mask)[1], mesh_shape, params, x)
+  assert np.abs(np.asarray(ref - full)).max() > 1e-2  # tokens were dropped
+  _assert_close(y8, ref)
+  y_dec = _on_mesh(lambda p, x: _ep_loss(layer, p, x, mask, decoding=True)[1], mesh_shape, params,
+                   x)
+  _assert_close(y_dec, full)
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 2, 4, 1), (1, 1, 2, 4)])
+def test_expert_parallel_batch_smaller_than_the_mesh_is_one_group(mesh_shape):
+  """2 tokens on a mesh with more batch devices (a decode step of a small batch): one group."""
+  cfg, layer, params, x, mask = _ep_layer(cf=2.0, B=2, T=1)
+  mask = jnp.ones_like(mask)
+  y1 = jax.jit(lambda p, x: _ep_loss(layer, p, x, mask, decoding=True)[1])(params, x)
+  y8 = _on_mesh(lambda p, x: _ep_loss(layer, p, x, mask, decoding=True)[1], mesh_shape, params, x)
+  _assert_close(y8, y1)

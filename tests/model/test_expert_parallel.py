@@ -1,0 +1,105 @@
+"""moe_dispatch="expert_parallel" through the whole model on 8 fake devices: the forward pass and
+the loss gradient, greedy generation (decode passes, dropless) with its expert choices, and one RL
+update equal the one-device model (capacity dispatch that cannot drop: E 4, top 2, cf 2). The
+layer itself, with and without drops, is tested in test_moe.py."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from corpo_jax import model, sampling, sharding
+from corpo_jax.rl import step
+from corpo_jax.rl.config import RLConfig
+from tests.model.test_moe import _assert_close
+
+ONE = model.ModelConfig.preset("tiny")  # capacity dispatch; C = N: drops nothing
+EP = dataclasses.replace(ONE, moe_dispatch="expert_parallel")
+TOKENS = np.random.default_rng(0).integers(6, ONE.vocab_size, (8, 12)).astype(np.int32)
+TOKENS[:, 4] = ONE.think_start_id  # think spans: the thinking head's MoE layers run too
+TOKENS[:3, 9] = ONE.think_end_id
+
+
+def _params(cfg):
+  rng = np.random.default_rng(0)
+  return jax.tree.map(lambda x: jnp.asarray(0.2 * rng.standard_normal(x.value.shape)
+                                            + (x.names[-1] == "norm"), jnp.float32),
+                      model.abstract_params(cfg), is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def _loss(params, cfg, tokens_BT):
+  out = model.run(params, cfg, tokens_BT)
+  logits_BTV = model.project(params, cfg, out.hidden)
+  logp_BT = jnp.take_along_axis(jax.nn.log_softmax(logits_BTV[:, :-1]), tokens_BT[:, 1:, None],
+                                -1)[..., 0]
+  return -logp_BT.mean() + 0.01 * out.aux["load_balance_loss"], (logits_BTV, out.experts_LBTA)
+
+
+@pytest.mark.parametrize("mesh_shape", [(2, 2, 2, 1), (1, 1, 2, 4)])
+def test_model_forward_and_gradient_equal_one_device(mesh_shape):
+  params = _params(ONE)
+  grad = jax.value_and_grad(_loss, has_aux=True)
+  (loss, (logits, experts)), grads = jax.jit(grad, static_argnums=1)(params, ONE, TOKENS)
+  mesh = sharding.make_mesh(mesh_shape)
+  with jax.set_mesh(mesh):
+    p = jax.device_put(params, model.param_shardings(EP, mesh))
+    t = jax.device_put(TOKENS, sharding.batch_sharding(mesh, TOKENS.shape))
+    (loss_s, (logits_s, experts_s)), grads_s = jax.jit(grad, static_argnums=1)(p, EP, t)
+  np.testing.assert_array_equal(experts_s, experts)
+  _assert_close((loss_s, logits_s, grads_s), (loss, logits, grads))
+
+
+def test_greedy_generation_and_its_experts_equal_one_device():
+  """Decode steps of 8 rows on data 1 x fsdp 2 x expert 4: 2 tokens per device group and the
+  experts' slots sent over the expert axis; prefill alike. The experts chosen at rollout are the
+  ones the training forward of the same tokens chooses (router replay reuses them)."""
+  params = _params(ONE)
+  prompts = jnp.asarray(TOKENS[:4, :6])
+  kw = dict(rng=jax.random.key(0), num_samples=2, max_new_tokens=6,
+            strategy=(sampling.Greedy(),))
+  one = sampling.generate(params, ONE, prompts, prompts >= 0, **kw)
+  mesh = sharding.make_mesh((1, 2, 4, 1))
+  with jax.set_mesh(mesh):
+    p = jax.device_put(params, model.param_shardings(EP, mesh))
+    rows = sharding.batch_sharding(mesh, prompts.shape)
+    ep = sampling.generate(p, EP, jax.device_put(prompts, rows), jax.device_put(prompts >= 0, rows),
+                           **kw)
+    full = jnp.concatenate([jnp.repeat(prompts, 2, 0), ep.tokens], 1)
+    full_mask = jnp.concatenate([jnp.ones((8, 6), bool), ep.mask], 1)
+    trained = jax.jit(lambda p, t, m: model.run(p, EP, t, m).experts_LBTA)(p, full, full_mask)
+  np.testing.assert_array_equal(ep.tokens, one.tokens)
+  np.testing.assert_allclose(ep.logprobs, one.logprobs, atol=1e-5)
+  m = np.asarray(full_mask)
+  np.testing.assert_array_equal(np.asarray(ep.experts)[:, m], np.asarray(one.experts)[:, m])
+  np.testing.assert_array_equal(np.asarray(trained)[:, m], np.asarray(ep.experts)[:, m])
+
+
+def test_rl_update_equals_one_device():
+  """Params after one SGD step of the RL update (policy, reference pass, router replay)."""
+  B, G, P, T = 2, 4, 4, 6
+  rng = np.random.default_rng(1)
+  tokens = rng.integers(6, ONE.vocab_size, (B * G, P + T)).astype(np.int32)
+  loss_mask = np.zeros_like(tokens, bool)
+  loss_mask[:, P:] = np.arange(T) < rng.integers(1, T + 1, (B * G, 1))
+  token_mask = loss_mask.copy()
+  token_mask[:, :P] = True
+  experts = np.asarray(jax.jit(lambda p, t, m: model.run(p, ONE, t, m).experts_LBTA)(
+      _params(ONE), tokens, token_mask))
+  batch = step.Batch(tokens=tokens, token_mask=token_mask, loss_mask=loss_mask,
+                     rewards=rng.normal(size=(B, G)).astype(np.float32),
+                     truncated=np.zeros(B * G, bool), experts=experts)
+  rl_cfg = RLConfig(beta=0.05, learning_rate=1e-3, max_completion_len=T, router_replay=True,
+                    logprob_chunk=T)
+  opt = optax.sgd(0.1)
+  params = _params(ONE)
+  one, _ = step.make_update(ONE, rl_cfg, None, opt)(step.init_state(ONE, opt, params), batch,
+                                                    params)
+  mesh = sharding.make_mesh((2, 2, 2, 1))
+  ref = jax.device_put(params, model.param_shardings(EP, mesh))
+  ep, _ = step.make_update(EP, rl_cfg, mesh, opt)(step.init_state(EP, opt, params, mesh), batch,
+                                                  ref)
+  _assert_close(jax.device_get(ep.params), jax.device_get(one.params))
