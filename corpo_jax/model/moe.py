@@ -319,34 +319,35 @@ def dispatch_blocks(x_ND, experts_NA, gates_NA, token_mask_N, weights, block: in
   return y_MD.reshape(N, A, D).sum(1)
 
 
-def dispatch_expert_parallel(x_ND, experts_NA, gates_NA, token_mask_N, weights, cfg: ModelConfig,
+def dispatch_expert_parallel(x_ND, logits_NE, replay_NA, token_mask_N, weights, cfg: ModelConfig,
                              decoding: bool):
-  """GShard dispatch on the ambient mesh: each device routes the tokens it holds, counts expert
-  capacity over them alone (its group), and sends each expert's slots to the expert's owner with
-  an all_to_all over the "expert" axis, which runs the expert and sends the results back the same
-  way. Expert weights are gathered over their "embed" (fsdp) axis inside the map in the compute
-  dtype; a d_ff sharded over "tensor" gets its psum after the down projection. Capacity per group
-  is `capacity(n, cfg)` for the group's n tokens while training, and n when decoding, which no
-  expert can exceed (a token's top_k experts are distinct), so decoding never drops a token.
-  Tokens that do not split over all the batch devices (a batch smaller than the mesh, or no
-  mesh) are one group, dispatched by the compiler's partitioning. Returns y_ND; the router and
-  its aux losses stay outside (global and exact)."""
+  """GShard dispatch on the ambient mesh: each device routes the tokens it holds (`route`, with
+  `replay_NA` if given), counts expert capacity over them alone (its group), and sends each
+  expert's slots to the expert's owner with an all_to_all over the "expert" axis, which runs the
+  expert and sends the results back the same way. Expert weights are gathered over their
+  "embed" (fsdp) axis inside the map in the compute dtype; a d_ff sharded over "tensor" gets its
+  psum after the down projection. Capacity per group is `capacity(n, cfg)` for the group's n
+  tokens while training, and n when decoding, which no expert can exceed (a token's top_k
+  experts are distinct), so decoding never drops a token. Tokens that do not split over all the
+  batch devices (a batch smaller than the mesh, or no mesh) are one group, dispatched by the
+  compiler's partitioning. Returns (y_ND, experts_NA, gates_NA); the aux losses are computed
+  from them outside, over all tokens."""
   mesh = jax.sharding.get_abstract_mesh()
   N = x_ND.shape[0]
   sizes = {} if mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes))
   tok = _names(sharding.logical_to_spec(("batch",), (N,), sizes)[0]) if sizes else ()
+  group = functools.partial(_expert_group, cfg=cfg, decoding=decoding)
   if set(tok) != set(_names(sharding.RULES_BY_NAME["batch"])):
-    return dispatch_capacity(x_ND, experts_NA, gates_NA, token_mask_N, weights,
-                             N if decoding else capacity(N, cfg))
-  specs = tuple(sharding.logical_to_spec(names, w.shape, sizes)
+    return group(x_ND, logits_NE, replay_NA, token_mask_N, weights, axes=_GroupAxes((), (), ()))
+  used = lambda entry: tuple(a for a in _names(entry) if sizes[a] > 1)  # no size-1 collectives
+  specs = tuple(P(*map(used, sharding.logical_to_spec(names, w.shape, sizes)))
                 for names, w in zip(_WEIGHT_AXES, weights))
-  axes = _GroupAxes(experts=_names(specs[0][0]), embed=_names(specs[0][1]),
-                    mlp=_names(specs[0][2]))
-  row = lambda x: P(tok, *(None,) * (x.ndim - 1))
-  group = functools.partial(_expert_group, axes=axes, cfg=cfg, decoding=decoding)
-  return jax.shard_map(group, mesh=mesh, out_specs=row(x_ND),
-                       in_specs=(row(x_ND), row(experts_NA), row(gates_NA), row(token_mask_N),
-                                 specs))(x_ND, experts_NA, gates_NA, token_mask_N, weights)
+  axes = _GroupAxes(*specs[0])
+  row = lambda x: None if x is None else P(tok, *(None,) * (x.ndim - 1))
+  rows = (row(x_ND), row(logits_NE), row(replay_NA), row(token_mask_N))
+  return jax.shard_map(functools.partial(group, axes=axes), mesh=mesh,
+                       in_specs=(*rows, specs), out_specs=(row(x_ND),) + (row(logits_NE),) * 2)(
+                           x_ND, logits_NE, replay_NA, token_mask_N, weights)
 
 
 _WEIGHT_AXES = (("exp", "embed", "mlp"), ("exp", "embed", "mlp"), ("exp", "mlp", "embed"))
@@ -365,10 +366,11 @@ def _names(entry) -> tuple[str, ...]:
   return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def _expert_group(x_nD, experts_nA, gates_nA, mask_n, weights, *, axes: _GroupAxes,
+def _expert_group(x_nD, logits_nE, replay_nA, mask_n, weights, *, axes: _GroupAxes,
                   cfg: ModelConfig, decoding: bool):
   """One device's part of dispatch_expert_parallel (n: its tokens, E_loc: its experts)."""
   n = x_nD.shape[0]
+  experts_nA, gates_nA = route(logits_nE, cfg.top_k, replay_nA)
   gather = lambda w, dim: (jax.lax.all_gather(w, axes.embed, axis=dim, tiled=True)
                            if axes.embed else w)
   w_gate, w_up, w_down = gather(weights[0], 1), gather(weights[1], 1), gather(weights[2], 2)
@@ -384,8 +386,9 @@ def _expert_group(x_nD, experts_nA, gates_nA, mask_n, weights, *, axes: _GroupAx
     return y_ECD
 
   slots = _slots(experts_nA, mask_n, cfg.num_experts, x_nD.dtype)
-  return _capacity_run(x_nD, gates_nA, (), slots, n if decoding else capacity(n, cfg),
+  y_nD = _capacity_run(x_nD, gates_nA, (), slots, n if decoding else capacity(n, cfg),
                        experts=experts)
+  return y_nD, experts_nA, gates_nA
 
 
 def _expert_sharded() -> bool:
@@ -396,6 +399,22 @@ def _expert_sharded() -> bool:
 def _mesh_size() -> int:
   mesh = jax.sharding.get_abstract_mesh()
   return 1 if mesh.empty else mesh.size
+
+
+def dispatch(cfg: ModelConfig, x_ND, experts_NA, gates_NA, mask_N, weights, decoding: bool):
+  """The capacity and sort modes' paths (module doc). Returns y_ND."""
+  N, E = x_ND.shape[0], cfg.num_experts
+  no_drops = cfg.moe_dispatch == "capacity" and capacity(N, cfg) == N
+  # Dropless "sort" on CPU, where ragged_dot is slow: the same result by the no-drop paths.
+  no_drops |= cfg.moe_dispatch == "sort" and jax.default_backend() == "cpu"
+  if no_drops and decoding:
+    return dispatch_fitted(x_ND, experts_NA, gates_NA, mask_N, weights)
+  if no_drops and not _expert_sharded():
+    return dispatch_blocks(x_ND, experts_NA, gates_NA, mask_N, weights,
+                           block_size(N * cfg.top_k, E))
+  if cfg.moe_dispatch == "capacity":
+    return dispatch_capacity(x_ND, experts_NA, gates_NA, mask_N, weights, capacity(N, cfg))
+  return dispatch_sort(x_ND, experts_NA, gates_NA, mask_N, weights)
 
 
 class MoE(nn.Module):
@@ -420,25 +439,14 @@ class MoE(nn.Module):
     mask_N = token_mask_BT.reshape(B * T)
     logits_NE = jnp.einsum("ND,DE->NE", x_ND.astype(jnp.float32), w_router.astype(jnp.float32))
     replay_NA = None if experts_BTA is None else experts_BTA.reshape(B * T, -1)
-    experts_NA, gates_NA = route(logits_NE, cfg.top_k, replay_NA)
+    weights = tuple(w.astype(cfg.dtype) for w in (w_gate, w_up, w_down))
+    if cfg.moe_dispatch == "expert_parallel":
+      y_ND, experts_NA, _ = dispatch_expert_parallel(x_ND, logits_NE, replay_NA, mask_N, weights,
+                                                     cfg, decoding)
+    else:
+      experts_NA, gates_NA = route(logits_NE, cfg.top_k, replay_NA)
+      y_ND = dispatch(cfg, x_ND, experts_NA, gates_NA, mask_N, weights, decoding)
     aux = aux_losses(logits_NE, experts_NA, mask_N)
     for name in STATS:
       self.sow("intermediates", name, aux[name])
-
-    weights = tuple(w.astype(cfg.dtype) for w in (w_gate, w_up, w_down))
-    if cfg.moe_dispatch == "expert_parallel":
-      y_ND = dispatch_expert_parallel(x_ND, experts_NA, gates_NA, mask_N, weights, cfg, decoding)
-      return y_ND.reshape(B, T, D), experts_NA.reshape(B, T, -1)
-    no_drops = cfg.moe_dispatch == "capacity" and capacity(B * T, cfg) == B * T
-    # Dropless "sort" on CPU, where ragged_dot is slow: the same result by the no-drop paths.
-    no_drops |= cfg.moe_dispatch == "sort" and jax.default_backend() == "cpu"
-    if no_drops and decoding:
-      y_ND = dispatch_fitted(x_ND, experts_NA, gates_NA, mask_N, weights)
-    elif no_drops and not _expert_sharded():
-      y_ND = dispatch_blocks(x_ND, experts_NA, gates_NA, mask_N, weights,
-                             block_size(B * T * cfg.top_k, E))
-    elif cfg.moe_dispatch == "capacity":
-      y_ND = dispatch_capacity(x_ND, experts_NA, gates_NA, mask_N, weights, capacity(B * T, cfg))
-    else:
-      y_ND = dispatch_sort(x_ND, experts_NA, gates_NA, mask_N, weights)
     return y_ND.reshape(B, T, D), experts_NA.reshape(B, T, -1)
