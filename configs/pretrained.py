@@ -34,8 +34,11 @@ def get_config(arg=None):
     raise ValueError(f"reward={arg.reward!r}: choose exact_match or ordinal.")
   config = common.base_config(arg)
   # The checkpoint's config.json sets the architecture; `model` (a preset) gives the training
-  # choices: bfloat16 compute, float32 parameters and optimizer state, remat.
-  config.model.update(moe_dispatch="sort", thinking_layers=arg.thinking_layers)
+  # choices: bfloat16 compute, float32 parameters and optimizer state, remat, and expert-parallel
+  # MoE with a capacity factor of Mixtral's num_experts / top_k: no token is ever dropped, so
+  # the update computes what transformers computes (corpo_jax/model/moe.py).
+  config.model.update(moe_dispatch="expert_parallel", capacity_factor=4.0,
+                      thinking_layers=arg.thinking_layers)
   config.init_from = arg.init_from
   config.prompt_format = arg.prompt_format
   config.tasks.jsonl.path = arg.data
@@ -55,6 +58,7 @@ def get_config(arg=None):
                      max_new_tokens=512)
   if arg.smoke:
     config = common.smoke(config)
-    config.model.update(moe_dispatch="sort", thinking_layers=arg.thinking_layers)
+    config.model.update(moe_dispatch="expert_parallel", capacity_factor=4.0,
+                        thinking_layers=arg.thinking_layers)
     config.rl.num_micro_batches = 1
   return config

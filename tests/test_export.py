@@ -88,7 +88,7 @@ def test_init_from_hf_trains_and_exports(run, tmp_path):
   assert tok.added_pieces == ("<think>", "</think>", "<pad>") and tok.bos_id == 1
   assert cfg.vocab_size == V0 + 3 and (cfg.think_start_id, cfg.pad_id) == (V0, V0 + 2)
   assert (cfg.d_model, cfg.num_layers, cfg.rope_theta, cfg.thinking_layers) == (64, 2, 1e4, 1)
-  assert cfg.moe_dispatch == "sort"  # dropless, as transformers computes
+  assert cfg.moe_dispatch == "expert_parallel" and cfg.capacity_factor * 2 >= 4  # no drops
   params0 = loop.initial_params(r)()
   np.testing.assert_array_equal(params0["embed"][:V0],
                                 hf_model.model.embed_tokens.weight.detach().numpy())

@@ -12,7 +12,10 @@ compiler's figure is an estimate of the same program). It must be the first JAX 
 process: it sets the CPU device count itself.
 
 Defaults: mixtral_8x7b on 256 devices, data 4 x fsdp 16 x expert 4 x tensor 1, 64 prompts x 8
-samples of 512 + 1024 tokens in 2 micro-batches, beta 0.04 (the reference pass is compiled in).
+samples of 512 + 1024 tokens in 2 micro-batches, beta 0.04 (the reference pass is compiled in),
+the preset's MoE dispatch (--moe_dispatch overrides it). The last line printed is one JSON
+object: per_device_bytes, peak_gib_per_device, arguments_gib, temps_gib,
+collective_gib_per_layer and all_to_all_per_layer (`collectives`), fits per TPU generation.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import datetime
 import json
 import math
 import os
+import re
 import time
 
 import flax.linen as nn
@@ -115,10 +119,46 @@ def measure(args) -> dict:
   }
   figures["peak"] = (figures["arguments"] + figures["temporaries"]
                      + figures["outputs_not_aliased"])
+  comm = collectives(compiled.as_text(), BG // args.micro_batches * T)
   return {"model": args.model, "moe_dispatch": cfg.moe_dispatch, "parameters": model.count_params(params), "mesh": mesh_shape,
           "devices": devices, "rows": BG, "tokens_per_row": T, "per_device_bytes": figures,
-          "fits": fits(figures["peak"]), "lower_s": round(lower_s, 1),
+          "peak_gib_per_device": round(figures["peak"] / GIB, 2),
+          "arguments_gib": round(figures["arguments"] / GIB, 2),
+          "temps_gib": round(figures["temporaries"] / GIB, 2),
+          "collective_gib_per_layer": round(sum(k["gib"] for k in comm["by_kind"].values()), 3),
+          "all_to_all_per_layer": comm["by_kind"].get("all-to-all", {}).get("ops", 0),
+          "collectives": comm, "fits": fits(figures["peak"]), "lower_s": round(lower_s, 1),
           "compile_s": round(compile_s, 1)}
+
+
+_COLLECTIVE = re.compile(r"= (.*?) (all-to-all|all-gather|all-reduce|reduce-scatter|"
+                         r"collective-permute)(?:-start)?\(")
+_SHAPE = re.compile(r"(pred|[su](?:8|16|32|64)|bf16|f16|f32|f64)\[([\d,]*)\]")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4,
+          "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+
+
+def collectives(hlo_text: str, tokens: int) -> dict:
+  """The compiled module's collectives, each op counted once: {kind: {ops, gib}}, the largest
+  op's GiB, and how many ops have a dimension of `tokens` (the micro-batch's token count: such
+  an op moves the whole micro-batch's activations or router outputs). The layers are one loop
+  whose body appears once, so these are one layer's collectives (forward, backward, reference
+  pass) plus the few outside the layers."""
+  kinds, largest, global_ops = {}, 0, 0
+  for line in hlo_text.splitlines():
+    match = _COLLECTIVE.search(line)
+    if not match:
+      continue
+    shapes = [(t, [int(d) for d in dims.split(",") if d]) for t, dims in
+              _SHAPE.findall(match.group(1))]
+    size = sum(_BYTES[t] * math.prod(dims) for t, dims in shapes)
+    kind = kinds.setdefault(match.group(2), {"ops": 0, "gib": 0.0})
+    kind["ops"] += 1
+    kind["gib"] += size / GIB
+    largest = max(largest, size)
+    global_ops += any(tokens in dims for _, dims in shapes)
+  return {"by_kind": {k: {"ops": v["ops"], "gib": round(v["gib"], 3)} for k, v in kinds.items()},
+          "largest_gib": round(largest / GIB, 3), "ops_with_micro_batch_tokens": global_ops}
 
 
 def fits(peak_bytes: int) -> dict[str, bool]:
@@ -128,7 +168,7 @@ def fits(peak_bytes: int) -> dict[str, bool]:
 
 def _command(args) -> str:
   flags = " ".join(f"--{k}={v}" for k, v in sorted(vars(args).items())
-                   if k not in ("command", "write_docs"))
+                   if k not in ("command", "write_docs") and v != "")
   return f"python -m corpo_jax.bench scale {flags} --write_docs"
 
 
@@ -159,6 +199,17 @@ def _write_docs(args, r: dict) -> None:
       f"| outputs not aliased to the donated state | {gib(f['outputs_not_aliased'])} |",
       f"| **peak estimate** (arguments + temporaries + unaliased outputs) | "
       f"**{gib(f['peak'])}** |",
+      "",
+      f"Collectives of the compiled program (`collectives`: each op once; the layers are one "
+      f"loop, so one layer's forward, backward and reference pass), MoE dispatch "
+      f"`{r['moe_dispatch']}`:",
+      "",
+      "| kind | ops | GiB |",
+      "|---|---|---|",
+      *[f"| {k} | {v['ops']} | {v['gib']:.2f} |" for k, v in r["collectives"]["by_kind"].items()],
+      f"| largest single op | | {r['collectives']['largest_gib']:.2f} |",
+      f"| ops with a dimension of the micro-batch's tokens | "
+      f"{r['collectives']['ops_with_micro_batch_tokens']} | |",
       "",
       f"| TPU generation | slice of {r['devices']} chips | HBM per chip | peak fits |",
       "|---|---|---|---|",

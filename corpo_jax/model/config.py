@@ -134,13 +134,14 @@ PRESETS: dict[str, ModelConfig] = {
                         head_dim=32, d_ff=256, num_experts=4, top_k=2, max_seq_len=512,
                         thinking_layers=1),
     # Mixtral-8x7B-v0.1 (46.7B parameters) and Mixtral-8x22B-v0.1 (141B); no thinking head by
-    # default, no pad or think tokens (Mixtral's tokenizer: unk 0, bos 1, eos 2, no pad).
+    # default, no pad or think tokens (Mixtral's tokenizer: unk 0, bos 1, eos 2, no pad),
+    # expert-parallel MoE (docs/scale.md: the 8x7B update needs 24 GiB per device on 256).
     "mixtral_8x7b": ModelConfig(vocab_size=32000, d_model=4096, num_layers=32, num_heads=32,
                                 num_kv_heads=8, head_dim=128, d_ff=14336, num_experts=8, top_k=2,
                                 max_seq_len=32768, pad_id=-1, think_start_id=-1, think_end_id=-1,
-                                dtype="bfloat16", remat="full"),
+                                moe_dispatch="expert_parallel", dtype="bfloat16", remat="full"),
     "mixtral_8x22b": ModelConfig(vocab_size=32000, d_model=6144, num_layers=56, num_heads=48,
                                  num_kv_heads=8, head_dim=128, d_ff=16384, num_experts=8, top_k=2,
                                  max_seq_len=65536, pad_id=-1, think_start_id=-1, think_end_id=-1,
-                                 dtype="bfloat16", remat="full"),
+                                 moe_dispatch="expert_parallel", dtype="bfloat16", remat="full"),
 }

@@ -1,5 +1,6 @@
 """`python -m corpo_jax.bench scale`: the full mixtral_8x7b RL update (policy, reference, AdamW
-state) lowers and compiles for 256 fake devices (data 4 x fsdp 16 x expert 4 x tensor 1).
+state) lowers and compiles for 256 fake devices (data 4 x fsdp 16 x expert 4 x tensor 1) and
+fits in 24 GiB per device, with expert-parallel MoE collectives only.
 
 Measured here: ~20 s of CPU for lowering + compiling (1.5-3 min wall on the loaded 2-core
 machine), under 1 GiB of memory; nothing is allocated. It runs in a subprocess: the device count
@@ -39,6 +40,12 @@ def test_mixtral_8x7b_update_compiles_for_256_devices():
   assert f["temporaries"] > 0 and f["peak"] == (
       f["arguments"] + f["temporaries"] + f["outputs_not_aliased"])
   assert r["fits"] == scale.fits(f["peak"])
+  # Expert-parallel MoE (the preset's dispatch): every device routes and dispatches its own
+  # tokens, slots go to the experts' owners by all_to_all, and no collective moves the whole
+  # micro-batch's tokens (the "capacity" dispatch had 16 such ops and a 128 GiB peak).
+  assert r["moe_dispatch"] == "expert_parallel" and r["all_to_all_per_layer"] >= 4
+  assert r["collectives"]["ops_with_micro_batch_tokens"] == 0
+  assert r["peak_gib_per_device"] <= 24.0 and r["collectives"]["largest_gib"] < 2.0
 
 
 def test_fits_compares_with_each_chips_hbm():
@@ -46,3 +53,20 @@ def test_fits_compares_with_each_chips_hbm():
   assert scale.fits(16 * GIB + 1) == {"v4": True, "v5e": False, "v5p": True, "v6e": True}
   assert scale.fits(40 * GIB) == {"v4": False, "v5e": False, "v5p": True, "v6e": False}
   assert scale.fits(96 * GIB) == {"v4": False, "v5e": False, "v5p": False, "v6e": False}
+
+
+def test_collectives_reads_kinds_sizes_and_token_dims():
+  hlo = "\n".join([
+      "  %all-to-all.1 = (f32[2,256,4096]{2,1,0}, bf16[2,256,4096]{2,1,0}) all-to-all(%a, %b), "
+      "replica_groups={{0,1}}",
+      "  %ag = f32[131072,8]{1,0} all-gather(%c), dimensions={0}",
+      "  %ar-start = f32[4]{0} all-reduce-start(%d), to_apply=%add",
+      "  %ar-done = f32[4]{0} all-reduce-done(%ar-start)",
+      "  %dot = f32[131072,8]{1,0} dot(%e, %f)",
+  ])
+  c = scale.collectives(hlo, tokens=131072)
+  a2a = (2 * 256 * 4096) * (4 + 2) / GIB
+  assert c["by_kind"] == {"all-to-all": {"ops": 1, "gib": round(a2a, 3)},
+                          "all-gather": {"ops": 1, "gib": round(131072 * 8 * 4 / GIB, 3)},
+                          "all-reduce": {"ops": 1, "gib": 0.0}}
+  assert c["largest_gib"] == round(a2a, 3) and c["ops_with_micro_batch_tokens"] == 1
