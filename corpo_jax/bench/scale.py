@@ -58,7 +58,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--completion_len", type=int, default=1024)
   p.add_argument("--micro_batches", type=int, default=2)
   p.add_argument("--beta", type=float, default=0.04, help="> 0 compiles the reference pass")
-  p.add_argument("--write_docs", action="store_true", help="write docs/scale.md")
+  p.add_argument("--program", default="update", choices=("update", "rollout"),
+                 help="the RL update, or the rollout of the same rows (sampling.generate: "
+                      "prefill, then decode completion_len tokens into a prompt+completion cache)")
+  p.add_argument("--write_docs", action="store_true", help="write docs/scale.md (update only)")
 
 
 def _per_device_bytes(tree, shardings) -> int:
@@ -71,14 +74,66 @@ def _abstract(tree, shardings):
                       tree, shardings)
 
 
-def measure(args) -> dict:
+def _setup(args):
   mesh_shape = tuple(int(s) for s in args.mesh.split(","))
-  devices = math.prod(mesh_shape)
   jax.config.update("jax_platforms", "cpu")
-  jax.config.update("jax_num_cpu_devices", devices)
-  mesh = sharding.make_mesh(mesh_shape)
+  jax.config.update("jax_num_cpu_devices", math.prod(mesh_shape))
   cfg = ModelConfig.preset(args.model, **(
       {"moe_dispatch": args.moe_dispatch} if args.moe_dispatch else {}))
+  return sharding.make_mesh(mesh_shape), cfg
+
+
+def _summary(args, cfg, mesh, compiled, figures: dict, tokens: int, lower_s, compile_s) -> dict:
+  comm = collectives(compiled.as_text(), tokens)
+  return {"program": args.program, "model": args.model, "moe_dispatch": cfg.moe_dispatch,
+          "parameters": model.count_params(model.abstract_params(cfg)),
+          "mesh": tuple(mesh.shape.values()), "devices": mesh.size,
+          "rows": args.prompts * args.group, "tokens_per_row": args.prompt_len + args.completion_len,
+          "per_device_bytes": figures,
+          "peak_gib_per_device": round(figures["peak"] / GIB, 2),
+          "arguments_gib": round(figures["arguments"] / GIB, 2),
+          "temps_gib": round(figures["temporaries"] / GIB, 2),
+          "collective_gib_per_layer": round(sum(k["gib"] for k in comm["by_kind"].values()), 3),
+          "all_to_all_per_layer": comm["by_kind"].get("all-to-all", {}).get("ops", 0),
+          "collectives": comm, "fits": fits(figures["peak"]), "lower_s": round(lower_s, 1),
+          "compile_s": round(compile_s, 1)}
+
+
+def _memory(compiled) -> dict:
+  mem = compiled.memory_analysis()
+  figures = {"arguments": mem.argument_size_in_bytes, "temporaries": mem.temp_size_in_bytes,
+             "outputs_not_aliased": mem.output_size_in_bytes - mem.alias_size_in_bytes}
+  figures["peak"] = sum(figures.values())
+  return figures
+
+
+def measure_rollout(args) -> dict:
+  """Compiles `sampling.generate`'s program for the rows of the update (no allocation)."""
+  from corpo_jax import sampling  # pylint: disable=g-import-not-at-top
+  mesh, cfg = _setup(args)
+  params = _abstract(nn.unbox(model.abstract_params(cfg)), model.param_shardings(cfg, mesh))
+  prompts = jax.ShapeDtypeStruct((args.prompts, args.prompt_len), jnp.int32,
+                                 sharding=sharding.batch_sharding(mesh, (args.prompts,)))
+  mask = jax.ShapeDtypeStruct(prompts.shape, bool, sharding=prompts.sharding)
+  scalar = jax.ShapeDtypeStruct((), jnp.int32)
+  start = time.perf_counter()
+  with jax.set_mesh(mesh):
+    lowered = sampling._jitted("cpu").lower(  # pylint: disable=protected-access
+        params, prompts, mask, jax.eval_shape(lambda: jax.random.key(0)), scalar, scalar, scalar,
+        cfg=cfg, strategy=(sampling.Temperature(1.0),), num_samples=args.group,
+        completion_size=args.completion_len)
+  lower_s = time.perf_counter() - start
+  compiled = lowered.compile()
+  figures = {"params": _per_device_bytes(params, jax.tree.map(lambda x: x.sharding, params)),
+             **_memory(compiled)}
+  return _summary(args, cfg, mesh, compiled, figures, args.prompts * args.group,
+                  lower_s, time.perf_counter() - start - lower_s)
+
+
+def measure(args) -> dict:
+  if args.program == "rollout":
+    return measure_rollout(args)
+  mesh, cfg = _setup(args)
   T = args.prompt_len + args.completion_len
   rl_cfg = RLConfig(beta=args.beta, num_micro_batches=args.micro_batches,
                     max_completion_len=args.completion_len)
@@ -107,28 +162,15 @@ def measure(args) -> dict:
   lower_s = time.perf_counter() - start
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start - lower_s
-  mem = compiled.memory_analysis()
   figures = {
       "params": _per_device_bytes(state.params, state_sh.params),
       "optimizer": _per_device_bytes(state.opt_state, state_sh.opt_state),
       "reference": _per_device_bytes(params, param_sh) if ref is not None else 0,
       "batch": _per_device_bytes(batch, batch_sh),
-      "arguments": mem.argument_size_in_bytes,
-      "temporaries": mem.temp_size_in_bytes,
-      "outputs_not_aliased": mem.output_size_in_bytes - mem.alias_size_in_bytes,
+      **_memory(compiled),
   }
-  figures["peak"] = (figures["arguments"] + figures["temporaries"]
-                     + figures["outputs_not_aliased"])
-  comm = collectives(compiled.as_text(), BG // args.micro_batches * T)
-  return {"model": args.model, "moe_dispatch": cfg.moe_dispatch, "parameters": model.count_params(params), "mesh": mesh_shape,
-          "devices": devices, "rows": BG, "tokens_per_row": T, "per_device_bytes": figures,
-          "peak_gib_per_device": round(figures["peak"] / GIB, 2),
-          "arguments_gib": round(figures["arguments"] / GIB, 2),
-          "temps_gib": round(figures["temporaries"] / GIB, 2),
-          "collective_gib_per_layer": round(sum(k["gib"] for k in comm["by_kind"].values()), 3),
-          "all_to_all_per_layer": comm["by_kind"].get("all-to-all", {}).get("ops", 0),
-          "collectives": comm, "fits": fits(figures["peak"]), "lower_s": round(lower_s, 1),
-          "compile_s": round(compile_s, 1)}
+  return _summary(args, cfg, mesh, compiled, figures, BG // args.micro_batches * T, lower_s,
+                  compile_s)
 
 
 _COLLECTIVE = re.compile(r"= (.*?) (all-to-all|all-gather|all-reduce|reduce-scatter|"
