@@ -108,6 +108,10 @@ def rl_stage(**overrides: Any) -> ml_collections.ConfigDict:
   stage.top_k = 0  # 0: off
   stage.top_p = 1.0  # 1.0: off
   stage.max_thinking_tokens = 0  # 0: no thinking budget; else force </think> after this many
+  # "train": sample with the trainer's parameters; "decode": with a copy in the compute dtype
+  # laid out for decoding (fsdp folded into tensor; corpo_jax/sharding.py decode_mesh), made
+  # every step: what a large model on a pod needs (docs/scale.md)
+  stage.rollout_layout = "train"
   stage.max_prompt_len = 256  # prompt tokens (with <bos>); longer ones are handled by long_prompts
   stage.long_prompts = "reject"  # "reject": stop naming the row; "truncate": keep the last tokens
   stage.rewards = (("exact_match", 1.0),)  # (name, weight) pairs, corpo_jax/rl/rewards.py

@@ -63,6 +63,17 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1, 1), devices: Sequence[Any] | Non
                        devices=devices)
 
 
+def decode_mesh(mesh: Mesh) -> Mesh:
+  """The sampler's view of the trainer's devices: the fsdp axis folded into tensor, so
+  (data, 1, expert, fsdp * tensor). A decode step runs one token per row, so gathering FSDP-sharded
+  weights every step costs more than splitting the matmuls further (XLA hoists those gathers out
+  of the decode loop, and every device then holds all the weights it touches): on this view the
+  weights split over expert and tensor (heads, d_ff, vocab) and the batch over data and expert."""
+  d, f, x, t = (mesh.shape[a] for a in MESH_AXES)
+  devices = mesh.devices.transpose(0, 2, 1, 3).reshape(d, 1, x, f * t)
+  return Mesh(devices, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
 def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None = None,
                     mesh_sizes: dict[str, int] | None = None) -> P:
   """Maps logical axis names to a PartitionSpec; drops mesh axes that do not divide `shape`."""

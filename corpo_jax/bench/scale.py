@@ -21,6 +21,7 @@ collective_gib_per_layer and all_to_all_per_layer (`collectives`), fits per TPU 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -61,6 +62,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--program", default="update", choices=("update", "rollout"),
                  help="the RL update, or the rollout of the same rows (sampling.generate: "
                       "prefill, then decode completion_len tokens into a prompt+completion cache)")
+  p.add_argument("--rollout_layout", default="decode", choices=("train", "decode"),
+                 help="rollout only: sample with the trainer's float32 parameters, or with the "
+                      "compute-dtype copy on the decode view of the mesh (model.for_decoding)")
   p.add_argument("--write_docs", action="store_true", help="write docs/scale.md (update only)")
 
 
@@ -85,7 +89,8 @@ def _setup(args):
 
 def _summary(args, cfg, mesh, compiled, figures: dict, tokens: int, lower_s, compile_s) -> dict:
   comm = collectives(compiled.as_text(), tokens)
-  return {"program": args.program, "model": args.model, "moe_dispatch": cfg.moe_dispatch,
+  layout = {"rollout_layout": args.rollout_layout} if args.program == "rollout" else {}
+  return {"program": args.program, **layout, "model": args.model, "moe_dispatch": cfg.moe_dispatch,
           "parameters": model.count_params(model.abstract_params(cfg)),
           "mesh": tuple(mesh.shape.values()), "devices": mesh.size,
           "rows": args.prompts * args.group, "tokens_per_row": args.prompt_len + args.completion_len,
@@ -111,6 +116,9 @@ def measure_rollout(args) -> dict:
   """Compiles `sampling.generate`'s program for the rows of the update (no allocation)."""
   from corpo_jax import sampling  # pylint: disable=g-import-not-at-top
   mesh, cfg = _setup(args)
+  if args.rollout_layout == "decode":  # the shapes model.for_decoding makes
+    cfg = dataclasses.replace(cfg, param_dtype=cfg.dtype)
+    mesh = sharding.decode_mesh(mesh)
   params = _abstract(nn.unbox(model.abstract_params(cfg)), model.param_shardings(cfg, mesh))
   prompts = jax.ShapeDtypeStruct((args.prompts, args.prompt_len), jnp.int32,
                                  sharding=sharding.batch_sharding(mesh, (args.prompts,)))
@@ -182,11 +190,13 @@ _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, 
 
 def collectives(hlo_text: str, tokens: int) -> dict:
   """The compiled module's collectives, each op counted once: {kind: {ops, gib}}, the largest
-  op's GiB, and how many ops have a dimension of `tokens` (the micro-batch's token count: such
-  an op moves the whole micro-batch's activations or router outputs). The layers are one loop
-  whose body appears once, so these are one layer's collectives (forward, backward, reference
-  pass) plus the few outside the layers."""
-  kinds, largest, global_ops = {}, 0, 0
+  op's GiB, how many ops have a dimension of `tokens` (the micro-batch's token count in the
+  update: such an op moves the whole micro-batch's activations or router outputs), and the
+  shapes all-gathered (a weight's shape there is a weight gathered). The update's layers are one
+  loop whose body appears once, so its figures are one layer's collectives (forward, backward,
+  reference pass) plus the few outside the layers; the rollout's decode passes unroll the
+  layers, so its figures are the whole model's prefill and decode step."""
+  kinds, largest, global_ops, gathered = {}, 0, 0, set()
   for line in hlo_text.splitlines():
     match = _COLLECTIVE.search(line)
     if not match:
@@ -199,8 +209,11 @@ def collectives(hlo_text: str, tokens: int) -> dict:
     kind["gib"] += size / GIB
     largest = max(largest, size)
     global_ops += any(tokens in dims for _, dims in shapes)
+    if match.group(2) == "all-gather":
+      gathered.update(tuple(dims) for _, dims in shapes)
   return {"by_kind": {k: {"ops": v["ops"], "gib": round(v["gib"], 3)} for k, v in kinds.items()},
-          "largest_gib": round(largest / GIB, 3), "ops_with_micro_batch_tokens": global_ops}
+          "largest_gib": round(largest / GIB, 3), "ops_with_micro_batch_tokens": global_ops,
+          "all_gather_shapes": sorted(gathered)}
 
 
 def fits(peak_bytes: int) -> dict[str, bool]:

@@ -347,6 +347,17 @@ def param_shardings(cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Any:
   return sharding.tree_shardings(abstract_params(cfg), mesh)
 
 
+def for_decoding(params: Any, cfg: ModelConfig,
+                 mesh: jax.sharding.Mesh) -> tuple[Any, ModelConfig, jax.sharding.Mesh]:
+  """(params, cfg, mesh) of a sampler's copy of the policy: the parameters cast to the compute
+  dtype and laid out on `sharding.decode_mesh(mesh)`, the same devices with fsdp folded into
+  tensor. Made from the trainer's params (which stay as they are) once per rollout."""
+  decode_cfg = dataclasses.replace(cfg, param_dtype=cfg.dtype)
+  decode_mesh = sharding.decode_mesh(mesh)
+  cast = jax.tree.map(lambda x: x.astype(decode_cfg.param_dtype), params)
+  return jax.device_put(cast, param_shardings(decode_cfg, decode_mesh)), decode_cfg, decode_mesh
+
+
 def init_params(cfg: ModelConfig, rng: jax.Array, mesh: jax.sharding.Mesh | None = None) -> Any:
   """Initialises parameters directly into their shardings (never materialised replicated)."""
   init = lambda r: nn.unbox(_init_fn(cfg)(r))

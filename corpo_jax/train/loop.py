@@ -46,6 +46,9 @@ from corpo_jax.train.checkpoint import Checkpointer
 from corpo_jax.train.metrics import MetricsWriter, OneStepLate, Progress
 
 STAGE_KINDS = ("sft", "rl")
+# "train": the rollout uses the trainer's parameters as they are laid out; "decode": a copy in the
+# compute dtype on the sampler's view of the devices (model.for_decoding), made every step.
+ROLLOUT_LAYOUTS = ("train", "decode")
 
 
 class Preempted(Exception):
@@ -105,6 +108,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.{name}.group_size={stage.group_size}: group-relative "
                          f"advantages need at least 2 completions per prompt.")
       _check_task_rewards(config, name)
+      if stage.get("rollout_layout", "train") not in ROLLOUT_LAYOUTS:
+        raise ValueError(f"config.{name}.rollout_layout={stage.rollout_layout!r} is not one of "
+                         f"{ROLLOUT_LAYOUTS}.")
       if stage.long_prompts not in pipeline.LONG_PROMPTS:
         raise ValueError(f"config.{name}.long_prompts={stage.long_prompts!r} is not one of "
                          f"{pipeline.LONG_PROMPTS}.")
@@ -353,18 +359,26 @@ def _rl_plan(run: Run, name: str, stage, index: int, start: Callable[[], Any]) -
   stage_rng = jax.random.fold_in(jax.random.key(run.config.seed), index)
   spec, G, tok = rewards_lib.check_spec(stage.rewards), stage.group_size, run.tokenizer
   max_think = stage.max_thinking_tokens or None
+  decode_layout = stage.get("rollout_layout", "train") == "decode"
   # The stage's starting policy, made at the first step (a finished stage never needs it).
   reference = functools.cache(lambda: start() if rl_cfg.beta > 0 else None)
 
   def step(state, prompts, k):
     t0 = time.perf_counter()
     prompts = _global_batch(run, prompts, prompt_sh, B, left=True)
-    with jax.set_mesh(run.mesh):
+    policy, cfg, mesh = state.params, run.cfg, run.mesh
+    if decode_layout:
+      policy, cfg, mesh = model.for_decoding(state.params, run.cfg, run.mesh)
+    on_mesh = lambda x: jax.device_put(x, sharding.batch_sharding(mesh, x.shape))
+    with jax.set_mesh(mesh):
       rollout = sampling.generate(
-          state.params, run.cfg, prompts["tokens"], prompts["token_mask"],
+          policy, cfg, on_mesh(prompts["tokens"]), on_mesh(prompts["token_mask"]),
           rng=jax.random.fold_in(stage_rng, k), num_samples=G,
           max_new_tokens=stage.max_new_tokens, strategy=_strategy(stage), eos_id=tok.eos_id,
           max_thinking_tokens=max_think)
+    if decode_layout:
+      del policy  # the sampler's copy
+      rollout = _rows_on(rollout, run.mesh)
     tokens, mask, ids = distributed.fetch(
         (rollout.tokens, rollout.mask,
          {f: prompts[f] for f in ("task_id", "index", "truncated", "think_tags")}))
@@ -388,6 +402,15 @@ def _rl_plan(run: Run, name: str, stage, index: int, start: Callable[[], Any]) -
 
   return StagePlan(optimizer, loader, step, ("loss", "reward/mean", "adv/frac_failed_positive"),
                    tasks)
+
+
+def _rows_on(rollout: sampling.Rollout, mesh: jax.sharding.Mesh) -> sampling.Rollout:
+  """A rollout made on the sampler's view of the devices, with its rows laid out for `mesh`."""
+  def put(path, x):
+    rows_at = 1 if path[-1].name == "experts" else 0  # experts are [L, rows, T, A]
+    names = (None,) * rows_at + ("batch",) + (None,) * (x.ndim - rows_at - 1)
+    return jax.device_put(x, sharding.named_sharding(mesh, names, x.shape))
+  return jax.tree_util.tree_map_with_path(put, rollout)
 
 
 # fold_in tag of the evaluation rng: apart from the stages' streams, fold_in(key(seed), index).

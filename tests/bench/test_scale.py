@@ -55,6 +55,25 @@ def test_fits_compares_with_each_chips_hbm():
   assert scale.fits(96 * GIB) == {"v4": False, "v5e": False, "v5p": False, "v6e": False}
 
 
+@pytest.mark.slow
+def test_mixtral_8x7b_rollout_in_the_decode_layout_fits():
+  """The rollout of the same 512 rows (shorter: 128 + 256 tokens) on the decode view of the
+  256 devices (4 x 1 x 4 x 16): the compute-dtype copy is split over expert x tensor, no weight
+  is all-gathered (d_ff 14336 and the attention projections never appear in one)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run([sys.executable, "-m", "corpo_jax.bench", "scale", "--program=rollout",
+                         "--prompt_len=128", "--completion_len=256"], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert r["rollout_layout"] == "decode" and r["mesh"] == [4, 1, 4, 16]
+  assert r["arguments_gib"] < 2.5 and r["peak_gib_per_device"] <= 20.0
+  assert r["all_to_all_per_layer"] > 0
+  assert not [s for s in r["collectives"]["all_gather_shapes"]
+              if 14336 in s or {4096, 128} <= set(s) and (32 in s or 8 in s) and len(s) == 3]
+
+
 def test_collectives_reads_kinds_sizes_and_token_dims():
   hlo = "\n".join([
       "  %all-to-all.1 = (f32[2,256,4096]{2,1,0}, bf16[2,256,4096]{2,1,0}) all-to-all(%a, %b), "
@@ -70,3 +89,4 @@ def test_collectives_reads_kinds_sizes_and_token_dims():
                           "all-gather": {"ops": 1, "gib": round(131072 * 8 * 4 / GIB, 3)},
                           "all-reduce": {"ops": 1, "gib": 0.0}}
   assert c["largest_gib"] == round(a2a, 3) and c["ops_with_micro_batch_tokens"] == 1
+  assert c["all_gather_shapes"] == [(131072, 8)]

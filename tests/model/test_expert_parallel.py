@@ -103,3 +103,31 @@ def test_rl_update_equals_one_device():
   ep, _ = step.make_update(EP, rl_cfg, mesh, opt)(step.init_state(EP, opt, params, mesh), batch,
                                                   ref)
   _assert_close(jax.device_get(ep.params), jax.device_get(one.params))
+
+
+def test_decode_layout_samples_what_the_trainer_layout_samples():
+  """The sampler's copy (model.for_decoding) on data 1 x fsdp 2 x expert 2 x tensor 2: the same
+  8 devices viewed as 1 x 1 x 2 x 4, experts split over expert and d_ff over tensor, no weight
+  sharded over fsdp; greedy rollouts equal the trainer layout's."""
+  mesh = sharding.make_mesh((1, 2, 2, 2))
+  params = jax.device_put(_params(EP), model.param_shardings(EP, mesh))
+  prompts = jnp.asarray(TOKENS[:4, :6])
+  kw = dict(rng=jax.random.key(0), num_samples=2, max_new_tokens=6,
+            strategy=(sampling.Greedy(),))
+  with jax.set_mesh(mesh):
+    rows = sharding.batch_sharding(mesh, prompts.shape)
+    train = sampling.generate(params, EP, jax.device_put(prompts, rows),
+                              jax.device_put(prompts >= 0, rows), **kw)
+  copy, cfg, decode_mesh = model.for_decoding(params, EP, mesh)
+  assert dict(decode_mesh.shape) == {"data": 1, "fsdp": 1, "expert": 2, "tensor": 4}
+  assert decode_mesh.devices.size == 8 and set(decode_mesh.devices.flat) == set(mesh.devices.flat)
+  gate = copy["layers"]["moe"]["gate"]
+  assert gate.sharding.spec == jax.sharding.PartitionSpec(None, "expert", "fsdp", "tensor")
+  assert gate.addressable_shards[0].data.shape == (2, 2, 64, 32)  # [L, E/2, D, F/4]
+  with jax.set_mesh(decode_mesh):
+    rows = sharding.batch_sharding(decode_mesh, prompts.shape)
+    decode = sampling.generate(copy, cfg, jax.device_put(prompts, rows),
+                               jax.device_put(prompts >= 0, rows), **kw)
+  np.testing.assert_array_equal(decode.tokens, train.tokens)
+  np.testing.assert_allclose(decode.logprobs, train.logprobs, atol=1e-5)
+  np.testing.assert_array_equal(decode.experts, train.experts)
