@@ -59,6 +59,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--completion_len", type=int, default=1024)
   p.add_argument("--micro_batches", type=int, default=2)
   p.add_argument("--beta", type=float, default=0.04, help="> 0 compiles the reference pass")
+  p.add_argument("--remat", default="", help="override the preset's model.remat (full | dots | "
+                 "experts | dots_and_experts)")
   p.add_argument("--program", default="update", choices=("update", "rollout"),
                  help="the RL update, or the rollout of the same rows (sampling.generate: "
                       "prefill, then decode completion_len tokens into a prompt+completion cache)")
@@ -82,8 +84,8 @@ def _setup(args):
   mesh_shape = tuple(int(s) for s in args.mesh.split(","))
   jax.config.update("jax_platforms", "cpu")
   jax.config.update("jax_num_cpu_devices", math.prod(mesh_shape))
-  cfg = ModelConfig.preset(args.model, **(
-      {"moe_dispatch": args.moe_dispatch} if args.moe_dispatch else {}))
+  overrides = {k: getattr(args, k) for k in ("moe_dispatch", "remat") if getattr(args, k)}
+  cfg = ModelConfig.preset(args.model, **overrides)
   return sharding.make_mesh(mesh_shape), cfg
 
 
@@ -91,6 +93,7 @@ def _summary(args, cfg, mesh, compiled, figures: dict, tokens: int, lower_s, com
   comm = collectives(compiled.as_text(), tokens)
   layout = {"rollout_layout": args.rollout_layout} if args.program == "rollout" else {}
   return {"program": args.program, **layout, "model": args.model, "moe_dispatch": cfg.moe_dispatch,
+          "remat": cfg.remat,
           "parameters": model.count_params(model.abstract_params(cfg)),
           "mesh": tuple(mesh.shape.values()), "devices": mesh.size,
           "rows": args.prompts * args.group, "tokens_per_row": args.prompt_len + args.completion_len,

@@ -7,7 +7,7 @@ import numbers
 from typing import Any, Mapping
 
 DISPATCH_MODES = ("capacity", "sort", "expert_parallel")
-REMAT_POLICIES = ("none", "full", "dots")
+REMAT_POLICIES = ("none", "full", "dots", "experts", "dots_and_experts")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -52,7 +52,9 @@ class ModelConfig:
   # Numerics and memory.
   dtype: str = "float32"  # compute dtype of activations and matmuls; router/softmax/logits stay float32
   param_dtype: str = "float32"
-  remat: str = "none"  # "none", "full" (recompute each layer) or "dots" (save matmul outputs)
+  # "none", "full" (recompute each layer), "dots" (save the unbatched matmuls), "experts" (save
+  # the expert matmuls), "dots_and_experts" (both); corpo_jax/model/transformer.py
+  remat: str = "none"
 
   def __post_init__(self):
     for field in _POSITIVE_INTS:

@@ -46,6 +46,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from corpo_jax import sharding
@@ -99,11 +100,17 @@ def capacity(num_tokens: int, cfg: ModelConfig) -> int:
                                           / cfg.num_experts)))
 
 
+# checkpoint_name of the expert matmuls' outputs, which remat policies can save by name
+# (model/transformer.py: remat "experts", "dots_and_experts").
+EXPERT_MATMULS = ("expert_gate", "expert_up", "expert_down")
+
+
 def _swiglu_ECD(x_ECD, w_gate_EDF, w_up_EDF, w_down_EFD):
   """SwiGLU batched over the leading axis (experts, or blocks with their experts' weights)."""
-  h_ECF = (jax.nn.silu(jnp.einsum("ECD,EDF->ECF", x_ECD, w_gate_EDF))
-           * jnp.einsum("ECD,EDF->ECF", x_ECD, w_up_EDF))
-  return jnp.einsum("ECF,EFD->ECD", h_ECF, w_down_EFD)
+  gate, up, down = EXPERT_MATMULS
+  h_ECF = (jax.nn.silu(checkpoint_name(jnp.einsum("ECD,EDF->ECF", x_ECD, w_gate_EDF), gate))
+           * checkpoint_name(jnp.einsum("ECD,EDF->ECF", x_ECD, w_up_EDF), up))
+  return checkpoint_name(jnp.einsum("ECF,EFD->ECD", h_ECF, w_down_EFD), down)
 
 
 class _Slots(NamedTuple):

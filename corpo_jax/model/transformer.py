@@ -23,9 +23,18 @@ from corpo_jax.model.config import ModelConfig
 from corpo_jax.model.layers import Attention, RMSNorm, fan_in_init, param
 from corpo_jax.sharding import constrain
 
+_policies = jax.checkpoint_policies
+_EXPERTS = _policies.save_only_these_names(*moe.EXPERT_MATMULS)
+# What a rematerialised layer keeps for the backward pass (the rest is recomputed): "full"
+# nothing; "dots" the unbatched matmuls (attention and router projections; the experts' batched
+# [E, C, .] matmuls are recomputed); "experts" only the expert matmuls (by their checkpoint_name,
+# moe.EXPERT_MATMULS; capacity and expert_parallel dispatch); "dots_and_experts" both.
 _REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "full": _policies.nothing_saveable,
+    "dots": _policies.checkpoint_dots_with_no_batch_dims,
+    "experts": _EXPERTS,
+    "dots_and_experts": _policies.save_from_both_policies(
+        _policies.checkpoint_dots_with_no_batch_dims, _EXPERTS),
 }
 
 

@@ -167,11 +167,14 @@ def _loss(params, cfg, tokens):
 _loss_and_grad = jax.jit(jax.value_and_grad(_loss), static_argnums=1)
 
 
-@pytest.mark.parametrize("remat", ["full", "dots"])
-def test_remat_equals_no_remat(remat):
+@pytest.mark.parametrize("remat,dispatch", [("full", "capacity"), ("dots", "capacity"),
+                                            ("experts", "expert_parallel"),
+                                            ("dots_and_experts", "expert_parallel")])
+def test_remat_equals_no_remat(remat, dispatch):
+  """Every policy; the named ones on the dispatch whose expert matmuls carry the names."""
   params, tokens = _params(), jnp.asarray(TOKENS)
-  loss, grads = _loss_and_grad(params, _cfg(), tokens)
-  loss_r, grads_r = _loss_and_grad(params, _cfg(remat=remat), tokens)
+  loss, grads = _loss_and_grad(params, _cfg(moe_dispatch=dispatch), tokens)
+  loss_r, grads_r = _loss_and_grad(params, _cfg(remat=remat, moe_dispatch=dispatch), tokens)
   np.testing.assert_allclose(loss_r, loss, **TOL)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grads_r, grads)
   # The gradient reaches every parameter but the step classifier (not in this loss).
@@ -241,3 +244,15 @@ def test_zero_thinking_layers_is_the_base_model():
   out0 = jax.eval_shape(lambda p: model.run(p, cfg0, tokens), params0)
   assert out0.hidden.think_BTD is None and out0.step_logits_BTC is None
   assert out0.aux["expert_load"].shape == (cfg0.num_layers, cfg0.num_experts)
+
+
+def test_remat_experts_keeps_the_named_expert_matmuls():
+  """remat="experts" saves the expert matmuls by name: the compiled gradient holds more live
+  temporaries than "full" (which recomputes them) and fewer than no remat."""
+  def temps(remat):
+    cfg = _cfg(remat=remat, moe_dispatch="expert_parallel")
+    grad = jax.jit(jax.grad(lambda p, t: model.forward(p, cfg, t).mean()))
+    return grad.lower(random_params(cfg), jnp.asarray(TOKENS)).compile().memory_analysis(
+        ).temp_size_in_bytes
+  full, experts, none = temps("full"), temps("experts"), temps("none")
+  assert full < experts < none
