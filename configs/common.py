@@ -124,13 +124,14 @@ def rl_stage(**overrides: Any) -> ml_collections.ConfigDict:
 
 
 def three_stage(config: ml_collections.ConfigDict, *, advantage: str, scale: str,
-                reward: str) -> ml_collections.ConfigDict:
+                reward: str, **rl: Any) -> ml_collections.ConfigDict:
   """The thinking recipe on the bundled tasks: a supervised warm start on reasoning traces, RL on
   arithmetic, then specialisation on 3-digit arithmetic with the composite thinking reward.
 
   Our demo model starts from random weights, so the warm start trains every parameter; with a
   pre-trained base, `--config.sft.freeze='("base",)'` is the recipe's thinking-head
   pre-training. reward: "exact_match" (0/1, tau 1) or "ordinal" (the task grade 1..5, tau 5).
+  rl: further RLConfig fields of both RL stages (e.g. GSPO's importance_level and clip range).
   """
   if reward not in ("exact_match", "ordinal"):
     raise ValueError(f"reward={reward!r}: choose exact_match or ordinal.")
@@ -141,7 +142,7 @@ def three_stage(config: ml_collections.ConfigDict, *, advantage: str, scale: str
   # (docs/demo.md: transparency 0.82 -> 0.97, held-out accuracy up by about 0.1).
   config.sft = sft_stage(steps=600, learning_rate=3e-3, warmup_steps=20, decay_steps=580,
                          trace_share=0.75)
-  estimator = dict(advantage=advantage, scale=scale, tau=tau, beta=0.1)
+  estimator = dict(advantage=advantage, scale=scale, tau=tau, beta=0.1, **rl)
   config.rl = rl_stage(steps=60, prompts_per_step=8, max_new_tokens=96, rewards=((reward, 1.0),),
                        learning_rate=5e-5, warmup_steps=5, **estimator)
   # Mixed rewards: tau moves to the scale of the weighted sum (a perfect answer with a perfect
@@ -155,13 +156,15 @@ def three_stage(config: ml_collections.ConfigDict, *, advantage: str, scale: str
   return config
 
 
-def estimator_config(arg: str | None, *, advantage: str, scale: str,
-                     reward: str) -> ml_collections.ConfigDict:
-  """The get_config of configs/{grpo,corpo,static,dr_grpo}.py: the three-stage recipe with one
-  advantage estimator. Arguments: model, seed, workdir, reward, smoke."""
-  arg = parse_arg(arg, model="demo", seed=0, workdir=f"workdir/{advantage}", reward=reward,
-                  smoke=False)
-  config = three_stage(base_config(arg), advantage=advantage, scale=scale, reward=arg.reward)
+def estimator_config(arg: str | None, *, advantage: str, scale: str, reward: str,
+                     name: str = "", **rl: Any) -> ml_collections.ConfigDict:
+  """The get_config of configs/{grpo,corpo,static,dr_grpo,gspo}.py: the three-stage recipe with
+  one advantage estimator (and the RLConfig fields `rl`), its workdir workdir/<name or
+  advantage>. Arguments: model, seed, workdir, reward, smoke."""
+  arg = parse_arg(arg, model="demo", seed=0, workdir=f"workdir/{name or advantage}",
+                  reward=reward, smoke=False)
+  config = three_stage(base_config(arg), advantage=advantage, scale=scale, reward=arg.reward,
+                       **rl)
   return smoke(config) if arg.smoke else config
 
 

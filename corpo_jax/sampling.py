@@ -1,8 +1,8 @@
 """Rollouts: prefill each prompt once, copy its KV cache to G samples, decode in a jitted loop.
 
 `generate` returns a `Rollout` (see /work/brief/contract.md): completion tokens, mask, log-probs
-of the sampled tokens under the distribution actually sampled from, lengths, truncation flags
-and the base layers' expert choices for router replay.
+of the sampled tokens under the distribution actually sampled from, lengths, truncation flags,
+the base layers' expert choices for router replay, and which tokens were forced.
 
 Sampling strategies are small frozen dataclasses applied to float32 logits in the order given:
 `Temperature(t)`, `TopK(k)`, `TopP(p)` (e.g. `(Temperature(0.7), TopK(50), TopP(0.95))`), or
@@ -13,7 +13,9 @@ Think spans: the cache tracks whether a span is open, so `model.run`/`model.proj
 thinking head's logits inside spans exactly as the training forward pass does. With
 `max_thinking_tokens = n`, once n tokens have been generated inside an open span, `</think>` is
 forced (its log-prob is taken under the temperature-scaled, untruncated distribution, as the RL
-update computes it). Tokens of a span opened in the prompt count from the first generated one.
+update computes it) and marked in `Rollout.forced`: the policy never sampled it, so the RL update
+leaves it out of the loss. Tokens of a span opened in the prompt count from the first generated
+one.
 
 Static shapes and buckets (one compilation per bucket): the prompt width is left-padded up to
 `bucket(P)` and the completion buffer is `bucket(max_new_tokens)` long, where `bucket(n)` is the
@@ -102,6 +104,7 @@ class Rollout:
   lengths: jax.Array  # int32 [BG]
   truncated: jax.Array  # bool [BG]: max_new_tokens reached without EOS
   experts: jax.Array  # int32 [L, BG, P + T_c, A]: base layers' expert choices (router replay)
+  forced: jax.Array | None = None  # bool [BG, T_c]: forced by the thinking budget, not sampled
 
 
 @flax.struct.dataclass
@@ -114,6 +117,7 @@ class _State:
   cache: model.Cache
   tokens_BT: jax.Array
   logprobs_BT: jax.Array
+  forced_BT: jax.Array
   experts_LBTA: jax.Array
   done_B: jax.Array
   think_count_B: jax.Array  # tokens generated inside the currently open think span
@@ -193,12 +197,14 @@ def _decode_step(params, cfg: ModelConfig, strategy, state: _State, eos_id, max_
                  max_thinking_tokens) -> _State:
   rng = jax.random.fold_in(state.rng, state.step)
   token_B, logp_B = _sample(rng, state.logits_BV, strategy)
+  force_B = jnp.zeros_like(state.done_B)
   if cfg.has_thinking_head and cfg.think_end_id >= 0:
     force_B = state.cache.think_open_B & (state.think_count_B >= max_thinking_tokens)
     forced_logp_B = jax.nn.log_softmax(state.logits_BV / _temperature(strategy))[:, cfg.think_end_id]
     token_B = jnp.where(force_B, cfg.think_end_id, token_B)
     logp_B = jnp.where(force_B, forced_logp_B, logp_B)
   live_B = ~state.done_B
+  force_B = force_B & live_B
   token_B = jnp.where(live_B, token_B, cfg.pad_id)
   logp_B = jnp.where(live_B, logp_B, 0.0)
 
@@ -212,6 +218,7 @@ def _decode_step(params, cfg: ModelConfig, strategy, state: _State, eos_id, max_
       step=state.step + 1, rng=state.rng, logits_BV=logits_BV, cache=out.cache,
       tokens_BT=jax.lax.dynamic_update_slice(state.tokens_BT, token_B[:, None], at),
       logprobs_BT=jax.lax.dynamic_update_slice(state.logprobs_BT, logp_B[:, None], at),
+      forced_BT=jax.lax.dynamic_update_slice(state.forced_BT, force_B[:, None], at),
       experts_LBTA=jax.lax.dynamic_update_slice(state.experts_LBTA, out.experts_LBTA,
                                                 (0, 0, state.step, 0)),
       done_B=done_B, think_count_B=think_count_B)
@@ -230,6 +237,7 @@ def _generate(params, prompts_BP, prompt_mask_BP, rng, eos_id, max_new_tokens,
       step=jnp.zeros((), jnp.int32), rng=rng, logits_BV=batch(logits_BV), cache=cache,
       tokens_BT=batch(jnp.full((BG, completion_size), cfg.pad_id, jnp.int32)),
       logprobs_BT=batch(jnp.zeros((BG, completion_size), jnp.float32)),
+      forced_BT=batch(jnp.zeros((BG, completion_size), bool)),
       experts_LBTA=constrain(jnp.zeros((L, BG, completion_size, A), jnp.int32),
                              (None, "batch", None, None)),
       done_B=batch(jnp.zeros((BG,), bool)),
@@ -249,7 +257,8 @@ def _generate(params, prompts_BP, prompt_mask_BP, rng, eos_id, max_new_tokens,
   return Rollout(tokens=jnp.where(mask_BT, state.tokens_BT, cfg.pad_id), mask=mask_BT,
                  logprobs=jnp.where(mask_BT, state.logprobs_BT, 0.0), lengths=lengths_B,
                  truncated=~has_eos_B,
-                 experts=jnp.concatenate([experts_LBPA, state.experts_LBTA], axis=2))
+                 experts=jnp.concatenate([experts_LBPA, state.experts_LBTA], axis=2),
+                 forced=state.forced_BT & mask_BT)
 
 
 # No YNNPACK fusions in the sampler on XLA:CPU (other backends ignore this option): its
@@ -299,4 +308,5 @@ def generate(params: Any, cfg: ModelConfig, prompts_BP: jax.Array, prompt_mask_B
   cut = lambda x: x[:, :max_new_tokens]
   return Rollout(tokens=cut(out.tokens), mask=cut(out.mask), logprobs=cut(out.logprobs),
                  lengths=out.lengths, truncated=out.truncated,
-                 experts=out.experts[:, :, P_pad - P:P_pad + max_new_tokens])
+                 experts=out.experts[:, :, P_pad - P:P_pad + max_new_tokens],
+                 forced=cut(out.forced))

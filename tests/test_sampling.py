@@ -72,7 +72,7 @@ def test_greedy_equals_uncached_argmax(params, plain_params, thinking):
   ref_tokens, ref_logp = _reference(p, cfg, prompts, mask, 6)
   np.testing.assert_array_equal(out.tokens, np.repeat(ref_tokens, 2, 0))
   np.testing.assert_allclose(out.logprobs, np.repeat(ref_logp, 2, 0), atol=1e-5)
-  assert out.mask.all() and out.truncated.all()
+  assert out.mask.all() and out.truncated.all() and not out.forced.any()
   np.testing.assert_array_equal(out.lengths, 6)
   if thinking:  # the think span changes the result: the base head alone gives other tokens
     base_logits = _forward(params, dataclasses.replace(TINY, think_start_id=-1), prompts, mask)
@@ -176,6 +176,8 @@ def test_thinking_budget_forces_think_end(params):
   assert (ref_tokens[:, :3] != THINK_END_ID).all()  # the end was forced, not chosen
   np.testing.assert_array_equal(out.tokens, ref_tokens)  # after </think>: the base head again
   np.testing.assert_allclose(out.logprobs, ref_logp, atol=1e-5)
+  # Only the forced end is marked: the RL update leaves it out of the loss.
+  np.testing.assert_array_equal(out.forced, np.broadcast_to(np.arange(7) == 3, (2, 7)))
 
 
 def test_experts_match_full_forward(params):

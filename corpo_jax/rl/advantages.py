@@ -2,8 +2,12 @@
 
 Each estimator gives A = R - b for its baseline b[B, G], then an optional scale (ALGORITHMS.md):
 `group` divides by each group's std (Bessel) + eps, `batch` by the std of all B * G rewards
-(Bessel) + eps, `none` leaves A as is. Group means are computed relative to the group's first
-reward, so a group of equal rewards gets exactly A = 0 (no float noise amplified by 1 / eps).
+(Bessel) + eps, `none` leaves A as is. For static and corpo, whose baseline is not a mean, `batch`
+takes the spread about the baseline, sqrt(sum A^2 / (BG - 1)): an all-equal batch then gets
+|A| < 1 instead of (R - tau) / eps. Every scaled advantage is at most 2 sqrt(N) in size, N the
+values a std is taken over (docs/algorithms.md "Scaling"). Group means are computed relative to
+the group's first reward, so a group of equal rewards gets exactly A = 0 (no float noise
+amplified by 1 / eps).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from corpo_jax.rl.config import ESTIMATORS, SCALES, check_scale
+from corpo_jax.rl.config import ESTIMATORS, SCALES, TAU_BASELINES, check_scale
 
 
 def _group_mean(R_BG: jax.Array) -> jax.Array:
@@ -58,7 +62,7 @@ assert tuple(ESTIMATOR_FNS) == ESTIMATORS
 
 
 def compute(name: str, rewards_BG: jax.Array, *, tau: float = 0.0, scale: str = "none",
-            eps: float = 1e-6) -> jax.Array:
+            eps: float = 1e-4) -> jax.Array:
   """Advantages A[B, G] (float32) of estimator `name` with the given scaling."""
   if name not in ESTIMATOR_FNS:
     raise ValueError(f"Unknown advantage estimator {name!r}; registered: {sorted(ESTIMATOR_FNS)}.")
@@ -70,19 +74,21 @@ def compute(name: str, rewards_BG: jax.Array, *, tau: float = 0.0, scale: str = 
   if scale == "group":
     A_BG = A_BG / (_std(R_BG - _group_mean(R_BG), axis=-1) + eps)
   elif scale == "batch":
-    A_BG = A_BG / (_std(R_BG - jnp.mean(R_BG), axis=None) + eps)
+    spread_BG = A_BG if name in TAU_BASELINES else R_BG - jnp.mean(R_BG)
+    A_BG = A_BG / (_std(spread_BG, axis=None) + eps)
   return A_BG
 
 
 def _std(centered: jax.Array, axis: int | None) -> jax.Array:
-  """Bessel-corrected std of already-centred values (0 for a single value)."""
+  """Bessel-corrected std of values already centred on their reference point (0 for one value)."""
   n = centered.size if axis is None else centered.shape[axis]
   var = jnp.sum(centered ** 2, axis=axis, keepdims=axis is not None) / max(n - 1, 1)
   return jnp.sqrt(var)
 
 
 def diagnostics(rewards_BG: jax.Array, advantages_BG: jax.Array, tau: float) -> dict[str, jax.Array]:
-  """The CoRPO diagnostics of ALGORITHMS.md (float32 scalars, never NaN for finite inputs).
+  """The CoRPO diagnostics of ALGORITHMS.md (float32 scalars, never NaN for finite inputs) of
+  the rewards the advantages were computed from (after any shaping, e.g. the overlong penalty).
 
   A ratio whose denominator count is 0 divides by 1 instead: frac_failed_positive is 0 when no
   completion failed, pos_neg_ratio is #{A > 0} when no advantage is negative.

@@ -11,8 +11,10 @@ import re
 from typing import Any, Mapping
 
 ESTIMATORS = ("grpo", "dr_grpo", "rloo", "static", "corpo")
+TAU_BASELINES = ("static", "corpo")  # estimators whose baseline is not a mean of the rewards
 SCALES = ("none", "group", "batch")
-KL_ESTIMATORS = ("k1", "k2", "k3")
+# Per-token KL penalties, each named in docs/algorithms.md by the gradient its expectation has.
+KL_ESTIMATORS = ("k3_ratio", "k2", "k3", "k1")
 AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
 IMPORTANCE_LEVELS = ("token", "sequence")
 BASE = "base"  # freeze pattern: every parameter outside params["thinking"]
@@ -24,18 +26,30 @@ class RLConfig:
 
   # Advantages (advantages.py).
   advantage: str = "grpo"  # one of ESTIMATORS
-  scale: str = "group"  # "none", "group" (group std, Bessel) or "batch" (std over the batch)
+  # "none", "group" (group std, Bessel) or "batch" (std over the batch; for static/corpo the
+  # spread about their baseline, so an all-equal batch cannot explode: docs/algorithms.md).
+  scale: str = "group"
   tau: float = 0.0  # correctness threshold of static/corpo and of the diagnostics (R < tau fails)
-  eps: float = 1e-6  # added to the std when scaling
+  # Added to the std before dividing (TRL's 1e-4): reward spreads far below it give advantages far
+  # below 1 instead of full-size ones (docs/algorithms.md "Scaling").
+  eps: float = 1e-4
   # Policy loss (losses.py).
   eps_low: float = 0.2  # PPO clip: ratio >= 1 - eps_low
   eps_high: float = 0.2  # ratio <= 1 + eps_high (> eps_low: DAPO clip-higher)
   beta: float = 0.0  # KL weight against the frozen reference policy (0: no reference pass)
-  kl_estimator: str = "k3"  # k1 logp-ref, k2 (logp-ref)^2/2, k3 exp(ref-logp)-(ref-logp)-1
+  # KL penalty per token and the gradient its expectation has (docs/algorithms.md "KL"):
+  # "k3_ratio" r * k3, r = pi / pi_old with its gradient: grad KL(pi || ref), also off-policy;
+  # "k2" (logp - ref)^2 / 2: grad KL(pi || ref) on the first iteration only; "k3"
+  # exp(ref - logp) - (ref - logp) - 1: grad KL(ref || pi) (forward); "k1" logp - ref: grad 0.
+  kl_estimator: str = "k3_ratio"
   aggregation: str = "seq_mean_token_mean"  # one of AGGREGATIONS
   importance_level: str = "token"  # "token" (PPO) or "sequence" (GSPO)
   mask_truncated: bool = False  # no loss on completions that hit max_completion_len
-  # DAPO soft overlong penalty, added to the rewards inside the update.
+  # Also train on the tokens the sampler forced (the thinking budget's </think>); off: the policy
+  # never sampled them, so they carry no loss and no KL (Batch.forced).
+  loss_on_forced: bool = False
+  # DAPO soft overlong penalty, added to the rewards inside the update (not to the rows that
+  # mask_truncated takes out of the loss: they keep their raw reward in the baseline).
   overlong_penalty: bool = False
   overlong_buffer: int = 16  # last tokens before max_completion_len where the penalty ramps up
   overlong_factor: float = 1.0  # penalty at (and beyond) max_completion_len
@@ -116,7 +130,7 @@ class RLConfig:
 
 def check_scale(advantage: str, scale: str) -> None:
   """Rejects scalings an estimator is not defined with (see ALGORITHMS.md)."""
-  if advantage in ("static", "corpo") and scale == "group":
+  if advantage in TAU_BASELINES and scale == "group":
     raise ValueError(f"rl.advantage={advantage!r} with rl.scale='group' divides a homogeneous "
                      f"failing group's (R - tau) by a std of 0 (+ eps); use scale=none or batch.")
   if advantage == "dr_grpo" and scale != "none":

@@ -38,15 +38,27 @@ def clipped_surrogate(log_ratio_BT: jax.Array, adv_B: jax.Array, eps_low: float,
   return -jnp.minimum(unclipped_BT, clipped_BT), is_clipped_BT
 
 
-def kl(logp_BT: jax.Array, ref_BT: jax.Array, estimator: str) -> jax.Array:
-  """Per-token estimate of KL(pi_theta || pi_ref) from samples of pi_theta (Schulman's k1-k3)."""
+def kl(logp_BT: jax.Array, ref_BT: jax.Array, old_BT: jax.Array, estimator: str) -> jax.Array:
+  """Per-token KL penalty on tokens sampled from pi_old (log-probs old_BT, constants; equal to
+  logp_BT on the first iteration), differentiated through logp_BT only. Its expected gradient,
+  per position given the prefix (derived in docs/algorithms.md "KL"):
+
+  * k3_ratio: r * k3 with r = pi_theta / pi_old, gradient kept: grad KL(pi_theta || pi_ref) for
+    any pi_old (TRL's use_bias_correction_kl at token level);
+  * k2: (logp - ref)^2 / 2: grad KL(pi_theta || pi_ref) while pi_old = pi_theta;
+  * k3: exp(ref - logp) - (ref - logp) - 1: grad KL(pi_ref || pi_theta), the forward KL;
+  * k1: logp - ref: 0 (its value estimates the KL, its gradient is noise).
+  """
   d_BT = ref_BT - logp_BT
   if estimator == "k1":
     return -d_BT
   if estimator == "k2":
     return 0.5 * d_BT ** 2
+  k3_BT = jnp.exp(d_BT) - d_BT - 1.0
   if estimator == "k3":
-    return jnp.exp(d_BT) - d_BT - 1.0
+    return k3_BT
+  if estimator == "k3_ratio":
+    return jnp.exp(logp_BT - jax.lax.stop_gradient(old_BT)) * k3_BT
   raise ValueError(f"Unknown kl_estimator {estimator!r}; choose one of {KL_ESTIMATORS}.")
 
 
@@ -63,10 +75,14 @@ def aggregate_sum(x_BT: jax.Array, mask_BT: jax.Array, mode: str, max_len: int) 
 
 
 def aggregate_denominator(mask_BT: jax.Array, mode: str) -> jax.Array:
-  """The denominator of aggregation `mode`: loss tokens for token_mean, else rows with at least
-  one loss token (a row masked out entirely, e.g. by mask_truncated, does not count)."""
+  """The denominator of aggregation `mode`: loss tokens for token_mean; rows with at least one
+  loss token for seq_mean_token_mean (a row masked out entirely, e.g. by mask_truncated, has no
+  mean to count); every row for seq_mean_token_sum_norm, whose normaliser rows * max_len is a
+  constant of the batch shape (Dr. GRPO)."""
   if mode == "token_mean":
     return mask_BT.sum(dtype=jnp.float32)
+  if mode == "seq_mean_token_sum_norm":
+    return jnp.float32(mask_BT.shape[0])
   return mask_BT.any(-1).sum(dtype=jnp.float32)
 
 
@@ -76,7 +92,7 @@ def aggregate(x_BT: jax.Array, mask_BT: jax.Array, mode: str,
 
   * seq_mean_token_mean: mean over each row's tokens, then mean over rows (GRPO);
   * token_mean: mean over all loss tokens of the batch (DAPO);
-  * seq_mean_token_sum_norm: each row's token sum / max_len, mean over rows (Dr. GRPO).
+  * seq_mean_token_sum_norm: each row's token sum / max_len, mean over all rows (Dr. GRPO).
   """
   return aggregate_sum(x_BT, mask_BT, mode, max_len), aggregate_denominator(mask_BT, mode)
 

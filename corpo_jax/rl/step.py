@@ -10,7 +10,9 @@ that, for `rl_cfg.num_iterations` optimizer steps on the same batch: computes ad
 the rewards (plus the overlong penalty), the policy's log-probs of the completion tokens
 (logits / temperature projected chunk by chunk over time, so [B, T, V] is never live), the
 PPO/GSPO surrogate, beta * KL against `ref_params` (needed only when beta > 0), the MoE
-auxiliary losses, and gradients accumulated over micro-batches as an exact weighted mean. A step
+auxiliary losses, and gradients accumulated over micro-batches as an exact weighted mean. The
+loss and KL cover the sampled completion tokens only: tokens the sampler forced (Batch.forced)
+are left out unless rl.loss_on_forced (docs/algorithms.md). A step
 whose loss or gradients are not finite is skipped: parameters and optimizer state stay as they
 were and `state.skipped` counts it. Nothing is random, so no rng is taken.
 
@@ -61,6 +63,9 @@ class Batch:
   rewards: jax.Array  # float32 [B, G]
   truncated: jax.Array  # bool [BG]: hit the length limit without EOS
   experts: jax.Array | None = None  # int32 [L, BG, T, A]: rollout's expert choices
+  # bool [BG, T]: completion tokens the sampler forced rather than sampled (the thinking budget's
+  # </think>); in loss_mask, left out of the loss unless rl.loss_on_forced. None: none forced.
+  forced: jax.Array | None = None
   # Width P of the left-padded prompt that the G rows of a group share (tokens[:, :P]); static.
   # `make_batch` sets it, and the update then runs each prompt once (`rl.share_prompt`); 0: the
   # rows are not known to share their prompts, every row runs in full.
@@ -79,7 +84,8 @@ def make_batch(prompt_tokens_BP: jax.Array, prompt_mask_BP: jax.Array, rollout: 
                rewards_BG: jax.Array) -> Batch:
   """A Batch from left-padded prompts [B, P], a Rollout with B * G rows and rewards [B, G].
 
-  prompt_mask_BP: bool [B, P] (True on real tokens), or int prompt lengths [B].
+  prompt_mask_BP: bool [B, P] (True on real tokens), or int prompt lengths [B]. The rollout's
+  `forced` mask (None: no token forced) becomes Batch.forced.
   """
   B, G = rewards_BG.shape
   P = prompt_tokens_BP.shape[1]
@@ -91,6 +97,9 @@ def make_batch(prompt_tokens_BP: jax.Array, prompt_mask_BP: jax.Array, rollout: 
   repeat = lambda x: jnp.repeat(x, G, axis=0)
   prompt_mask = repeat(jnp.asarray(prompt_mask_BP, bool))
   completion_mask = jnp.asarray(rollout.mask, bool)
+  forced = None
+  if rollout.forced is not None:
+    forced = jnp.concatenate([jnp.zeros_like(prompt_mask), jnp.asarray(rollout.forced, bool)], 1)
   return Batch(
       tokens=jnp.concatenate([repeat(jnp.asarray(prompt_tokens_BP, jnp.int32)),
                               jnp.asarray(rollout.tokens, jnp.int32)], axis=1),
@@ -98,7 +107,7 @@ def make_batch(prompt_tokens_BP: jax.Array, prompt_mask_BP: jax.Array, rollout: 
       loss_mask=jnp.concatenate([jnp.zeros_like(prompt_mask), completion_mask], axis=1),
       rewards=jnp.asarray(rewards_BG, jnp.float32),
       truncated=jnp.asarray(rollout.truncated, bool),
-      experts=rollout.experts, prompt_len=P)
+      experts=rollout.experts, forced=forced, prompt_len=P)
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -453,7 +462,7 @@ def _micro_loss(params, mb: _Micro, old_BT, ref_BT, denom, n_tokens, *, model_cf
   loss = (m["pg_loss"] + model_cfg.load_balance_weight * m["load_balance_loss"]
           + model_cfg.z_loss_weight * m["z_loss"])
   if rl_cfg.beta > 0:
-    m["kl"] = agg(losses.kl(logp_BT, ref_BT, rl_cfg.kl_estimator))
+    m["kl"] = agg(losses.kl(logp_BT, ref_BT, old_BT, rl_cfg.kl_estimator))
     loss = loss + rl_cfg.beta * m["kl"]
   m["loss"] = loss
   return loss, m
@@ -528,6 +537,8 @@ def _train_step(state: TrainState, batch: Batch, ref_params: Any, hp: dict[str, 
   if cfg.overlong_penalty:
     penalty_BG = losses.overlong_penalty(lengths_BG, cfg.max_completion_len, cfg.overlong_buffer,
                                          cfg.overlong_factor)
+    if cfg.mask_truncated:  # rows without loss keep their raw reward in the baseline
+      penalty_BG = jnp.where(batch.truncated.reshape(B, G), 0.0, penalty_BG)
     metrics["reward/overlong_penalty"] = penalty_BG.mean()
     rewards_BG = rewards_BG + penalty_BG
   adv_BG = advantages.compute(cfg.advantage, rewards_BG, tau=hp["tau"], scale=cfg.scale,
@@ -535,6 +546,10 @@ def _train_step(state: TrainState, batch: Batch, ref_params: Any, hp: dict[str, 
   loss_mask = batch.loss_mask
   if cfg.mask_truncated:
     loss_mask = loss_mask & ~batch.truncated[:, None]
+  if batch.forced is not None:
+    metrics["completion/forced_frac"] = batch.forced.any(-1).mean(dtype=jnp.float32)
+    if not cfg.loss_on_forced:
+      loss_mask = loss_mask & ~batch.forced
   denom = jnp.maximum(losses.aggregate_denominator(loss_mask, cfg.aggregation), 1.0)
   n_tokens = jnp.maximum(loss_mask.sum(dtype=jnp.float32), 1.0)
   micro = _Micro(tokens=_split(batch.tokens, M), token_mask=_split(batch.token_mask, M),
@@ -566,9 +581,9 @@ def _train_step(state: TrainState, batch: Batch, ref_params: Any, hp: dict[str, 
 
   state, iter_metrics = jax.lax.scan(iteration, state, None, length=cfg.num_iterations)
   metrics.update(jax.tree.map(lambda x: x[-1], iter_metrics))  # the last optimizer step's
-  metrics.update(advantages.diagnostics(batch.rewards, adv_BG, hp["tau"]))
+  metrics.update(advantages.diagnostics(rewards_BG, adv_BG, hp["tau"]))  # the rewards A used
   metrics.update({
-      "reward/mean": batch.rewards.mean(), "reward/std": batch.rewards.std(),
+      "reward/mean": batch.rewards.mean(), "reward/std": batch.rewards.std(),  # raw rewards
       "adv/mean": adv_BG.mean(), "adv/std": adv_BG.std(),
       "completion/length_mean": lengths_BG.mean(dtype=jnp.float32),
       "completion/truncated_frac": batch.truncated.mean(dtype=jnp.float32),
@@ -614,13 +629,15 @@ def check_layout(rl_cfg: RLConfig, B: int, G: int, prompt_len: int, mesh: Mesh |
                      f"rl.share_prompt=False.")
 
 
-def batch_shardings(mesh: Mesh, with_experts: bool, prompt_len: int = 0) -> Batch:
-  """Rows over the BATCH_AXES mesh axes; rewards (tiny) replicated."""
+def batch_shardings(mesh: Mesh, with_experts: bool, prompt_len: int = 0,
+                    with_forced: bool = False) -> Batch:
+  """Rows over the BATCH_AXES mesh axes; rewards (tiny) replicated. As a jit in_sharding, a
+  sharding for `forced` also serves batches whose `forced` is None."""
   rows = NamedSharding(mesh, P(BATCH_AXES))
   return Batch(tokens=rows, token_mask=rows, loss_mask=rows, rewards=sharding.replicated(mesh),
                truncated=rows,
                experts=NamedSharding(mesh, P(None, BATCH_AXES)) if with_experts else None,
-               prompt_len=prompt_len)
+               forced=rows if with_forced else None, prompt_len=prompt_len)
 
 
 def program_config(rl_cfg: RLConfig) -> RLConfig:
@@ -656,7 +673,7 @@ def _jitted_step(model_cfg: ModelConfig, program: RLConfig, mesh: Mesh | None,
   if mesh is None:
     return jax.jit(step_fn, donate_argnums=0)
   state_sh = state_shardings(model_cfg, optimizer, mesh)
-  batch_sh = batch_shardings(mesh, program.router_replay, prompt_len)
+  batch_sh = batch_shardings(mesh, program.router_replay, prompt_len, with_forced=True)
   ref_sh = model.param_shardings(model_cfg, mesh) if program.beta > 0 else None
   return jax.jit(step_fn, in_shardings=(state_sh, batch_sh, ref_sh, sharding.replicated(mesh)),
                  out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
@@ -695,8 +712,8 @@ def make_update(model_cfg: ModelConfig, rl_cfg: RLConfig, mesh: Mesh | None,
       batch = batch.replace(experts=None)
     ref_params = ref_params if rl_cfg.beta > 0 else None
     if mesh is not None:
-      batch = jax.device_put(batch, batch_shardings(mesh, rl_cfg.router_replay,
-                                                    batch.prompt_len))
+      batch = jax.device_put(batch, batch_shardings(mesh, rl_cfg.router_replay, batch.prompt_len,
+                                                    with_forced=batch.forced is not None))
     return state, batch, ref_params, hp
 
   hp = hyperparams(rl_cfg)

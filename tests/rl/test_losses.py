@@ -57,9 +57,10 @@ def test_aggregation_splits_exactly_over_micro_batches():
     s, d = losses.aggregate(x_BT, mask_BT, mode, 5)
     parts = sum(losses.aggregate_sum(x_BT[i:i + 2], mask_BT[i:i + 2], mode, 5) for i in (0, 2))
     np.testing.assert_allclose(parts / d, s / d, rtol=1e-6)
-  # A row without loss tokens does not count as a sequence.
+  # A row without loss tokens has no mean to count; Dr. GRPO's normaliser counts every row.
   assert float(losses.aggregate_denominator(mask_BT, "seq_mean_token_mean")) == float(
       mask_BT[:3].any(-1).sum())
+  assert float(losses.aggregate_denominator(mask_BT, "seq_mean_token_sum_norm")) == 4.0
 
 
 def test_sequence_level_ratio_gspo():
@@ -76,10 +77,67 @@ def test_sequence_level_ratio_gspo():
     ("k1", math.log(2)),  # logp - ref
     ("k2", 0.5 * math.log(2) ** 2),
     ("k3", 0.5 + math.log(2) - 1),  # exp(ref - logp) - (ref - logp) - 1
+    ("k3_ratio", 1.25 * (0.5 + math.log(2) - 1)),  # r = 0.5 / 0.4 times k3
 ])
 def test_kl_estimators(estimator, value):
-  out = losses.kl(jnp.log(jnp.array([[0.5]])), jnp.log(jnp.array([[0.25]])), estimator)
+  out = losses.kl(jnp.log(jnp.array([[0.5]])), jnp.log(jnp.array([[0.25]])),
+                  jnp.log(jnp.array([[0.4]])), estimator)
   assert float(out[0, 0]) == pytest.approx(value, rel=1e-6)
+
+
+# One position over a vocabulary of 6: the policy's logits, the reference's, and a sampling
+# policy pi_old that differs from the policy (a later iteration on the same rollout).
+THETA_V = jnp.array([0.3, -1.2, 0.8, 0.0, 1.5, -0.4])
+REF_V = jnp.array([1.0, 0.2, -0.5, 0.4, 0.1, -1.0])
+OLD_V = THETA_V + jnp.array([0.5, -0.3, 0.2, 0.6, -0.7, 0.1])
+
+
+def _reverse_kl(theta_V):  # KL(pi || ref)
+  logp_V, ref_V = jax.nn.log_softmax(theta_V), jax.nn.log_softmax(REF_V)
+  return jnp.sum(jnp.exp(logp_V) * (logp_V - ref_V))
+
+
+def _forward_kl(theta_V):  # KL(ref || pi)
+  logp_V, ref_V = jax.nn.log_softmax(theta_V), jax.nn.log_softmax(REF_V)
+  return jnp.sum(jnp.exp(ref_V) * (ref_V - logp_V))
+
+
+def _expected_kl_gradient(estimator, old_V):
+  """sum_x pi_old(x) grad_theta kl(x): the mean gradient of the update's KL term over tokens
+  sampled from pi_old, every token of the vocabulary enumerated (row 0, position = token)."""
+  old_logp_V = jax.nn.log_softmax(old_V)
+
+  def expected(theta_V):
+    per_token = losses.kl(jax.nn.log_softmax(theta_V)[None], jax.nn.log_softmax(REF_V)[None],
+                          old_logp_V[None], estimator)[0]
+    return jnp.sum(jnp.exp(old_logp_V) * per_token)
+
+  return jax.grad(expected)(THETA_V)
+
+
+@pytest.mark.parametrize("estimator, divergence, old_V", [
+    ("k3_ratio", _reverse_kl, THETA_V),
+    ("k3_ratio", _reverse_kl, OLD_V),  # off-policy too: the ratio's gradient corrects it
+    ("k2", _reverse_kl, THETA_V),
+    ("k3", _forward_kl, THETA_V),
+    ("k1", lambda theta_V: 0.0 * jnp.sum(theta_V), THETA_V),
+])
+def test_kl_mean_gradient_is_the_named_divergence(estimator, divergence, old_V):
+  """docs/algorithms.md "KL": each estimator's exact expected gradient (a sum over the whole
+  vocabulary, not a sample) equals the gradient of the divergence config.py names for it."""
+  want = jax.grad(divergence)(THETA_V)
+  np.testing.assert_allclose(_expected_kl_gradient(estimator, old_V), want, atol=1e-6)
+
+
+def test_kl_gradients_that_differ_are_told_apart():
+  """Guards the test above: the forward and reverse KL gradients are far apart here, and k2
+  (and k3) off-policy give neither, which is why k3_ratio is the default."""
+  reverse, forward = jax.grad(_reverse_kl)(THETA_V), jax.grad(_forward_kl)(THETA_V)
+  assert float(jnp.abs(reverse - forward).max()) > 0.05
+  for estimator in ("k2", "k3"):
+    off = _expected_kl_gradient(estimator, OLD_V)
+    assert float(jnp.abs(off - reverse).max()) > 0.01, estimator
+    assert float(jnp.abs(off - forward).max()) > 0.01, estimator
 
 
 def test_surrogate_gradient_at_ratio_one_is_reinforce():

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from corpo_jax import model, sharding
+from corpo_jax import model, sampling, sharding
 from corpo_jax.rl import step
 from corpo_jax.rl.config import RLConfig
 
@@ -254,7 +254,8 @@ def test_make_batch_follows_the_contract():
       tokens=np.array([[12, 3, 0], [13, 14, 15]] * 2, np.int32),
       mask=np.array([[True, True, False], [True, True, True]] * 2),
       logprobs=np.zeros((4, 3), np.float32), lengths=np.array([2, 3] * 2),
-      truncated=np.array([False, True] * 2), experts=np.zeros((L, 4, 6, A), np.int32))
+      truncated=np.array([False, True] * 2), experts=np.zeros((L, 4, 6, A), np.int32),
+      forced=np.array([[False, True, False], [False, False, False]] * 2))
   b = step.make_batch(prompts, prompt_mask, rollout, np.ones((2, 2), np.float32))
   np.testing.assert_array_equal(b.tokens[1], [0, 7, 8, 13, 14, 15])
   np.testing.assert_array_equal(b.tokens[2], [9, 10, 11, 12, 3, 0])
@@ -262,6 +263,8 @@ def test_make_batch_follows_the_contract():
   np.testing.assert_array_equal(b.loss_mask[3], [False, False, False, True, True, True])
   np.testing.assert_array_equal(b.truncated, [False, True, False, True])
   assert b.experts.shape == (L, 4, 6, A)
+  np.testing.assert_array_equal(b.forced[2], [False, False, False, False, True, False])
+  assert not b.forced[1].any()
   from_lengths = step.make_batch(prompts, np.array([2, 3]), rollout, np.ones((2, 2), np.float32))
   np.testing.assert_array_equal(from_lengths.token_mask, b.token_mask)
   with pytest.raises(ValueError, match="B \\* G rows"):
@@ -398,12 +401,120 @@ def test_mask_truncated_and_overlong_penalty_equal_their_batch_edits(params, ref
   lengths = b.loss_mask.sum(1)  # [5, 1, 3, 2, 2, 4, 5, 5], max_completion_len 5
   penalty = -0.5 * np.clip((lengths - 3) / 2, 0, 1)  # 0 up to 3 tokens, -0.5 at 5
   np.testing.assert_allclose(penalty, [-0.5, 0, 0, 0, 0, -0.25, -0.5, -0.5])
+  penalty[b.truncated] = 0.0  # rows 0, 6, 7: out of the loss, their raw reward in the baseline
   edited = dataclasses.replace(b, loss_mask=b.loss_mask & ~b.truncated[:, None],
                                rewards=(b.rewards + penalty.reshape(B, G)).astype(np.float32))
   want_state, want_metrics = reference.update(step.init_state(CFG, SGD, params), edited)
   want = types.SimpleNamespace(state=_numpy(want_state), metrics=_numpy(want_metrics))
   _assert_same_step(state, metrics, want)
   assert metrics["reward/overlong_penalty"] == pytest.approx(penalty.mean())
+
+
+def test_diagnostics_use_the_penalised_rewards(params):
+  """Hand-computed: the overlong penalty moves group 0 into correctness mode and a completion
+  under tau, and the diagnostics count what the advantages saw; reward/mean stays raw."""
+  rl_cfg = dataclasses.replace(RL, advantage="grpo", scale="none", tau=0.55,
+                               overlong_penalty=True, overlong_buffer=2, overlong_factor=0.5)
+  raw = np.array([[1.0, 0.2, 0.6, 0.6], [0.6, 0.9, 1.0, 1.0]], np.float32)
+  # lengths [5, 1, 3, 2 | 2, 4, 5, 5] -> penalties [-.5, 0, 0, 0 | 0, -.25, -.5, -.5]
+  # used rewards [.5, .2, .6, .6 | .6, .65, .5, .5]: group means .475 (< tau) and .5625;
+  # A = [.025, -.275, .125, .125 | .0375, .0875, -.0625, -.0625]; failures (R < .55):
+  # rows 0, 1, 6, 7, of which row 0 has A > 0. On the raw rewards: only row 1 fails (A < 0),
+  # no group is in correctness mode.
+  state = step.init_state(CFG, SGD, params)
+  _, m = step.make_update(CFG, rl_cfg, None, SGD)(state, _batch(rewards=raw))
+  m = _numpy(m)
+  assert m["adv/frac_failed_positive"] == pytest.approx(1 / 4)
+  assert m["adv/frac_correctness_mode"] == pytest.approx(1 / 2)
+  assert m["adv/pos_neg_ratio"] == pytest.approx(5 / 3)
+  assert m["reward/frac_zero_std"] == 0.0
+  assert m["reward/mean"] == pytest.approx(5.9 / 8)
+  assert m["reward/overlong_penalty"] == pytest.approx(-1.75 / 8)
+  np.testing.assert_allclose(m["adv/std"], np.std([.025, -.275, .125, .125, .0375, .0875,
+                                                   -.0625, -.0625]), rtol=1e-5)
+
+
+def _trl_loss(logp, ref, loss_mask, truncated, rewards, *, loss_type, scale_rewards, beta,
+              max_len, mask_truncated):
+  """TRL's GRPOTrainer loss, transcribed to numpy from its source (trl/trainer/grpo_trainer.py:
+  the advantages of `_generate_and_score_completions`, `_compute_loss`) for one update per
+  rollout (old log-probs = the policy's, so coef_1 = 1), token-level ratios, clip 0.2,
+  use_bias_correction_kl=True and mask_truncated_completions. TRL is not installed here (no
+  network), so these are its formulas, not numbers TRL produced."""
+  G = rewards.shape[1]
+  R = rewards.reshape(-1).astype(np.float64)
+  A = R - np.repeat(rewards.mean(1), G)
+  if scale_rewards == "group":
+    A = A / (np.repeat(rewards.std(1, ddof=1), G) + 1e-4)
+  elif scale_rewards == "batch":
+    A = A / (R.std(ddof=1) + 1e-4)
+  mask = (loss_mask & ~truncated[:, None]) if mask_truncated else loss_mask
+  coef_1 = np.exp(logp - logp)
+  per_token_kl = (np.exp(ref - logp) - (ref - logp) - 1) * coef_1
+  coef_2 = np.clip(coef_1, 1 - 0.2, 1 + 0.2)
+  per_token_loss = -np.minimum(coef_1 * A[:, None], coef_2 * A[:, None]) + beta * per_token_kl
+  if loss_type == "grpo":
+    return ((per_token_loss * mask).sum(-1) / np.maximum(mask.sum(-1), 1.0)).mean()
+  if loss_type == "bnpo":  # = "dapo" for one micro-batch
+    return (per_token_loss * mask).sum() / max(mask.sum(), 1.0)
+  assert loss_type == "dr_grpo"
+  return (per_token_loss * mask).sum() / (per_token_loss.shape[0] * max_len)
+
+
+@pytest.mark.parametrize("advantage, scale, aggregation, loss_type, mask_truncated", [
+    ("grpo", "group", "seq_mean_token_mean", "grpo", False),
+    ("grpo", "batch", "token_mean", "bnpo", True),
+    # Rows 0, 6 and 7 are truncated: no loss tokens, still in the Dr. GRPO normaliser.
+    ("dr_grpo", "none", "seq_mean_token_sum_norm", "dr_grpo", True),
+])
+def test_loss_equals_trls_formula(params, advantage, scale, aggregation, loss_type,
+                                  mask_truncated):
+  rl_cfg = dataclasses.replace(RL, advantage=advantage, scale=scale, aggregation=aggregation,
+                               beta=0.05, mask_truncated=mask_truncated)
+  b = _batch()
+  ref_params = jax.tree.map(lambda x: x * 0.9, params)
+  logprobs = lambda p: np.asarray(step.token_logprobs(p, CFG, b.tokens, b.token_mask,
+                                                      chunk=3)[0], np.float64)
+  want = _trl_loss(logprobs(params), logprobs(ref_params), b.loss_mask, b.truncated, b.rewards,
+                   loss_type=loss_type, scale_rewards=scale, beta=0.05, max_len=TC,
+                   mask_truncated=mask_truncated)
+  state = step.init_state(CFG, SGD, params)
+  _, m = step.make_update(CFG, rl_cfg, None, SGD)(state, b, ref_params)
+  assert float(m["kl"]) > 1e-3
+  assert float(m["loss"]) == pytest.approx(want, rel=1e-5, abs=1e-7)
+
+
+def test_thinking_budget_forced_tokens_carry_no_loss():
+  """A rollout whose think spans the budget closes (max_thinking_tokens=2): the forced </think>
+  tokens are marked and counted, and carry no loss and no KL: the update equals one on the same
+  batch with them taken out of loss_mask by hand. With rl.loss_on_forced they count again."""
+  params = _think_params()
+  prompts = np.random.default_rng(0).integers(6, THINK_CFG.vocab_size, (2, 3)).astype(np.int32)
+  prompts[:, -1] = THINK_CFG.think_start_id
+  rollout = sampling.generate(params, THINK_CFG, prompts, np.ones_like(prompts, bool),
+                              rng=jax.random.key(0), num_samples=4, max_new_tokens=5,
+                              max_thinking_tokens=2)
+  forced = np.asarray(rollout.forced)
+  assert forced.any(1).mean() >= 0.5
+  assert np.all(np.asarray(rollout.tokens)[forced] == THINK_CFG.think_end_id)
+  rewards = np.random.default_rng(1).normal(size=(2, 4)).astype(np.float32)
+  b = step.make_batch(prompts, np.ones_like(prompts, bool), rollout, rewards)
+  by_hand = b.replace(forced=None, loss_mask=b.loss_mask & ~b.forced)
+  ref = jax.tree.map(lambda x: x * 0.9, params)
+  rl_cfg = dataclasses.replace(RL, beta=0.05)
+  results = {}
+  for name, cfg_, batch in (("default", rl_cfg, b), ("by_hand", rl_cfg, by_hand),
+                            ("loss_on_forced", dataclasses.replace(rl_cfg, loss_on_forced=True),
+                             b)):
+    update = step.make_update(THINK_CFG, cfg_, None, SGD)
+    state, m = update(step.init_state(THINK_CFG, SGD, params), batch, ref)
+    results[name] = types.SimpleNamespace(state=_numpy(state), metrics=_numpy(m))
+  got, want = results["default"], results["by_hand"]
+  assert got.metrics["completion/forced_frac"] == pytest.approx(forced.any(1).mean())
+  assert "completion/forced_frac" not in want.metrics
+  _assert_same_step(got.state, got.metrics, want)
+  np.testing.assert_allclose(got.metrics["kl"], want.metrics["kl"], rtol=1e-5)
+  assert abs(results["loss_on_forced"].metrics["loss"] - got.metrics["loss"]) > 1e-4
 
 
 def test_router_replay_uses_the_given_experts(params, reference):
@@ -439,7 +550,7 @@ def _shared_batch(cfg, B=2, G=4, P=4, TC=5, seed=0, experts=False):
   mask = np.arange(TC) < lengths[:, None]
   completions[~mask] = cfg.pad_id
   rollout = types.SimpleNamespace(tokens=completions, mask=mask, truncated=lengths == TC,
-                                  experts=None)
+                                  experts=None, forced=None)
   batch = step.make_batch(prompts, prompts != cfg.pad_id, rollout,
                           rng.normal(size=(B, G)).astype(np.float32))
   if experts:
