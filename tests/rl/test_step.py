@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from corpo_jax import model, sampling, sharding
+from corpo_jax import model, sharding
 from corpo_jax.rl import step
 from corpo_jax.rl.config import RLConfig
 
@@ -434,31 +434,25 @@ def test_diagnostics_use_the_penalised_rewards(params):
                                                    -.0625, -.0625]), rtol=1e-5)
 
 
-def _trl_loss(logp, ref, loss_mask, truncated, rewards, *, loss_type, scale_rewards, beta,
-              max_len, mask_truncated):
-  """TRL's GRPOTrainer loss, transcribed to numpy from its source (trl/trainer/grpo_trainer.py:
-  the advantages of `_generate_and_score_completions`, `_compute_loss`) for one update per
-  rollout (old log-probs = the policy's, so coef_1 = 1), token-level ratios, clip 0.2,
-  use_bias_correction_kl=True and mask_truncated_completions. TRL is not installed here (no
-  network), so these are its formulas, not numbers TRL produced."""
-  G = rewards.shape[1]
-  R = rewards.reshape(-1).astype(np.float64)
-  A = R - np.repeat(rewards.mean(1), G)
-  if scale_rewards == "group":
-    A = A / (np.repeat(rewards.std(1, ddof=1), G) + 1e-4)
-  elif scale_rewards == "batch":
-    A = A / (R.std(ddof=1) + 1e-4)
-  mask = (loss_mask & ~truncated[:, None]) if mask_truncated else loss_mask
-  coef_1 = np.exp(logp - logp)
-  per_token_kl = (np.exp(ref - logp) - (ref - logp) - 1) * coef_1
-  coef_2 = np.clip(coef_1, 1 - 0.2, 1 + 0.2)
-  per_token_loss = -np.minimum(coef_1 * A[:, None], coef_2 * A[:, None]) + beta * per_token_kl
-  if loss_type == "grpo":
-    return ((per_token_loss * mask).sum(-1) / np.maximum(mask.sum(-1), 1.0)).mean()
-  if loss_type == "bnpo":  # = "dapo" for one micro-batch
-    return (per_token_loss * mask).sum() / max(mask.sum(), 1.0)
-  assert loss_type == "dr_grpo"
-  return (per_token_loss * mask).sum() / (per_token_loss.shape[0] * max_len)
+# TRL's GRPOTrainer loss on this file's batch, one value per (loss_type, scale_rewards,
+# mask_truncated_completions), printed by docs/trl_check.py on 2026-12-03 with TRL 1.16.0
+# (accelerate 1.16.0, transformers 5.24.0, torch 2.13.0+cpu), installed beside the venv:
+#   .venv/bin/pip install --no-deps --target /tmp/trlpkgs trl==1.16.0 accelerate==1.16.0 \
+#       datasets==5.2.0 pandas==3.1.1 pyarrow==24.0.0 multiprocess==0.70.19 dill==0.3.8 \
+#       xxhash==4.1.0
+#   PYTHONPATH=/tmp/trlpkgs:. .venv/bin/python docs/trl_check.py
+# The script runs TRL's own GRPOTrainer._generate_and_score_completions (masks,
+# mask_truncated_completions, grouped advantages) and _compute_loss (beta 0.05, epsilon 0.2,
+# token-level ratios, use_bias_correction_kl) on this batch, fed through a rollout_func, with
+# _get_per_token_logps_and_entropies returning corpo_jax's log-probs of `params` and of
+# `params * 0.9` (token_logprobs, chunk 3), as below. Regenerate (and paste the printed lines)
+# when _batch, CFG, the `params` fixture, token_logprobs' numerics or these cases change, or to
+# check a newer TRL.
+TRL_LOSSES = {
+    ("grpo", "group", False): 0.0027065554886417376,
+    ("bnpo", "batch", True): 0.4587618838042787,
+    ("dr_grpo", "none", True): 0.09090949163707407,
+}
 
 
 @pytest.mark.parametrize("advantage, scale, aggregation, loss_type, mask_truncated", [
@@ -469,48 +463,40 @@ def _trl_loss(logp, ref, loss_mask, truncated, rewards, *, loss_type, scale_rewa
 ])
 def test_loss_equals_trls_formula(params, advantage, scale, aggregation, loss_type,
                                   mask_truncated):
+  """The TRL-equivalent settings (docs/algorithms.md) give TRL's loss: TRL_LOSSES, numbers TRL
+  computed on this batch (default kl_estimator k3_ratio = TRL's use_bias_correction_kl)."""
   rl_cfg = dataclasses.replace(RL, advantage=advantage, scale=scale, aggregation=aggregation,
                                beta=0.05, mask_truncated=mask_truncated)
-  b = _batch()
   ref_params = jax.tree.map(lambda x: x * 0.9, params)
-  logprobs = lambda p: np.asarray(step.token_logprobs(p, CFG, b.tokens, b.token_mask,
-                                                      chunk=3)[0], np.float64)
-  want = _trl_loss(logprobs(params), logprobs(ref_params), b.loss_mask, b.truncated, b.rewards,
-                   loss_type=loss_type, scale_rewards=scale, beta=0.05, max_len=TC,
-                   mask_truncated=mask_truncated)
   state = step.init_state(CFG, SGD, params)
-  _, m = step.make_update(CFG, rl_cfg, None, SGD)(state, b, ref_params)
+  _, m = step.make_update(CFG, rl_cfg, None, SGD)(state, _batch(), ref_params)
   assert float(m["kl"]) > 1e-3
-  assert float(m["loss"]) == pytest.approx(want, rel=1e-5, abs=1e-7)
+  want = TRL_LOSSES[loss_type, scale, mask_truncated]
+  assert float(m["loss"]) == pytest.approx(want, rel=1e-5)  # float32 here: rel 1.4e-6 at most
 
 
-def test_thinking_budget_forced_tokens_carry_no_loss():
-  """A rollout whose think spans the budget closes (max_thinking_tokens=2): the forced </think>
-  tokens are marked and counted, and carry no loss and no KL: the update equals one on the same
-  batch with them taken out of loss_mask by hand. With rl.loss_on_forced they count again."""
-  params = _think_params()
-  prompts = np.random.default_rng(0).integers(6, THINK_CFG.vocab_size, (2, 3)).astype(np.int32)
-  prompts[:, -1] = THINK_CFG.think_start_id
-  rollout = sampling.generate(params, THINK_CFG, prompts, np.ones_like(prompts, bool),
-                              rng=jax.random.key(0), num_samples=4, max_new_tokens=5,
-                              max_thinking_tokens=2)
-  forced = np.asarray(rollout.forced)
-  assert forced.any(1).mean() >= 0.5
-  assert np.all(np.asarray(rollout.tokens)[forced] == THINK_CFG.think_end_id)
-  rewards = np.random.default_rng(1).normal(size=(2, 4)).astype(np.float32)
-  b = step.make_batch(prompts, np.ones_like(prompts, bool), rollout, rewards)
-  by_hand = b.replace(forced=None, loss_mask=b.loss_mask & ~b.forced)
+def test_forced_tokens_carry_no_loss(params):
+  """Tokens the sampler forced (Batch.forced; the thinking budget's </think>, marked by
+  sampling.generate, tests/test_sampling.py) are counted and carry no loss and no KL: the update
+  equals one on the same batch with them taken out of loss_mask by hand. With
+  rl.loss_on_forced they count again."""
+  b = _batch()
+  forced = np.zeros_like(b.loss_mask)
+  forced[[0, 2, 5], [P + 1, P, P + 3]] = True
+  assert (b.loss_mask[forced]).all()
+  b = b.replace(forced=forced)
+  by_hand = b.replace(forced=None, loss_mask=b.loss_mask & ~forced)
   ref = jax.tree.map(lambda x: x * 0.9, params)
   rl_cfg = dataclasses.replace(RL, beta=0.05)
   results = {}
   for name, cfg_, batch in (("default", rl_cfg, b), ("by_hand", rl_cfg, by_hand),
                             ("loss_on_forced", dataclasses.replace(rl_cfg, loss_on_forced=True),
                              b)):
-    update = step.make_update(THINK_CFG, cfg_, None, SGD)
-    state, m = update(step.init_state(THINK_CFG, SGD, params), batch, ref)
+    update = step.make_update(CFG, cfg_, None, SGD)
+    state, m = update(step.init_state(CFG, SGD, params), batch, ref)
     results[name] = types.SimpleNamespace(state=_numpy(state), metrics=_numpy(m))
   got, want = results["default"], results["by_hand"]
-  assert got.metrics["completion/forced_frac"] == pytest.approx(forced.any(1).mean())
+  assert got.metrics["completion/forced_frac"] == pytest.approx(3 / (B * G))
   assert "completion/forced_frac" not in want.metrics
   _assert_same_step(got.state, got.metrics, want)
   np.testing.assert_allclose(got.metrics["kl"], want.metrics["kl"], rtol=1e-5)
