@@ -1,4 +1,4 @@
-"""Mixture of SwiGLU experts: float32 router, auxiliary losses and two dispatch paths.
+"""Mixture of SwiGLU experts: float32 router, auxiliary losses and the dispatch paths.
 
 Routing: top-k on the router logits, then a softmax over the k chosen logits (identical to
 Mixtral's softmax-over-all, top-k, renormalise). Dispatch computes only the chosen experts' FLOPs:
@@ -7,6 +7,11 @@ Mixtral's softmax-over-all, top-k, renormalise). Dispatch computes only the chos
   an [E, C, D] buffer (first choices of every token before second choices, then token order),
   run through a batched einsum, and gathered back. Overflowing assignments are dropped. With
   cf >= E / A nothing can be dropped. Dense batched matmuls: the fast path on CPU.
+* ``expert_parallel`` (`dispatch_expert_parallel`): GShard on the mesh. Each device routes its
+  own tokens and counts capacity over them alone; an all_to_all over the "expert" axis sends the
+  [E, C, D] slots to the experts' owners and brings the results back; expert weights are
+  gathered over fsdp inside a shard_map; decoding sizes capacity so that nothing drops. The
+  path for large models on a mesh (docs/scale.md); with one device it is ``capacity``.
 * ``sort``: dropless; assignments sorted by expert and run through `jax.lax.ragged_dot`
   (grouped matmul kernels on TPU/GPU). On CPU, where ragged_dot measured several times slower
   than dense, "sort" takes the two dropless paths below instead (same result; at E 32,
