@@ -22,12 +22,17 @@ def llama(tmp_path_factory):
 
 
 def train_llama_style(path, texts=CORPUS, vocab_size=300):
+  with open(path, "wb") as f:
+    _train_llama_style(f, texts, vocab_size)
+  return path
+
+
+def _train_llama_style(writer, texts, vocab_size):
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(texts), model_writer=open(path, "wb"), vocab_size=vocab_size,
+      sentence_iterator=iter(texts), model_writer=writer, vocab_size=vocab_size,
       model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True,
       add_dummy_prefix=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
       split_digits=True, minloglevel=2, num_threads=1)
-  return path
 
 
 @pytest.fixture(scope="module")
