@@ -37,6 +37,7 @@ from corpo_jax import model, sharding
 from corpo_jax.model import ModelConfig
 from corpo_jax.rl import step as rl_step
 from corpo_jax.rl.config import RLConfig
+from corpo_jax.train import memory
 
 _DOCS = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "scale.md")
 GIB = 1024 ** 3
@@ -68,11 +69,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
                  help="rollout only: sample with the trainer's float32 parameters, or with the "
                       "compute-dtype copy on the decode view of the mesh (model.for_decoding)")
   p.add_argument("--write_docs", action="store_true", help="write docs/scale.md (update only)")
-
-
-def _per_device_bytes(tree, shardings) -> int:
-  return sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
-             for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
 
 
 def _abstract(tree, shardings):
@@ -135,7 +131,7 @@ def measure_rollout(args) -> dict:
         completion_size=args.completion_len)
   lower_s = time.perf_counter() - start
   compiled = lowered.compile()
-  figures = {"params": _per_device_bytes(params, jax.tree.map(lambda x: x.sharding, params)),
+  figures = {"params": memory.per_device_bytes(params),
              **_memory(compiled)}
   return _summary(args, cfg, mesh, compiled, figures, args.prompts * args.group,
                   lower_s, time.perf_counter() - start - lower_s)
@@ -174,10 +170,10 @@ def measure(args) -> dict:
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start - lower_s
   figures = {
-      "params": _per_device_bytes(state.params, state_sh.params),
-      "optimizer": _per_device_bytes(state.opt_state, state_sh.opt_state),
-      "reference": _per_device_bytes(params, param_sh) if ref is not None else 0,
-      "batch": _per_device_bytes(batch, batch_sh),
+      "params": memory.per_device_bytes(_abstract(state.params, state_sh.params)),
+      "optimizer": memory.per_device_bytes(_abstract(state.opt_state, state_sh.opt_state)),
+      "reference": memory.per_device_bytes(ref) if ref is not None else 0,
+      "batch": memory.per_device_bytes(_abstract(batch, batch_sh)),
       **_memory(compiled),
   }
   return _summary(args, cfg, mesh, compiled, figures, BG // args.micro_batches * T, lower_s,
