@@ -21,7 +21,9 @@ Flags (before COMMAND; each has an environment variable, the flag wins):
   --project=PROJECT       TPU_PROJECT           Google Cloud project [gcloud's default]
   --zone=ZONE             TPU_ZONE              zone [gcloud's default]
   --accelerator-type=T    TPU_ACCELERATOR_TYPE  e.g. v4-8, v4-32, v5litepod-16 [v4-8]
-  --runtime-version=V     TPU_RUNTIME_VERSION   TPU software version [tpu-ubuntu2204-base]
+  --runtime-version=V     TPU_RUNTIME_VERSION   TPU software version [by generation: v4-*
+                                                tpu-ubuntu2204-base, v5litepod-* v2-alpha-tpuv5-lite,
+                                                v5p-* v2-alpha-tpuv5, v6e-* v2-alpha-tpuv6e]
   --queued                TPU_QUEUED=1          a queued resource instead of a plain TPU VM
   --spot | --reserved     TPU_PROVISIONING      spot / reserved capacity [on-demand]
   --remote-dir=DIR        TPU_REMOTE_DIR        checkout on the workers, from $HOME [corpo_jax]
@@ -51,7 +53,7 @@ name=${TPU_NAME:-corpo-jax}
 project=${TPU_PROJECT:-}
 zone=${TPU_ZONE:-}
 accelerator=${TPU_ACCELERATOR_TYPE:-v4-8}
-runtime=${TPU_RUNTIME_VERSION:-tpu-ubuntu2204-base}
+runtime=${TPU_RUNTIME_VERSION:-}
 queued=${TPU_QUEUED:-0}
 provisioning=${TPU_PROVISIONING:-}
 remote_dir=${TPU_REMOTE_DIR:-corpo_jax}
@@ -88,6 +90,19 @@ case $provisioning in
 esac
 [[ $queued == 0 || $queued == 1 ]] || die "TPU_QUEUED=$queued: use 0 or 1"
 log_dir=${log_dir:-logs/$name}
+
+# The TPU software version for --accelerator-type's generation, the table of
+# https://cloud.google.com/tpu/docs/runtimes ("PyTorch and JAX"); only create needs it.
+default_runtime() {
+  case $accelerator in
+    v4-*) echo tpu-ubuntu2204-base ;;
+    v5litepod-*) echo v2-alpha-tpuv5-lite ;;
+    v5p-*) echo v2-alpha-tpuv5 ;;
+    v6e-*) echo v2-alpha-tpuv6e ;;
+    *) die "--accelerator-type=$accelerator: no default TPU software version for this" \
+           "generation; pass --runtime-version=V (https://cloud.google.com/tpu/docs/runtimes)" ;;
+  esac
+}
 
 if [[ $dry_run == 0 ]] && ! command -v "$gcloud" >/dev/null 2>&1; then
   die "'$gcloud' not found on PATH: install the Google Cloud SDK" \
@@ -133,6 +148,7 @@ ssh_all() {  # ssh_all COMMAND [extra gcloud flags]
 
 create() {
   local extra=()
+  if [[ -z $runtime ]]; then runtime=$(default_runtime); fi
   if [[ -n $provisioning ]]; then extra+=("--$provisioning"); fi
   if [[ $queued == 1 ]]; then
     run "$gcloud" compute tpus queued-resources create "$name" "${location[@]}" \

@@ -33,6 +33,33 @@ def test_create_on_demand_spot_reserved(tmp_path):
   assert dry_run("create", tmp_path=tmp_path, TPU_PROVISIONING="reserved") == [base + " --reserved"]
 
 
+@pytest.mark.parametrize("accelerator, runtime", [
+    ("v4-32", "tpu-ubuntu2204-base"), ("v5litepod-16", "v2-alpha-tpuv5-lite"),
+    ("v5p-128", "v2-alpha-tpuv5"), ("v6e-64", "v2-alpha-tpuv6e")])
+def test_runtime_version_by_generation(tmp_path, accelerator, runtime):
+  flag = f"--accelerator-type={accelerator}"
+  assert dry_run(flag, "create", tmp_path=tmp_path) == [
+      f"{TPU} create corpo-jax {LOC} {flag} --version={runtime}"]
+  assert dry_run("--queued", flag, "create", tmp_path=tmp_path) == [
+      f"gcloud compute tpus queued-resources create corpo-jax {LOC} --node-id=corpo-jax {flag} "
+      f"--runtime-version={runtime}"]
+  assert dry_run(flag, "create", tmp_path=tmp_path, TPU_RUNTIME_VERSION="my-image") == [
+      f"{TPU} create corpo-jax {LOC} {flag} --version=my-image"]
+
+
+def test_unknown_generation_needs_runtime_version_only_to_create(tmp_path):
+  result = tpu_vm("--dry-run", "--accelerator-type=v3-8", "create", tmp_path=tmp_path)
+  assert result.returncode == 2 and not result.stdout
+  assert result.stderr == ("tpu_vm.sh: error: --accelerator-type=v3-8: no default TPU software "
+                           "version for this generation; pass --runtime-version=V "
+                           "(https://cloud.google.com/tpu/docs/runtimes)\n")
+  assert dry_run("--accelerator-type=v3-8", "--runtime-version=tpu-vm-base", "create",
+                 tmp_path=tmp_path) == [
+      f"{TPU} create corpo-jax {LOC} --accelerator-type=v3-8 --version=tpu-vm-base"]
+  assert dry_run("--accelerator-type=v3-8", "delete", tmp_path=tmp_path) == [
+      f"{TPU} delete corpo-jax {LOC} --quiet"]
+
+
 def test_queued_resource_create_and_delete(tmp_path):
   flags = ("--queued", "--spot", "--name=exp1", "--accelerator-type=v5litepod-16",
            "--runtime-version=v2-alpha-tpuv5-lite")
