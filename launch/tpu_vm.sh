@@ -22,9 +22,13 @@ Flags (before COMMAND; each has an environment variable, the flag wins):
   --zone=ZONE             TPU_ZONE              zone [gcloud's default]
   --accelerator-type=T    TPU_ACCELERATOR_TYPE  e.g. v4-8, v4-32, v5litepod-16 [v4-8]
   --runtime-version=V     TPU_RUNTIME_VERSION   TPU software version [by generation: v4-*
-                                                tpu-ubuntu2204-base, v5litepod-* v2-alpha-tpuv5-lite,
-                                                v5p-* v2-alpha-tpuv5, v6e-* v2-alpha-tpuv6e]
+                                                tpu-ubuntu2204-base, v5litepod-*
+                                                v2-alpha-tpuv5-lite, v5p-* v2-alpha-tpuv5,
+                                                v6e-* v2-alpha-tpuv6e]
   --queued                TPU_QUEUED=1          a queued resource instead of a plain TPU VM
+  --node-count=N          TPU_NODE_COUNT        slices of one queued resource, joined by
+                                                Multislice (nodes NAME-0 .. NAME-<N-1>) [1];
+                                                N > 1 needs --queued
   --spot | --reserved     TPU_PROVISIONING      spot / reserved capacity [on-demand]
   --remote-dir=DIR        TPU_REMOTE_DIR        checkout on the workers, from $HOME [corpo_jax]
   --python=PYTHON         TPU_PYTHON            interpreter for the remote venv [python3.11]
@@ -55,6 +59,7 @@ zone=${TPU_ZONE:-}
 accelerator=${TPU_ACCELERATOR_TYPE:-v4-8}
 runtime=${TPU_RUNTIME_VERSION:-}
 queued=${TPU_QUEUED:-0}
+node_count=${TPU_NODE_COUNT:-1}
 provisioning=${TPU_PROVISIONING:-}
 remote_dir=${TPU_REMOTE_DIR:-corpo_jax}
 python=${TPU_PYTHON:-python3.11}
@@ -70,6 +75,7 @@ while [[ $# -gt 0 && $1 == -* ]]; do
     --accelerator-type=*) accelerator=${1#*=} ;;
     --runtime-version=*) runtime=${1#*=} ;;
     --queued) queued=1 ;;
+    --node-count=*) node_count=${1#*=} ;;
     --spot) provisioning=spot ;;
     --reserved) provisioning=reserved ;;
     --remote-dir=*) remote_dir=${1#*=} ;;
@@ -89,7 +95,21 @@ case $provisioning in
   *) die "TPU_PROVISIONING=$provisioning: use spot, reserved or leave it empty" ;;
 esac
 [[ $queued == 0 || $queued == 1 ]] || die "TPU_QUEUED=$queued: use 0 or 1"
+[[ $node_count =~ ^[1-9][0-9]*$ ]] || die "--node-count=$node_count: use a positive integer"
+if [[ $node_count -gt 1 && $queued == 0 ]]; then
+  die "--node-count=$node_count needs --queued: several slices are made only as one queued" \
+      "resource (https://cloud.google.com/tpu/docs/multislice-introduction)"
+fi
 log_dir=${log_dir:-logs/$name}
+
+# The TPU VM of each slice. A multislice queued resource names its nodes PREFIX-0 .. PREFIX-<N-1>
+# (MultisliceParams.nodeIdPrefix, https://cloud.google.com/tpu/docs/reference/rest/v2/
+# projects.locations.queuedResources); create passes --node-prefix=NAME.
+nodes=("$name")
+if [[ $node_count -gt 1 ]]; then
+  nodes=()
+  for ((i = 0; i < node_count; i++)); do nodes+=("$name-$i"); done
+fi
 
 # The TPU software version for --accelerator-type's generation, the table of
 # https://cloud.google.com/tpu/docs/runtimes ("PyTorch and JAX"); only create needs it.
@@ -140,10 +160,28 @@ if [[ -n $zone ]]; then location+=("--zone=$zone"); fi
 if [[ -n $project ]]; then location+=("--project=$project"); fi
 tpu=("$gcloud" compute tpus tpu-vm)
 
-ssh_all() {  # ssh_all COMMAND [extra gcloud flags]
-  local remote=$1
-  shift
-  run "${tpu[@]}" ssh "$name" "${location[@]}" --worker=all "--command=$remote" "$@"
+ssh_node() {  # ssh_node NODE WORKER COMMAND [extra gcloud flags]
+  local node=$1 worker=$2 remote=$3
+  shift 3
+  run "${tpu[@]}" ssh "$node" "${location[@]}" "--worker=$worker" "--command=$remote" "$@"
+}
+
+# Runs FUNCTION ARGS... NODE for every node, at once when there are several (not under --dry-run,
+# whose lines come node by node); fails if any failed.
+on_every_node() {
+  local node pids=() status=0
+  if [[ ${#nodes[@]} -eq 1 || $dry_run == 1 ]]; then
+    for node in "${nodes[@]}"; do "$@" "$node"; done
+    return
+  fi
+  for node in "${nodes[@]}"; do "$@" "$node" & pids+=($!); done
+  for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+  return "$status"
+}
+
+# The local directory of a node's per-worker output files.
+node_log_dir() {
+  if [[ ${#nodes[@]} -eq 1 ]]; then echo "$log_dir"; else echo "$log_dir/$1"; fi
 }
 
 create() {
@@ -151,8 +189,12 @@ create() {
   if [[ -z $runtime ]]; then runtime=$(default_runtime); fi
   if [[ -n $provisioning ]]; then extra+=("--$provisioning"); fi
   if [[ $queued == 1 ]]; then
+    local node_flags=("--node-id=$name")
+    if [[ $node_count -gt 1 ]]; then
+      node_flags=("--node-count=$node_count" "--node-prefix=$name")
+    fi
     run "$gcloud" compute tpus queued-resources create "$name" "${location[@]}" \
-        "--node-id=$name" "--accelerator-type=$accelerator" "--runtime-version=$runtime" \
+        "${node_flags[@]}" "--accelerator-type=$accelerator" "--runtime-version=$runtime" \
         "${extra[@]}"
   else
     run "${tpu[@]}" create "$name" "${location[@]}" "--accelerator-type=$accelerator" \
@@ -168,28 +210,37 @@ setup() {
   # The file list is written under --dry-run too (it reads the checkout only).
   git -C "$root" ls-files -z --cached --others --exclude-standard >"$files"
   run tar -czf "$archive" -C "$root" --null "--files-from=$files" --ignore-failed-read
-  run "${tpu[@]}" scp "$archive" "$name:$remote_dir.tar.gz" "${location[@]}" --worker=all
   remote="set -e; command -v $python >/dev/null || { sudo apt-get update -q"
   remote+=" && sudo apt-get install -y -q $python $python-venv; }"
   remote+="; mkdir -p $remote_dir && tar -xzf $remote_dir.tar.gz -C $remote_dir"
   remote+=" && cd $remote_dir && $python -m venv .venv && .venv/bin/pip install -q -e \".[tpu]\""
-  ssh_all "$remote"
+  on_every_node setup_node "$archive" "$remote"
+}
+
+setup_node() {  # setup_node ARCHIVE INSTALL_COMMAND NODE
+  run "${tpu[@]}" scp "$1" "$3:$remote_dir.tar.gz" "${location[@]}" --worker=all
+  ssh_node "$3" all "$2"
 }
 
 run_config() {
   [[ $# -ge 1 && $1 != -* ]] || die "run needs a config: run CONFIG [--config.FIELD=VALUE ...]"
   local config=$1
   shift
-  run mkdir -p "$log_dir"
-  ssh_all "cd $remote_dir && .venv/bin/python -m corpo_jax.main $(quote_all "--config=$config" "$@")" \
-      "--output-directory=$log_dir"
+  on_every_node run_on_node "cd $remote_dir && .venv/bin/python -m corpo_jax.main $(quote_all \
+      "--config=$config" "$@")"
+}
+
+run_on_node() {  # run_on_node COMMAND NODE
+  run mkdir -p "$(node_log_dir "$2")"
+  ssh_node "$2" all "$1" "--output-directory=$(node_log_dir "$2")"
 }
 
 copy() {
   [[ $# -ge 1 && $# -le 2 ]] || die "copy needs REMOTE [LOCAL]"
   local local_dir=${2:-.}
   run mkdir -p "$local_dir"
-  run "${tpu[@]}" scp --recurse "$name:$remote_dir/$1" "$local_dir" "${location[@]}" --worker=0
+  run "${tpu[@]}" scp --recurse "${nodes[0]}:$remote_dir/$1" "$local_dir" "${location[@]}" \
+      --worker=0
 }
 
 delete() {

@@ -70,20 +70,68 @@ def test_queued_resource_create_and_delete(tmp_path):
       f"gcloud compute tpus queued-resources delete exp1 {LOC} --force --quiet"]
 
 
+INSTALL = ("set -e; command -v python3.11 >/dev/null || { sudo apt-get update -q && sudo "
+           "apt-get install -y -q python3.11 python3.11-venv; }; mkdir -p corpo_jax && tar -xzf "
+           "corpo_jax.tar.gz -C corpo_jax && cd corpo_jax && python3.11 -m venv .venv && "
+           '.venv/bin/pip install -q -e ".[tpu]"')
+
+
+def fake_gcloud(tmp_path, script=""):
+  """A gcloud that appends its argv (NUL-separated, one call per record) to argv.txt, then runs
+  `script` (bash, with "$*" the arguments)."""
+  fake = tmp_path / "fake_gcloud"
+  log = tmp_path / "argv.txt"
+  fake.write_text(f'#!/bin/bash\nfor a in "$@"; do printf "%s\\0" "$a"; done >> {log}\n'
+                  f'printf "\\n\\0" >> {log}\n{script}\n')
+  fake.chmod(0o755)
+  return str(fake)
+
+
+def calls(tmp_path):
+  return [c.split("\0")[:-1] for c in (tmp_path / "argv.txt").read_text().split("\n\0")[:-1]]
+
+
 def test_setup(tmp_path):
   archive = f"{tmp_path}/corpo-jax-checkout.tar.gz"
-  remote = ("set -e; command -v python3.11 >/dev/null || { sudo apt-get update -q && sudo "
-            "apt-get install -y -q python3.11 python3.11-venv; }; mkdir -p corpo_jax && tar -xzf "
-            "corpo_jax.tar.gz -C corpo_jax && cd corpo_jax && python3.11 -m venv .venv && "
-            '.venv/bin/pip install -q -e ".[tpu]"')
   assert dry_run("setup", tmp_path=tmp_path) == [
       f"tar -czf {archive} -C {ROOT} --null --files-from={tmp_path}/corpo-jax-checkout.files "
       "--ignore-failed-read",
       f"{TPU} scp {archive} corpo-jax:corpo_jax.tar.gz {LOC} --worker=all",
-      f"{TPU} ssh corpo-jax {LOC} --worker=all --command='{remote}'"]
+      f"{TPU} ssh corpo-jax {LOC} --worker=all --command='{INSTALL}'"]
   files = (tmp_path / "corpo-jax-checkout.files").read_text().split("\0")
   assert "launch/tpu_vm.sh" in files and "corpo_jax/main.py" in files
   assert not any(f.startswith((".git/", "workdir")) or "__pycache__" in f for f in files)
+
+
+def test_multislice_create_and_setup_address_every_node(tmp_path):
+  flags = ("--queued", "--spot", "--node-count=2", "--accelerator-type=v5p-256")
+  assert dry_run(*flags, "create", tmp_path=tmp_path) == [
+      f"gcloud compute tpus queued-resources create corpo-jax {LOC} --node-count=2 "
+      "--node-prefix=corpo-jax --accelerator-type=v5p-256 --runtime-version=v2-alpha-tpuv5 --spot"]
+  archive = f"{tmp_path}/corpo-jax-checkout.tar.gz"
+  assert dry_run(*flags, "setup", tmp_path=tmp_path)[1:] == [
+      f"{TPU} scp {archive} corpo-jax-0:corpo_jax.tar.gz {LOC} --worker=all",
+      f"{TPU} ssh corpo-jax-0 {LOC} --worker=all --command='{INSTALL}'",
+      f"{TPU} scp {archive} corpo-jax-1:corpo_jax.tar.gz {LOC} --worker=all",
+      f"{TPU} ssh corpo-jax-1 {LOC} --worker=all --command='{INSTALL}'"]
+  assert dry_run(*flags, "copy", "w/a", tmp_path=tmp_path)[1] == (
+      f"{TPU} scp --recurse corpo-jax-0:corpo_jax/w/a . {LOC} --worker=0")
+  assert dry_run(*flags, "delete", tmp_path=tmp_path) == [
+      f"gcloud compute tpus queued-resources delete corpo-jax {LOC} --force --quiet"]
+
+
+def test_multislice_setup_runs_the_nodes_at_once(tmp_path):
+  # Node 0's scp waits until node 1's has started: run one after the other, this would hang.
+  gcloud = fake_gcloud(tmp_path, f"""case "$*" in
+  *" corpo-jax-0:"*) for i in $(seq 100); do [ -e {tmp_path}/node1 ] && exit 0; sleep 0.05; done
+                     exit 1 ;;
+  *" corpo-jax-1:"*) touch {tmp_path}/node1 ;;
+esac""")
+  result = tpu_vm("--queued", "--node-count=2", "setup", tmp_path=tmp_path, GCLOUD=gcloud)
+  assert result.returncode == 0, result.stderr
+  archive = f"{tmp_path}/corpo-jax-checkout.tar.gz"
+  assert sorted(c[3:5] for c in calls(tmp_path)) == [
+      ["scp", archive], ["scp", archive], ["ssh", "corpo-jax-0"], ["ssh", "corpo-jax-1"]]
 
 
 def test_run_copy_delete(tmp_path):
@@ -106,17 +154,12 @@ def test_run_copy_delete(tmp_path):
 
 
 def test_runs_the_printed_commands(tmp_path):
-  fake = tmp_path / "fake_gcloud"
-  log = tmp_path / "argv.txt"
-  fake.write_text(f'#!/bin/bash\nfor a in "$@"; do printf "%s\\0" "$a"; done >> {log}\n'
-                  f'printf "\\n\\0" >> {log}\n')
-  fake.chmod(0o755)
+  gcloud = fake_gcloud(tmp_path)
   args = ("--queued", "run", "configs/grpo.py", "--config.seed=1")
-  printed = [shlex.split(line) for line in dry_run(*args, tmp_path=tmp_path, GCLOUD=str(fake))]
-  result = tpu_vm(*args, tmp_path=tmp_path, GCLOUD=str(fake))
+  printed = [shlex.split(line) for line in dry_run(*args, tmp_path=tmp_path, GCLOUD=gcloud)]
+  result = tpu_vm(*args, tmp_path=tmp_path, GCLOUD=gcloud)
   assert result.returncode == 0, result.stderr
-  calls = [c.split("\0")[:-1] for c in log.read_text().split("\n\0")[:-1]]
-  assert calls == [printed[1][1:]]  # printed[0] is the mkdir, run locally
+  assert calls(tmp_path) == [printed[1][1:]]  # printed[0] is the mkdir, run locally
   assert (tmp_path / "logs" / "corpo-jax").is_dir()
 
 
@@ -134,6 +177,9 @@ def test_missing_gcloud(tmp_path):
     (("run",), "run needs a config"),
     (("create", "--spot"), "create takes no arguments, got '--spot' (flags go before"),
     (("--bogus", "create"), "unknown flag '--bogus'"),
+    (("--node-count=2", "create"), "--node-count=2 needs --queued: several slices are made only "
+                                   "as one queued resource"),
+    (("--queued", "--node-count=0", "create"), "--node-count=0: use a positive integer"),
 ])
 def test_usage_errors(tmp_path, args, message):
   result = tpu_vm("--dry-run", *args, tmp_path=tmp_path)
