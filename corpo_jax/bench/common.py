@@ -33,7 +33,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--vocab", type=int, default=1024)
   p.add_argument("--thinking_layers", type=int, default=0)
   p.add_argument("--dtype", default="float32")
-  p.add_argument("--moe_dispatch", default="capacity")
+  p.add_argument("--moe_dispatch", default="cpu_dropless")
   p.add_argument("--prompt_len", type=int, default=32)
   p.add_argument("--completion_len", type=int, default=64)
   p.add_argument("--prompts", type=int, default=4)

@@ -6,7 +6,7 @@ import dataclasses
 import numbers
 from typing import Any, Mapping
 
-DISPATCH_MODES = ("capacity", "sort", "expert_parallel")
+DISPATCH_MODES = ("capacity", "sort", "expert_parallel", "cpu_dropless")
 REMAT_POLICIES = ("none", "full", "dots", "experts", "dots_and_experts")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -34,8 +34,10 @@ class ModelConfig:
   max_seq_len: int = 4096  # longest sequence a KV cache may hold; exported to HF configs
   tie_embeddings: bool = False  # unembed with the transposed token embedding (Mixtral: False)
   # Mixture of experts.
-  # "capacity" (drops past capacity), "sort" (dropless) or "expert_parallel" (GShard: capacity per
-  # device, all_to_all to the experts' owners; dropless when decoding; corpo_jax/model/moe.py)
+  # The MoE dispatch, chosen by this field alone (corpo_jax/model/moe.py): "capacity" (drops past
+  # capacity while training), "sort" (dropless, ragged_dot: TPU/GPU), "expert_parallel" (GShard:
+  # capacity per device, all_to_all to the experts' owners; the path for a mesh) or
+  # "cpu_dropless" (the single-device XLA:CPU path of the demo). Dropless when decoding.
   moe_dispatch: str = "capacity"
   capacity_factor: float = 2.0  # capacity path: slots per expert = cf * tokens * top_k / E (>= E/top_k: no drops)
   load_balance_weight: float = 0.01  # Switch load-balancing loss weight (mean over layers)
@@ -134,7 +136,7 @@ PRESETS: dict[str, ModelConfig] = {
     # The CPU demo: small enough to learn the bundled arithmetic from scratch in minutes.
     "demo": ModelConfig(vocab_size=1024, d_model=128, num_layers=2, num_heads=4, num_kv_heads=2,
                         head_dim=32, d_ff=256, num_experts=4, top_k=2, max_seq_len=512,
-                        thinking_layers=1),
+                        thinking_layers=1, moe_dispatch="cpu_dropless"),
     # Mixtral-8x7B-v0.1 (46.7B parameters) and Mixtral-8x22B-v0.1 (141B); no thinking head by
     # default, no pad or think tokens (Mixtral's tokenizer: unk 0, bos 1, eos 2, no pad),
     # expert-parallel MoE (docs/scale.md: the 8x7B update needs 24 GiB per device on 256).

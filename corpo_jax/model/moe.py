@@ -1,36 +1,35 @@
 """Mixture of SwiGLU experts: float32 router, auxiliary losses and the dispatch paths.
 
 Routing: top-k on the router logits, then a softmax over the k chosen logits (identical to
-Mixtral's softmax-over-all, top-k, renormalise). Dispatch computes only the chosen experts' FLOPs:
+Mixtral's softmax-over-all, top-k, renormalise). Dispatch computes only the chosen experts' FLOPs.
+`ModelConfig.moe_dispatch` alone picks the path (never the backend or the mesh):
 
 * ``capacity``: each expert gets C = min(N, ceil(cf * N * A / E)) slots; tokens are gathered into
   an [E, C, D] buffer (first choices of every token before second choices, then token order),
-  run through a batched einsum, and gathered back. Overflowing assignments are dropped. With
-  cf >= E / A nothing can be dropped. Dense batched matmuls: the fast path on CPU.
+  run through a batched einsum, and gathered back. Overflowing assignments are dropped while
+  training; decoding passes use C = N, so a sampled token never depends on which rows share its
+  batch. With cf >= E / A nothing can be dropped. Partitioned by the compiler on a mesh.
 * ``expert_parallel`` (`dispatch_expert_parallel`): GShard on the mesh. Each device routes its
   own tokens and counts capacity over them alone; an all_to_all over the "expert" axis sends the
   [E, C, D] slots to the experts' owners and brings the results back; expert weights are
   gathered over fsdp inside a shard_map; decoding sizes capacity so that nothing drops. The
   path for large models on a mesh (docs/scale.md); with one device it is ``capacity``.
 * ``sort``: dropless; assignments sorted by expert and run through `jax.lax.ragged_dot`
-  (grouped matmul kernels on TPU/GPU). On CPU, where ragged_dot measured several times slower
-  than dense, "sort" takes the two dropless paths below instead (same result; at E 32,
-  `bench update` 35.8 -> 3.2 s and `bench rollout` 184 -> 646 tokens/s).
-
-When capacity C = N (cf * A >= E, e.g. the demo's E 4, top-2, cf 2) the capacity path can drop
-nothing, so two cheaper dispatches give the same result (they give dropless "sort" on CPU too):
-* `dispatch_fitted`: capacity dispatch with C sized at run time to the busiest expert's load
-  (lax.switch over a few static sizes). Used by decoding passes (`decoding`: the sampler's
-  prefill and decode steps), which are never differentiated.
-* `dispatch_blocks` for the other passes without expert sharding (training, reference forward):
-  each expert's tokens padded to blocks, about N * A rows instead of the E * N capacity rows,
-  through `grouped_swiglu` (on one device one loop over the blocks with a hand-written
-  gradient).
-Measured on CPU (one layer, E 4, top-2, D 256, F 1024; `python -m corpo_jax.bench.moe_dispatch
---tokens ...`, docs/benchmarks.md): forward only, the two are about as fast (N 32: 1.7-3.1 vs
-2.7 ms, N 3072: 118-123 vs 113 ms), but a decode step with blocks was 1.5x slower (the scan of
-tiny blocks); forward+backward, `dispatch_fitted` keeps the residuals of every switch branch and
-is 2.4x slower at N 3072 (783 vs 328 ms).
+  (grouped matmul kernels on TPU/GPU). On XLA:CPU ragged_dot is several times slower than dense
+  matmuls (at E 32, `bench update` 35.8 s with it, 3.2 s with ``cpu_dropless``).
+* ``cpu_dropless``: the single-device CPU path of the demo, dropless, tuned on XLA:CPU
+  (docs/benchmarks.md). Passes that are differentiated (training, the reference forward) use
+  `dispatch_blocks`: each expert's tokens padded to blocks, about N * A rows instead of the
+  E * N capacity rows, through one loop over the blocks with a hand-written gradient
+  (`grouped_swiglu`). Decoding passes (the sampler's prefill and decode steps, never
+  differentiated) use `dispatch_fitted`: capacity dispatch with C sized at run time to the
+  busiest expert's load (lax.switch over a few static sizes). Measured on CPU (one layer, E 4,
+  top-2, D 256, F 1024; `python -m corpo_jax.bench.moe_dispatch --tokens ...`): forward only,
+  the two are about as fast (N 32: 1.7-3.1 vs 2.7 ms, N 3072: 118-123 vs 113 ms), but a decode
+  step with blocks was 1.5x slower (the loop over tiny blocks); forward+backward,
+  `dispatch_fitted` keeps the residuals of every switch branch and is 2.4x slower at N 3072
+  (783 vs 328 ms). On a multi-device mesh it runs (the compiler partitions the loop) but its
+  collectives run once per block: use ``capacity`` or ``expert_parallel`` there.
 
 Auxiliary losses (sown into the "intermediates" collection, one value per layer):
 * ``load_balance_loss`` (Switch Transformer): E * sum_e f_e * P_e, f_e the fraction of the
@@ -204,15 +203,8 @@ def dispatch_fitted(x_ND, experts_NA, gates_NA, token_mask_N, weights, steps: in
 def grouped_swiglu(x_bcD, weights, expert_b, used):
   """Each block of rows through its expert's SwiGLU: y_b = (silu(x_b Wg) * (x_b Wu)) Wd with
   W = weights[...][expert_b]. `used`: the number of leading blocks that hold rows (a traced
-  scalar); the blocks after them come out zero. Returns y_bcD.
-
-  On one device, one loop over the used blocks that reads each expert's matrices in place
-  (`_looped_swiglu`). On a multi-device mesh, batched matmuls over all blocks with the weights
-  gathered per block: their collectives (over fsdp/tensor-sharded weights) run once per matmul,
-  where the loop's would run once per block; blocks without rows are zeros, so their outputs
-  are too."""
-  if _mesh_size() > 1:
-    return _swiglu_ECD(x_bcD, *(w[expert_b] for w in weights))
+  scalar); the blocks after them come out zero. One loop over the used blocks that reads each
+  expert's matrices in place (`_looped_swiglu`). Returns y_bcD."""
   return _looped_swiglu(x_bcD, *weights, expert_b, jnp.asarray(used, jnp.int32))
 
 
@@ -403,29 +395,17 @@ def _expert_group(x_nD, logits_nE, replay_nA, mask_n, weights, *, axes: _GroupAx
   return y_nD, experts_nA, gates_nA
 
 
-def _expert_sharded() -> bool:
-  mesh = jax.sharding.get_abstract_mesh()
-  return not mesh.empty and mesh.shape.get("expert", 1) > 1
-
-
-def _mesh_size() -> int:
-  mesh = jax.sharding.get_abstract_mesh()
-  return 1 if mesh.empty else mesh.size
-
-
 def dispatch(cfg: ModelConfig, x_ND, experts_NA, gates_NA, mask_N, weights, decoding: bool):
-  """The capacity and sort modes' paths (module doc). Returns y_ND."""
-  N, E = x_ND.shape[0], cfg.num_experts
-  no_drops = cfg.moe_dispatch == "capacity" and capacity(N, cfg) == N
-  # Dropless "sort" on CPU, where ragged_dot is slow: the same result by the no-drop paths.
-  no_drops |= cfg.moe_dispatch == "sort" and jax.default_backend() == "cpu"
-  if no_drops and decoding:
-    return dispatch_fitted(x_ND, experts_NA, gates_NA, mask_N, weights)
-  if no_drops and not _expert_sharded():
+  """The capacity, sort and cpu_dropless paths (module doc). Returns y_ND."""
+  N = x_ND.shape[0]
+  if cfg.moe_dispatch == "cpu_dropless":
+    if decoding:
+      return dispatch_fitted(x_ND, experts_NA, gates_NA, mask_N, weights)
     return dispatch_blocks(x_ND, experts_NA, gates_NA, mask_N, weights,
-                           block_size(N * cfg.top_k, E))
+                           block_size(N * cfg.top_k, cfg.num_experts))
   if cfg.moe_dispatch == "capacity":
-    return dispatch_capacity(x_ND, experts_NA, gates_NA, mask_N, weights, capacity(N, cfg))
+    return dispatch_capacity(x_ND, experts_NA, gates_NA, mask_N, weights,
+                             N if decoding else capacity(N, cfg))
   return dispatch_sort(x_ND, experts_NA, gates_NA, mask_N, weights)
 
 

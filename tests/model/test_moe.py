@@ -1,5 +1,6 @@
-"""Router, auxiliary losses and the two dispatch paths, checked against hand-computed cases."""
+"""Router, auxiliary losses and the dispatch paths, checked against hand-computed cases."""
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -135,19 +136,19 @@ def _moe_layer(cfg, x_BTD, mask_BT):
   return module.apply({"params": params}, x_BTD, mask_BT, mutable=["intermediates"])
 
 
-def test_sort_layer_on_cpu_equals_ragged_dot_without_running_it():
-  """E 8, top-2, default capacity factor 2: capacity would drop; "sort" must not."""
-  cfg = ModelConfig.preset("tiny", moe_dispatch="sort", num_experts=8, top_k=2)
+def test_cpu_dropless_layer_equals_ragged_dot_without_running_it():
+  """E 8, top-2, default capacity factor 2: capacity would drop; "cpu_dropless" must not, and
+  the field alone picks the path: "sort" runs ragged_dot (also on CPU), "cpu_dropless" never."""
+  cfg = ModelConfig.preset("tiny", moe_dispatch="cpu_dropless", num_experts=8, top_k=2)
   x_BTD = jnp.asarray(np.random.default_rng(1).standard_normal((2, 6, cfg.d_model)), jnp.float32)
   mask_BT = jnp.array([[False, True, True, True, True, True], [True] * 6])
   layer = moe.MoE(cfg)
   params = nn.unbox(layer.init(jax.random.key(0), x_BTD, mask_BT)["params"])
 
   def by_ragged_dot(params, x_BTD):
-    x_ND = x_BTD.reshape(-1, cfg.d_model)
-    experts_NA, gates_NA = moe.route(x_ND @ params["router"], cfg.top_k)
-    weights = (params["gate"], params["up"], params["down"])
-    return moe.dispatch_sort(x_ND, experts_NA, gates_NA, mask_BT.reshape(-1), weights)
+    y_BTD = moe.MoE(dataclasses.replace(cfg, moe_dispatch="sort")).apply(
+        {"params": params}, x_BTD, mask_BT)[0]
+    return y_BTD.reshape(-1, cfg.d_model)
 
   by_layer = lambda params, x_BTD: layer.apply({"params": params}, x_BTD, mask_BT)[0]
   assert "ragged_dot" not in str(jax.make_jaxpr(by_layer)(params, x_BTD))
@@ -163,7 +164,7 @@ def test_sort_layer_on_cpu_equals_ragged_dot_without_running_it():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("dispatch", ["capacity", "sort"])
+@pytest.mark.parametrize("dispatch", ["capacity", "sort", "cpu_dropless"])
 def test_moe_layer_padding_is_excluded_from_aux_losses(dispatch):
   cfg = ModelConfig.preset("tiny", moe_dispatch=dispatch)
   x_BTD = jnp.asarray(np.random.default_rng(0).standard_normal((2, 6, cfg.d_model)), jnp.float32)
@@ -275,17 +276,19 @@ def test_fitted_dispatch_equals_full_capacity():
 
 @pytest.mark.parametrize("B,T,decoding,path", [(300, 1, True, "fitted"), (2, 64, True, "fitted"),
                                                (2, 64, False, "blocks")])
-def test_moe_layer_dispatch_selection(B, T, decoding, path):
-  """Without drops: passes with a KV cache (decode, prefill) take the run-time capacity switch,
+def test_cpu_dropless_dispatch_selection(B, T, decoding, path):
+  """cpu_dropless: passes with a KV cache (decode, prefill) take the run-time capacity switch,
   other passes the block dispatch; both equal capacity dispatch at C = N."""
-  cfg = ModelConfig.preset("tiny", capacity_factor=2.0)  # E 4, top-2: C = N, nothing dropped
+  cfg = ModelConfig.preset("tiny", moe_dispatch="cpu_dropless")
   x_BTD = jnp.asarray(np.random.default_rng(0).standard_normal((B, T, cfg.d_model)), jnp.float32)
   mask_BT = jnp.asarray(np.random.default_rng(1).random((B, T)) > 0.2)
   module = moe.MoE(cfg)
   params = jax.jit(module.init)(jax.random.key(0), x_BTD[:1, :1], mask_BT[:1, :1])["params"]
   apply = lambda p: module.apply({"params": p}, x_BTD, mask_BT, decoding=decoding,
                                  mutable=["intermediates"])[0]
-  assert ("cond[" in str(jax.make_jaxpr(apply)(params))) == (path == "fitted")
+  jaxpr = str(jax.make_jaxpr(apply)(params))
+  assert ("cond[" in jaxpr) == (path == "fitted")
+  assert ("while[" in jaxpr) == (path == "blocks")  # the loop over blocks
   y_BTD, experts_BTA = jax.jit(apply)(params)
   N, p = B * T, nn.unbox(params)
   gates_NA = moe.route(x_BTD.reshape(N, -1) @ p["router"], cfg.top_k)[1]
@@ -293,6 +296,22 @@ def test_moe_layer_dispatch_selection(B, T, decoding, path):
       x_BTD.reshape(N, -1), experts_BTA.reshape(N, -1), gates_NA, mask_BT.reshape(N),
       (p["gate"], p["up"], p["down"]), N)
   np.testing.assert_allclose(y_BTD.reshape(N, -1), y_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_capacity_dispatch_drops_while_training_and_never_when_decoding():
+  """cf 0.5, E 4, top-2, N 24: C = 6 of the 12 assignments per expert on average, so training
+  drops; a decoding pass (C = N) equals the dropless sort path."""
+  cfg = ModelConfig.preset("tiny", capacity_factor=0.5)
+  x_BTD = jnp.asarray(np.random.default_rng(0).standard_normal((2, 12, cfg.d_model)), jnp.float32)
+  mask_BT = jnp.ones((2, 12), bool)
+  module = moe.MoE(cfg)
+  params = module.init(jax.random.key(0), x_BTD, mask_BT)["params"]
+  apply = lambda c, decoding: moe.MoE(c).apply({"params": params}, x_BTD, mask_BT,
+                                                decoding=decoding)[0]
+  dropless = apply(dataclasses.replace(cfg, moe_dispatch="sort"), False)
+  np.testing.assert_allclose(apply(cfg, True), dropless, rtol=1e-5, atol=1e-6)
+  assert moe.capacity(24, cfg) == 6
+  assert np.abs(np.asarray(apply(cfg, False) - dropless)).max() > 1e-2  # dropped assignments
 
 
 # ----------------------------------------------------------------------------- expert parallel
