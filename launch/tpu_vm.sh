@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Cloud TPU VMs for corpo_jax: create, set up, run a config on every worker, copy results, delete.
+# Cloud TPU VMs for corpo_jax: create, set up, run a config on every worker (detached), watch its
+# status and logs, stop it, copy results, delete.
 set -euo pipefail
 
 usage() {
@@ -10,8 +11,18 @@ Commands:
   create                  create the TPU VM (a queued resource with --queued)
   setup                   copy this checkout (tracked and untracked, not ignored files) to every
                           worker, make a venv there and pip install -e ".[tpu]"
-  run CONFIG [FLAGS...]   python -m corpo_jax.main --config=CONFIG FLAGS... on all workers at
-                          once (--worker=all); each worker's output goes to LOG_DIR/<worker>.log
+  run CONFIG [FLAGS...]   start python -m corpo_jax.main --config=CONFIG FLAGS... on every worker
+                          of every node, detached (setsid nohup: it outlives the ssh), its output
+                          in REMOTE_DIR/logs/RUN.log and its pid in REMOTE_DIR/logs/RUN.pid on
+                          each worker (the previous log kept as RUN.prev.log); with --attach in
+                          the foreground instead, each worker's output in LOG_DIR/<worker>.log
+  status                  the queued resource's state (with --queued), then per worker whether
+                          RUN is running, finished or stopped and its log's last lines
+  logs [--worker=K] [--tail=N]
+                          copy each worker's RUN.log into LOG_DIR (LOG_DIR/NODE with several
+                          nodes), or print its last N lines; all workers unless --worker=K
+  stop                    SIGTERM to RUN on every worker: it saves a checkpoint at the end of the
+                          step and exits (at once before its first step)
   copy REMOTE [LOCAL]     copy REMOTE (a path in the remote checkout, e.g. a workdir) from worker 0
                           into the local directory LOCAL (default .)
   delete                  delete the TPU VM (the queued resource and its node with --queued)
@@ -32,7 +43,10 @@ Flags (before COMMAND; each has an environment variable, the flag wins):
   --spot | --reserved     TPU_PROVISIONING      spot / reserved capacity [on-demand]
   --remote-dir=DIR        TPU_REMOTE_DIR        checkout on the workers, from $HOME [corpo_jax]
   --python=PYTHON         TPU_PYTHON            interpreter for the remote venv [python3.11]
-  --log-dir=DIR           TPU_LOG_DIR           local directory for run logs [logs/NAME]
+  --log-dir=DIR           TPU_LOG_DIR           local directory for logs [logs/NAME]
+  --run-name=RUN          TPU_RUN_NAME          names a run's log and pid files [run]
+  --attach                TPU_ATTACH=1          run in the foreground (waits for the job)
+  --libtpu-init-args=A    LIBTPU_INIT_ARGS      exported to the job's processes [unset]
   --dry-run                                     print every command instead of running it
   -h, --help                                    this text
 GCLOUD (environment) names the gcloud binary [gcloud].
@@ -41,6 +55,7 @@ Example:
   launch/tpu_vm.sh --zone=us-central2-b --accelerator-type=v4-8 --queued --spot create
   launch/tpu_vm.sh --zone=us-central2-b setup
   launch/tpu_vm.sh --zone=us-central2-b run configs/corpo.py --config.workdir=workdir/corpo
+  launch/tpu_vm.sh --zone=us-central2-b status
   launch/tpu_vm.sh --zone=us-central2-b copy workdir/corpo results/
   launch/tpu_vm.sh --zone=us-central2-b --queued delete
 A queued resource is usable (setup, run) once `gcloud compute tpus queued-resources describe NAME`
@@ -64,6 +79,9 @@ provisioning=${TPU_PROVISIONING:-}
 remote_dir=${TPU_REMOTE_DIR:-corpo_jax}
 python=${TPU_PYTHON:-python3.11}
 log_dir=${TPU_LOG_DIR:-}
+run_name=${TPU_RUN_NAME:-run}
+attach=${TPU_ATTACH:-0}
+libtpu_init_args=${LIBTPU_INIT_ARGS:-}
 gcloud=${GCLOUD:-gcloud}
 dry_run=0
 
@@ -81,6 +99,9 @@ while [[ $# -gt 0 && $1 == -* ]]; do
     --remote-dir=*) remote_dir=${1#*=} ;;
     --python=*) python=${1#*=} ;;
     --log-dir=*) log_dir=${1#*=} ;;
+    --run-name=*) run_name=${1#*=} ;;
+    --attach) attach=1 ;;
+    --libtpu-init-args=*) libtpu_init_args=${1#*=} ;;
     --dry-run) dry_run=1 ;;
     -h | --help) usage; exit 0 ;;
     *) die "unknown flag '$1' (flags go before the command; see --help)" ;;
@@ -95,6 +116,8 @@ case $provisioning in
   *) die "TPU_PROVISIONING=$provisioning: use spot, reserved or leave it empty" ;;
 esac
 [[ $queued == 0 || $queued == 1 ]] || die "TPU_QUEUED=$queued: use 0 or 1"
+[[ $attach == 0 || $attach == 1 ]] || die "TPU_ATTACH=$attach: use 0 or 1"
+[[ $run_name =~ ^[A-Za-z0-9_.-]+$ ]] || die "--run-name=$run_name: use letters, digits, _ . -"
 [[ $node_count =~ ^[1-9][0-9]*$ ]] || die "--node-count=$node_count: use a positive integer"
 if [[ $node_count -gt 1 && $queued == 0 ]]; then
   die "--node-count=$node_count needs --queued: several slices are made only as one queued" \
@@ -134,10 +157,15 @@ quote() {
   if [[ $1 =~ ^[A-Za-z0-9_./:=@,+%-]+$ ]]; then
     printf '%s' "$1"
   elif [[ $1 =~ ^(--[A-Za-z0-9_.-]+=)(.*)$ ]]; then
-    printf "%s'%s'" "${BASH_REMATCH[1]}" "${BASH_REMATCH[2]//\'/\'\\\'\'}"
+    printf '%s' "${BASH_REMATCH[1]}"
+    squote "${BASH_REMATCH[2]}"
   else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
+    squote "$1"
   fi
+}
+
+squote() {  # single-quoted, each ' as '\''
+  printf "'%s'" "${1//\'/\'\\\'\'}"
 }
 
 quote_all() {
@@ -222,17 +250,100 @@ setup_node() {  # setup_node ARCHIVE INSTALL_COMMAND NODE
   ssh_node "$3" all "$2"
 }
 
-run_config() {
-  [[ $# -ge 1 && $1 != -* ]] || die "run needs a config: run CONFIG [--config.FIELD=VALUE ...]"
-  local config=$1
-  shift
-  on_every_node run_on_node "cd $remote_dir && .venv/bin/python -m corpo_jax.main $(quote_all \
-      "--config=$config" "$@")"
+# What the job's processes start with: output unbuffered (the logs are read while it runs) and
+# LIBTPU_INIT_ARGS when given. Multislice needs nothing here: on a multislice queued resource the
+# TPU metadata (tpu-env) holds MEGASCALE_COORDINATOR_ADDRESS, MEGASCALE_NUM_SLICES and
+# MEGASCALE_SLICE_ID, which JAX's jax.distributed.initialize() reads when they are not in the
+# environment (jax/_src/clusters/cloud_tpu_cluster.py, get_tpu_env_value).
+job_env() {
+  local env="export PYTHONUNBUFFERED=1"
+  if [[ -n $libtpu_init_args ]]; then env+=" LIBTPU_INIT_ARGS=$(squote "$libtpu_init_args")"; fi
+  echo "$env"
 }
 
-run_on_node() {  # run_on_node COMMAND NODE
+# Remote shell tests, run in the checkout on a worker. A job is its pid file's process while that
+# process is still corpo_jax.main; "finished" is the line corpo_jax/main.py prints at the end of a
+# run (process 0 only); anything else (a crash, a preemption's clean exit) is "stopped".
+job_log=logs/$run_name.log
+job_pid=logs/$run_name.pid
+job_running="ps -o args= -p \"\$(cat $job_pid 2>/dev/null)\" 2>/dev/null | grep -q corpo_jax.main"
+job_state="if $job_running; then echo running; elif grep -qs '^corpo_jax: finished' $job_log;"
+job_state+=" then echo finished; else echo stopped; fi"
+
+run_config() {
+  [[ $# -ge 1 && $1 != -* ]] || die "run needs a config: run CONFIG [--config.FIELD=VALUE ...]"
+  local main node
+  main=".venv/bin/python -m corpo_jax.main $(quote_all "--config=$1" "${@:2}")"
+  if [[ $attach == 1 ]]; then
+    on_every_node run_attached "cd $remote_dir && $(job_env) && $main"
+  else
+    for node in "${nodes[@]}"; do ssh_node "$node" all "$(detached "$main")"; done
+  fi
+}
+
+run_attached() {  # run_attached COMMAND NODE: in the foreground, per-worker output files
   run mkdir -p "$(node_log_dir "$2")"
   ssh_node "$2" all "$1" "--output-directory=$(node_log_dir "$2")"
+}
+
+# The remote command that starts MAIN on a worker in its own session (setsid: an ssh that drops
+# sends it no SIGHUP; nohup too), output to the job's log (the previous one kept as .prev.log), its
+# pid to the pid file. A job of the same name that is still running is left alone.
+detached() {
+  local cmd="set -e; cd $remote_dir; mkdir -p logs; if $job_running; then"
+  cmd+=" echo \"\$(hostname): $run_name is running (stop ends it)\" >&2; exit 1; fi"
+  cmd+="; if [ -f $job_log ]; then mv $job_log logs/$run_name.prev.log; fi; $(job_env)"
+  cmd+="; setsid nohup $1 >$job_log 2>&1 </dev/null & echo \$! >$job_pid"
+  echo "$cmd"
+}
+
+# Prefixes each line of a remote command's output with the worker's host name (run remotely).
+# shellcheck disable=SC2016
+by_host='sed "s/^/$(hostname): /"'
+
+status() {
+  local node remote
+  if [[ $queued == 1 ]]; then
+    run "$gcloud" compute tpus queued-resources describe "$name" "${location[@]}" \
+        "--format=value(state.state)"
+  fi
+  remote="cd $remote_dir; { echo \"$run_name \$($job_state)\"; tail -n 3 $job_log 2>/dev/null; }"
+  for node in "${nodes[@]}"; do ssh_node "$node" all "$remote | $by_host"; done
+}
+
+# logs [--worker=K] [--tail=N]: each worker's job log into LOG_DIR (one file per worker, in
+# LOG_DIR/NODE with several nodes), or its last N lines printed.
+logs() {
+  local worker=all lines="" node
+  while [[ $# -gt 0 ]]; do
+    case $1 in
+      --worker=*) worker=${1#*=} ;;
+      --tail=*) lines=${1#*=} ;;
+      *) die "logs takes --worker=K and --tail=N, got '$1'" ;;
+    esac
+    shift
+  done
+  [[ $worker == all || $worker =~ ^[0-9]+$ ]] || die "--worker=$worker: use a worker index or all"
+  [[ -z $lines || $lines =~ ^[0-9]+$ ]] || die "--tail=$lines: use a number of lines"
+  for node in "${nodes[@]}"; do
+    if [[ -n $lines ]]; then
+      ssh_node "$node" "$worker" "tail -n $lines $remote_dir/$job_log | $by_host"
+    else
+      run mkdir -p "$(node_log_dir "$node")"
+      ssh_node "$node" "$worker" "cat $remote_dir/$job_log" \
+          "--output-directory=$(node_log_dir "$node")"
+    fi
+  done
+}
+
+# SIGTERM to the job on every worker: corpo_jax saves a checkpoint at the end of the step and exits
+# (corpo_jax/train/checkpoint.py), so a later run resumes from it.
+stop() {
+  local node remote
+  remote="cd $remote_dir; if $job_running; then kill -TERM \"\$(cat $job_pid)\";"
+  remote+=" echo \"\$(hostname): SIGTERM sent to $run_name\";"
+  remote+=" else echo \"\$(hostname): $run_name is not running\"; fi"
+  for node in "${nodes[@]}"; do ssh_node "$node" all "$remote"; done
 }
 
 copy() {
@@ -259,7 +370,11 @@ case $command in
   create) no_args "$@"; create ;;
   setup) no_args "$@"; setup ;;
   run) run_config "$@" ;;
+  status) no_args "$@"; status ;;
+  logs) logs "$@" ;;
+  stop) no_args "$@"; stop ;;
   copy) copy "$@" ;;
   delete) no_args "$@"; delete ;;
-  *) die "unknown command '$command'; one of create, setup, run, copy, delete (see --help)" ;;
+  *) die "unknown command '$command'; one of create, setup, run, status, logs, stop, copy," \
+         "delete (see --help)" ;;
 esac

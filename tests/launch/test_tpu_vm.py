@@ -3,7 +3,9 @@ executes the same argv, and the error when gcloud is missing."""
 
 import os
 import shlex
+import socket
 import subprocess
+import time
 
 import pytest
 
@@ -78,11 +80,13 @@ INSTALL = ("set -e; command -v python3.11 >/dev/null || { sudo apt-get update -q
 
 def fake_gcloud(tmp_path, script=""):
   """A gcloud that appends its argv (NUL-separated, one call per record) to argv.txt, then runs
-  `script` (bash, with "$*" the arguments)."""
+  `script` (bash, with "$*" the arguments). A record is appended in one write, so calls made at
+  once do not interleave."""
   fake = tmp_path / "fake_gcloud"
   log = tmp_path / "argv.txt"
-  fake.write_text(f'#!/bin/bash\nfor a in "$@"; do printf "%s\\0" "$a"; done >> {log}\n'
-                  f'printf "\\n\\0" >> {log}\n{script}\n')
+  fake.write_text(f'#!/bin/bash\nrecord=$(mktemp)\nprintf "%s\\0" "$@" > "$record"\n'
+                  f'printf "\\n\\0" >> "$record"\ncat "$record" >> {log}\nrm "$record"\n'
+                  f'{script}\n')
   fake.chmod(0o755)
   return str(fake)
 
@@ -134,32 +138,184 @@ esac""")
       ["scp", archive], ["scp", archive], ["ssh", "corpo-jax-0"], ["ssh", "corpo-jax-1"]]
 
 
-def test_run_copy_delete(tmp_path):
-  lines = dry_run("--log-dir=logs/a", "run", "configs/corpo.py:smoke",
-                  "--config.rl.rewards=((\"ordinal\", 1.0),)", "--config.workdir=w/a",
-                  tmp_path=tmp_path)
+def remote_command(line):
+  """The --command of a printed gcloud ssh line: what the worker's shell runs."""
+  [command] = [a for a in shlex.split(line) if a.startswith("--command=")]
+  return command.removeprefix("--command=")
+
+
+RUNNING = ('ps -o args= -p "$(cat logs/run.pid 2>/dev/null)" 2>/dev/null | grep -q '
+           'corpo_jax.main')
+
+
+def test_run_starts_a_detached_job_with_a_log_and_pid_file_per_worker(tmp_path):
+  lines = dry_run("run", "configs/corpo.py:smoke", "--config.rl.rewards=((\"ordinal\", 1.0),)",
+                  "--config.workdir=w/a", tmp_path=tmp_path)
+  assert len(lines) == 1 and lines[0].startswith(f"{TPU} ssh corpo-jax {LOC} --worker=all "
+                                                 "--command='set -e; cd corpo_jax;")
+  main = (".venv/bin/python -m corpo_jax.main --config=configs/corpo.py:smoke "
+          "--config.rl.rewards='((\"ordinal\", 1.0),)' --config.workdir=w/a")
+  assert remote_command(lines[0]) == (
+      f"set -e; cd corpo_jax; mkdir -p logs; if {RUNNING}; then echo \"$(hostname): run is "
+      "running (stop ends it)\" >&2; exit 1; fi; if [ -f logs/run.log ]; then mv logs/run.log "
+      "logs/run.prev.log; fi; export PYTHONUNBUFFERED=1; "
+      f"setsid nohup {main} >logs/run.log 2>&1 </dev/null & echo $! >logs/run.pid")
+  # The remote shell splits the job's command back into the argv given here.
+  assert shlex.split(main)[-3:] == ["--config=configs/corpo.py:smoke",
+                                    "--config.rl.rewards=((\"ordinal\", 1.0),)",
+                                    "--config.workdir=w/a"]
+  named = remote_command(dry_run("--run-name=mix-1", "run", "c.py", tmp_path=tmp_path)[0])
+  assert ">logs/mix-1.log 2>&1 </dev/null & echo $! >logs/mix-1.pid" in named
+  assert "mv logs/mix-1.log logs/mix-1.prev.log" in named
+
+
+def test_run_attached_copy_delete(tmp_path):
+  lines = dry_run("--log-dir=logs/a", "--attach", "run", "configs/corpo.py:smoke",
+                  "--config.workdir=w/a", tmp_path=tmp_path)
   assert lines == [
       "mkdir -p logs/a",
-      f"{TPU} ssh corpo-jax {LOC} --worker=all --command='cd corpo_jax && .venv/bin/python -m "
-      "corpo_jax.main --config=configs/corpo.py:smoke --config.rl.rewards='\\''((\"ordinal\", "
-      "1.0),)'\\'' --config.workdir=w/a' --output-directory=logs/a"]
-  # The remote command, once the local shell and the remote shell have split it, is the argv.
-  remote = shlex.split(lines[1])[9].removeprefix("--command=")
-  assert shlex.split(remote)[-3:] == ["--config=configs/corpo.py:smoke",
-                                      "--config.rl.rewards=((\"ordinal\", 1.0),)",
-                                      "--config.workdir=w/a"]
+      f"{TPU} ssh corpo-jax {LOC} --worker=all --command='cd corpo_jax && export "
+      "PYTHONUNBUFFERED=1 && .venv/bin/python -m corpo_jax.main --config=configs/corpo.py:smoke "
+      "--config.workdir=w/a' --output-directory=logs/a"]
   assert dry_run("copy", "w/a", "results", tmp_path=tmp_path) == [
       "mkdir -p results", f"{TPU} scp --recurse corpo-jax:corpo_jax/w/a results {LOC} --worker=0"]
   assert dry_run("delete", tmp_path=tmp_path) == [f"{TPU} delete corpo-jax {LOC} --quiet"]
 
 
+def ssh_targets(lines):
+  return [line.split(" --command=")[0] for line in lines]
+
+
+def test_multislice_run_status_logs_stop_address_every_node(tmp_path):
+  flags = ("--queued", "--node-count=2")
+  each_node = [f"{TPU} ssh corpo-jax-0 {LOC} --worker=all",
+               f"{TPU} ssh corpo-jax-1 {LOC} --worker=all"]
+  run = dry_run(*flags, "run", "c.py", tmp_path=tmp_path)
+  assert ssh_targets(run) == each_node and remote_command(run[0]) == remote_command(run[1])
+  attached = dry_run(*flags, "--attach", "run", "c.py", tmp_path=tmp_path)
+  assert ssh_targets(attached) == ["mkdir -p logs/corpo-jax/corpo-jax-0", each_node[0],
+                                   "mkdir -p logs/corpo-jax/corpo-jax-1", each_node[1]]
+  assert attached[1].endswith(" --output-directory=logs/corpo-jax/corpo-jax-0")
+  status = dry_run(*flags, "status", tmp_path=tmp_path)
+  assert status[0] == (f"gcloud compute tpus queued-resources describe corpo-jax {LOC} "
+                       "--format='value(state.state)'")
+  assert ssh_targets(status[1:]) == each_node
+  assert remote_command(status[1]) == (
+      f'cd corpo_jax; {{ echo "run $(if {RUNNING}; then echo running; elif grep -qs '
+      "'^corpo_jax: finished' logs/run.log; then echo finished; else echo stopped; fi)\"; "
+      'tail -n 3 logs/run.log 2>/dev/null; } | sed "s/^/$(hostname): /"')
+  assert dry_run(*flags, "logs", "--worker=3", tmp_path=tmp_path) == [
+      "mkdir -p logs/corpo-jax/corpo-jax-0",
+      f"{TPU} ssh corpo-jax-0 {LOC} --worker=3 --command='cat corpo_jax/logs/run.log' "
+      "--output-directory=logs/corpo-jax/corpo-jax-0",
+      "mkdir -p logs/corpo-jax/corpo-jax-1",
+      f"{TPU} ssh corpo-jax-1 {LOC} --worker=3 --command='cat corpo_jax/logs/run.log' "
+      "--output-directory=logs/corpo-jax/corpo-jax-1"]
+  tails = dry_run(*flags, "logs", "--tail=20", tmp_path=tmp_path)
+  assert [remote_command(line) for line in tails] == [
+      'tail -n 20 corpo_jax/logs/run.log | sed "s/^/$(hostname): /"'] * 2
+  stop = dry_run(*flags, "stop", tmp_path=tmp_path)
+  assert ssh_targets(stop) == each_node
+  assert remote_command(stop[0]) == (
+      f'cd corpo_jax; if {RUNNING}; then kill -TERM "$(cat logs/run.pid)"; echo "$(hostname): '
+      'SIGTERM sent to run"; else echo "$(hostname): run is not running"; fi')
+
+
+LIBTPU = "--xla_tpu_megacore_fusion=true --xla_dump_to='/tmp/a b' \"q\" $HOME"
+
+
+@pytest.mark.parametrize("how", ["environment", "flag"])
+def test_libtpu_init_args_reach_the_job_quoted(tmp_path, how):
+  args, env = (([f"--libtpu-init-args={LIBTPU}"], {"LIBTPU_INIT_ARGS": "ignored"})
+               if how == "flag" else ([], {"LIBTPU_INIT_ARGS": LIBTPU}))
+  export = ("export PYTHONUNBUFFERED=1 LIBTPU_INIT_ARGS='--xla_tpu_megacore_fusion=true "
+            "--xla_dump_to='\\''/tmp/a b'\\'' \"q\" $HOME'")
+  detached = remote_command(dry_run(*args, "run", "c.py", tmp_path=tmp_path, **env)[0])
+  assert f"; {export}; setsid nohup .venv/bin/python" in detached
+  attached = remote_command(dry_run(*args, "--attach", "run", "c.py", tmp_path=tmp_path,
+                                    **env)[1])
+  assert attached.startswith(f"cd corpo_jax && {export} && .venv/bin/python")
+  # A shell given the export holds the value unchanged ($HOME not expanded).
+  echoed = subprocess.run(["bash", "-c", f'{export}; printf %s "$LIBTPU_INIT_ARGS"'],
+                          capture_output=True, text=True, check=True).stdout
+  assert echoed == LIBTPU
+
+
+FAKE_MAIN = """#!/bin/bash
+echo "args: $*"; echo "LIBTPU_INIT_ARGS=$LIBTPU_INIT_ARGS"
+trap 'echo "corpo_jax: preempted; rerun the same command"; exit 0' TERM
+for i in $(seq 400); do [ -e finish ] && break; sleep 0.05; done
+echo "corpo_jax: finished rl in 1s."
+"""
+
+
+def fake_worker(tmp_path):
+  """A gcloud whose ssh runs --command in bash in a fake worker's home (tmp_path/home), where
+  .venv/bin/python stands in for corpo_jax.main: it prints its arguments and LIBTPU_INIT_ARGS,
+  then waits for a file `finish` (and prints main.py's last line) or SIGTERM (and says so)."""
+  checkout = tmp_path / "home" / "corpo_jax"
+  (checkout / ".venv" / "bin").mkdir(parents=True)
+  python = checkout / ".venv" / "bin" / "python"
+  python.write_text(FAKE_MAIN)
+  python.chmod(0o755)
+  return fake_gcloud(tmp_path, '[ "$4" = ssh ] || exit 0\n'
+                     'for a in "$@"; do case $a in --command=*) cmd=${a#--command=} ;; esac; done\n'
+                     f'cd {tmp_path}/home && exec bash -c "$cmd"')
+
+
+def wait_for(predicate):
+  for _ in range(200):
+    if predicate():
+      return
+    time.sleep(0.05)
+  raise AssertionError("timed out")
+
+
+def test_detached_run_status_logs_stop_on_a_fake_worker(tmp_path):
+  gcloud = fake_worker(tmp_path)
+  checkout = tmp_path / "home" / "corpo_jax"
+  log = checkout / "logs" / "run.log"
+  host = socket.gethostname()
+  started = f"args: -m corpo_jax.main --config=c.py\nLIBTPU_INIT_ARGS={LIBTPU}\n"
+
+  def go(*args):
+    return tpu_vm(*args, tmp_path=tmp_path, GCLOUD=gcloud, LIBTPU_INIT_ARGS=LIBTPU)
+
+  try:
+    assert go("run", "c.py").returncode == 0
+    wait_for(lambda: log.exists() and log.read_text() == started)
+    pid = (checkout / "logs" / "run.pid").read_text().strip()
+    assert "corpo_jax.main" in subprocess.run(["ps", "-o", "args=", "-p", pid],
+                                              capture_output=True, text=True).stdout
+    assert go("status").stdout == (f"{host}: run running\n{host}: args: -m corpo_jax.main "
+                                   f"--config=c.py\n{host}: LIBTPU_INIT_ARGS={LIBTPU}\n")
+    again = go("run", "c.py")
+    assert again.returncode == 1 and f"{host}: run is running (stop ends it)" in again.stderr
+    assert go("stop").stdout == f"{host}: SIGTERM sent to run\n"
+    wait_for(lambda: "preempted" in log.read_text())
+    wait_for(lambda: go("status").stdout.startswith(f"{host}: run stopped\n"))
+    assert go("stop").stdout == f"{host}: run is not running\n"
+    assert go("run", "c.py").returncode == 0
+    wait_for(lambda: log.exists() and log.read_text() == started)
+    assert (checkout / "logs" / "run.prev.log").read_text() == (
+        started + "corpo_jax: preempted; rerun the same command\n")
+    (checkout / "finish").touch()
+    wait_for(lambda: "finished" in log.read_text())
+    wait_for(lambda: go("status").stdout.startswith(f"{host}: run finished\n"))
+    assert go("logs", "--tail=1").stdout == f"{host}: corpo_jax: finished rl in 1s.\n"
+  finally:
+    (checkout / "finish").touch()
+
+
 def test_runs_the_printed_commands(tmp_path):
   gcloud = fake_gcloud(tmp_path)
-  args = ("--queued", "run", "configs/grpo.py", "--config.seed=1")
-  printed = [shlex.split(line) for line in dry_run(*args, tmp_path=tmp_path, GCLOUD=gcloud)]
-  result = tpu_vm(*args, tmp_path=tmp_path, GCLOUD=gcloud)
-  assert result.returncode == 0, result.stderr
-  assert calls(tmp_path) == [printed[1][1:]]  # printed[0] is the mkdir, run locally
+  for mode in ([], ["--attach"]):
+    (tmp_path / "argv.txt").unlink(missing_ok=True)
+    args = ("--queued", *mode, "run", "configs/grpo.py", "--config.seed=1")
+    printed = [shlex.split(line) for line in dry_run(*args, tmp_path=tmp_path, GCLOUD=gcloud)]
+    result = tpu_vm(*args, tmp_path=tmp_path, GCLOUD=gcloud)
+    assert result.returncode == 0, result.stderr
+    assert calls(tmp_path) == [printed[-1][1:]]  # under --attach printed[0] is the mkdir
   assert (tmp_path / "logs" / "corpo-jax").is_dir()
 
 
@@ -180,6 +336,11 @@ def test_missing_gcloud(tmp_path):
     (("--node-count=2", "create"), "--node-count=2 needs --queued: several slices are made only "
                                    "as one queued resource"),
     (("--queued", "--node-count=0", "create"), "--node-count=0: use a positive integer"),
+    (("status", "x"), "status takes no arguments, got 'x'"),
+    (("logs", "--worker=a"), "--worker=a: use a worker index or all"),
+    (("logs", "--tail=x"), "--tail=x: use a number of lines"),
+    (("logs", "x"), "logs takes --worker=K and --tail=N, got 'x'"),
+    (("--run-name=a b", "run", "c.py"), "--run-name=a b: use letters, digits, _ . -"),
 ])
 def test_usage_errors(tmp_path, args, message):
   result = tpu_vm("--dry-run", *args, tmp_path=tmp_path)
