@@ -54,7 +54,7 @@ def get_config(arg=None):
       max_prompt_len=512, temperature=1.0, rewards=((arg.reward, 1.0),),
       advantage=arg.advantage, scale=SCALES[arg.advantage], tau=tau, beta=0.04,
       learning_rate=1e-6, warmup_steps=10, num_micro_batches=4, checkpoint_every=20,
-      rollout_layout="decode")
+      rollout_layout="decode", reference_dtype="bfloat16")
   config.eval.update(tasks=("jsonl",), num_prompts=128, num_samples=4, ks=(1, 4),
                      max_new_tokens=512)
   if arg.smoke:

@@ -36,7 +36,8 @@ import jax.numpy as jnp
 from corpo_jax import model, sharding
 from corpo_jax.model import ModelConfig
 from corpo_jax.rl import step as rl_step
-from corpo_jax.rl.config import RLConfig
+from corpo_jax.rl.config import REFERENCE_DTYPES, RLConfig
+from corpo_jax.rl.reference import reference_policy
 from corpo_jax.train import memory
 
 _DOCS = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "scale.md")
@@ -52,7 +53,7 @@ _SLICE = {"v4": lambda n: f"v4-{2 * n}", "v5e": lambda n: f"v5litepod-{n}" if n 
 def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--model", default="mixtral_8x7b", help="a ModelConfig preset")
   p.add_argument("--moe_dispatch", default="", help="override the preset's model.moe_dispatch "
-                 "(capacity | sort | expert_parallel)")
+                 "(capacity | sort | expert_parallel | cpu_dropless)")
   p.add_argument("--mesh", default="4,16,4,1", help="data,fsdp,expert,tensor sizes")
   p.add_argument("--prompts", type=int, default=64)
   p.add_argument("--group", type=int, default=8)
@@ -60,6 +61,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--completion_len", type=int, default=1024)
   p.add_argument("--micro_batches", type=int, default=2)
   p.add_argument("--beta", type=float, default=0.04, help="> 0 compiles the reference pass")
+  p.add_argument("--reference_dtype", default="param", choices=REFERENCE_DTYPES,
+                 help="rl.reference_dtype: the reference policy as the params, or a bfloat16 copy")
   p.add_argument("--remat", default="", help="override the preset's model.remat (full | dots | "
                  "experts | dots_and_experts)")
   p.add_argument("--program", default="update", choices=("update", "rollout"),
@@ -89,7 +92,7 @@ def _summary(args, cfg, mesh, compiled, figures: dict, tokens: int, lower_s, com
   comm = collectives(compiled.as_text(), tokens)
   layout = {"rollout_layout": args.rollout_layout} if args.program == "rollout" else {}
   return {"program": args.program, **layout, "model": args.model, "moe_dispatch": cfg.moe_dispatch,
-          "remat": cfg.remat,
+          "remat": cfg.remat, "reference_dtype": args.reference_dtype,
           "parameters": model.count_params(model.abstract_params(cfg)),
           "mesh": tuple(mesh.shape.values()), "devices": mesh.size,
           "rows": args.prompts * args.group, "tokens_per_row": args.prompt_len + args.completion_len,
@@ -143,7 +146,7 @@ def measure(args) -> dict:
   mesh, cfg = _setup(args)
   T = args.prompt_len + args.completion_len
   rl_cfg = RLConfig(beta=args.beta, num_micro_batches=args.micro_batches,
-                    max_completion_len=args.completion_len)
+                    max_completion_len=args.completion_len, reference_dtype=args.reference_dtype)
   optimizer = rl_step.make_optimizer(rl_cfg, model.abstract_params(cfg))
   update = rl_step.make_update(cfg, rl_cfg, mesh, optimizer)
 
@@ -160,7 +163,8 @@ def measure(args) -> dict:
                                                                   args.group),
                         truncated=rows(bool, BG), experts=None)
   batch_sh = rl_step.batch_shardings(mesh, with_experts=False)
-  ref = _abstract(params, param_sh) if args.beta > 0 else None
+  ref = (reference_policy(_abstract(params, param_sh), args.reference_dtype) if args.beta > 0
+         else None)
 
   start = time.perf_counter()
   with jax.set_mesh(mesh):

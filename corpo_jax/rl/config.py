@@ -17,6 +17,7 @@ SCALES = ("none", "group", "batch")
 KL_ESTIMATORS = ("k3_ratio", "k2", "k3", "k1")
 AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
 IMPORTANCE_LEVELS = ("token", "sequence")
+REFERENCE_DTYPES = ("param", "bfloat16")  # rl/reference.py
 BASE = "base"  # freeze pattern: every parameter outside params["thinking"]
 
 
@@ -37,6 +38,9 @@ class RLConfig:
   eps_low: float = 0.2  # PPO clip: ratio >= 1 - eps_low
   eps_high: float = 0.2  # ratio <= 1 + eps_high (> eps_low: DAPO clip-higher)
   beta: float = 0.0  # KL weight against the frozen reference policy (0: no reference pass)
+  # The reference policy's dtype: "param" (the starting params) or "bfloat16" (a cast copy, half
+  # the memory and gather bytes; corpo_jax/rl/reference.py).
+  reference_dtype: str = "param"
   # KL penalty per token and the gradient its expectation has (docs/algorithms.md "KL"):
   # "k3_ratio" r * k3, r = pi / pi_old with its gradient: grad KL(pi || ref), also off-policy;
   # "k2" (logp - ref)^2 / 2: grad KL(pi || ref) on the first iteration only; "k3"
@@ -83,6 +87,7 @@ class RLConfig:
     _check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
     _check_choice("aggregation", self.aggregation, AGGREGATIONS)
     _check_choice("importance_level", self.importance_level, IMPORTANCE_LEVELS)
+    _check_choice("reference_dtype", self.reference_dtype, REFERENCE_DTYPES)
     check_scale(self.advantage, self.scale)
     for name in ("eps", "temperature"):
       if getattr(self, name) <= 0:

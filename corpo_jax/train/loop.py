@@ -40,6 +40,7 @@ from corpo_jax.model.config import TOKENIZER_FIELDS
 from corpo_jax.rl import rewards as rewards_lib
 from corpo_jax.rl import step as rl_step
 from corpo_jax.rl.config import RLConfig
+from corpo_jax.rl.reference import reference_policy
 from corpo_jax.train import checkpoint, memory
 from corpo_jax.train import sft as sft_lib
 from corpo_jax.train.checkpoint import Checkpointer
@@ -213,14 +214,34 @@ def model_config(config: ml_collections.ConfigDict, tok: Tokenizer) -> ModelConf
   return cfg
 
 
-def initial_params(run: Run) -> Callable[[], Any]:
+class StartParams:
+  """The params a stage starts from, made when first called for (a rerun whose stage has a
+  checkpoint may never need them) and kept until `release()`: the stage's train state holds a
+  copy, and its reference policy is these arrays unless it is a cast copy (rl/reference.py),
+  after which the stage releases them so that they can be freed."""
+
+  def __init__(self, make: Callable[[], Any]):
+    self._make, self._params = make, None
+
+  def __call__(self) -> Any:
+    if self._params is None:
+      if self._make is None:
+        raise RuntimeError("StartParams: called after release().")
+      self._params = self._make()
+    return self._params
+
+  def release(self) -> None:
+    self._make = self._params = None
+
+
+def initial_params(run: Run) -> StartParams:
   """The first stage's starting params (config.init_from's checkpoint, else the seeded random
-  init), made when first asked for: a rerun whose first stage has a checkpoint skips it."""
+  init)."""
   rng = jax.random.key(run.config.seed)
   if not run.config.get("init_from"):
-    return functools.cache(lambda: model.init_params(run.cfg, rng, run.mesh))
+    return StartParams(lambda: model.init_params(run.cfg, rng, run.mesh))
   tok = run.tokenizer
-  return functools.cache(lambda: pretrained.load(
+  return StartParams(lambda: pretrained.load(
       run.config.init_from, run.cfg, run.mesh, rng=rng,
       new_token_ids=range(tok.base_vocab_size, tok.vocab_size), existing_rows=tok.base_vocab_size,
       new_token_init=run.config.get("new_token_init", "mean")))
@@ -360,8 +381,15 @@ def _rl_plan(run: Run, name: str, stage, index: int, start: Callable[[], Any]) -
   spec, G, tok = rewards_lib.check_spec(stage.rewards), stage.group_size, run.tokenizer
   max_think = stage.max_thinking_tokens or None
   decode_layout = stage.get("rollout_layout", "train") == "decode"
-  # The stage's starting policy, made at the first step (a finished stage never needs it).
-  reference = functools.cache(lambda: start() if rl_cfg.beta > 0 else None)
+  @functools.cache
+  def reference():
+    """The frozen reference policy, made at the stage's first step (after its state)."""
+    if rl_cfg.beta == 0:
+      return None
+    ref = reference_policy(start(), rl_cfg.reference_dtype)
+    if rl_cfg.reference_dtype != "param" and isinstance(start, StartParams):
+      start.release()  # a cast copy: nothing in this stage needs the originals again
+    return ref
 
   def step(state, prompts, k):
     t0 = time.perf_counter()
@@ -589,7 +617,8 @@ def check_memory(run: Run) -> None:
     rl_cfg, optimizer = stage_optimizer(run, name)
     state = rl_step.abstract_state(run.cfg, optimizer, run.mesh)
     has_ref = run.config[name].kind == "rl" and rl_cfg.beta > 0
-    estimates.append(memory.estimate(state, state.params if has_ref else None))
+    ref = reference_policy(state.params, rl_cfg.reference_dtype) if has_ref else None
+    estimates.append(memory.estimate(state, ref))
   est = max(estimates, key=lambda e: e.total)
   run.say(memory.describe(est))
   memory.check_fits(est)
@@ -611,7 +640,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, list[dict]]:
   results = {}
   for index, name in enumerate(config.stages):
     params, results[name] = run_stage(r, index, name, start)
-    start = lambda params=params: params
+    start = StartParams(lambda params=params: params)
+    del params  # `start` owns them (StartParams.release)
   r.writer.close()
   return results
 
