@@ -10,7 +10,8 @@ usage: launch/tpu_vm.sh [FLAGS] COMMAND [ARGS...]
 Commands:
   create                  create the TPU VM (a queued resource with --queued)
   setup                   copy this checkout (tracked and untracked, not ignored files) to every
-                          worker, make a venv there and pip install -e ".[tpu]"
+                          worker, make a venv there and pip install -e ".[tpu]"; with --bucket,
+                          mount the bucket at REMOTE_DIR/bucket (Cloud Storage FUSE)
   run CONFIG [FLAGS...]   start python -m corpo_jax.main --config=CONFIG FLAGS... on every worker
                           of every node, detached (setsid nohup: it outlives the ssh), its output
                           in REMOTE_DIR/logs/RUN.log and its pid in REMOTE_DIR/logs/RUN.pid on
@@ -23,8 +24,12 @@ Commands:
                           nodes), or print its last N lines; all workers unless --worker=K
   stop                    SIGTERM to RUN on every worker: it saves a checkpoint at the end of the
                           step and exits (at once before its first step)
+  watch CONFIG [FLAGS...] keep a --queued run going: poll the resource's state; once SUSPENDED or
+                          FAILED delete and create it, then setup and run the same run again
+                          (it resumes from its checkpoint); rerun a job that stopped; give up
+                          after --max-restarts. Needs --bucket and --config.workdir=bucket/NAME
   copy REMOTE [LOCAL]     copy REMOTE (a path in the remote checkout, e.g. a workdir) from worker 0
-                          into the local directory LOCAL (default .)
+                          (of node 0) into the local directory LOCAL (default .)
   delete                  delete the TPU VM (the queued resource and its node with --queued)
 
 Flags (before COMMAND; each has an environment variable, the flag wins):
@@ -47,6 +52,9 @@ Flags (before COMMAND; each has an environment variable, the flag wins):
   --run-name=RUN          TPU_RUN_NAME          names a run's log and pid files [run]
   --attach                TPU_ATTACH=1          run in the foreground (waits for the job)
   --libtpu-init-args=A    LIBTPU_INIT_ARGS      exported to the job's processes [unset]
+  --bucket=gs://BUCKET    TPU_BUCKET            mounted by setup on every worker [none]
+  --max-restarts=N        TPU_MAX_RESTARTS      watch's restarts at most [10]
+  --poll-interval=S       TPU_POLL_INTERVAL     seconds between watch's polls [60]
   --dry-run                                     print every command instead of running it
   -h, --help                                    this text
 GCLOUD (environment) names the gcloud binary [gcloud].
@@ -59,7 +67,9 @@ Example:
   launch/tpu_vm.sh --zone=us-central2-b copy workdir/corpo results/
   launch/tpu_vm.sh --zone=us-central2-b --queued delete
 A queued resource is usable (setup, run) once `gcloud compute tpus queued-resources describe NAME`
-reports ACTIVE. On a multi-host slice only worker 0's workdir holds metrics.jsonl and eval.jsonl.
+reports ACTIVE (status shows it). On a multi-host slice only worker 0's workdir holds
+metrics.jsonl and eval.jsonl. Multislice, preemption and a worked mixtral_8x7b example:
+docs/tpu.md.
 EOF
 }
 
@@ -82,10 +92,15 @@ log_dir=${TPU_LOG_DIR:-}
 run_name=${TPU_RUN_NAME:-run}
 attach=${TPU_ATTACH:-0}
 libtpu_init_args=${LIBTPU_INIT_ARGS:-}
+bucket=${TPU_BUCKET:-}
+max_restarts=${TPU_MAX_RESTARTS:-10}
+poll_interval=${TPU_POLL_INTERVAL:-60}
 gcloud=${GCLOUD:-gcloud}
 dry_run=0
+flags=()  # as given, for watch's own calls of this script
 
 while [[ $# -gt 0 && $1 == -* ]]; do
+  flags+=("$1")
   case $1 in
     --name=*) name=${1#*=} ;;
     --project=*) project=${1#*=} ;;
@@ -102,6 +117,9 @@ while [[ $# -gt 0 && $1 == -* ]]; do
     --run-name=*) run_name=${1#*=} ;;
     --attach) attach=1 ;;
     --libtpu-init-args=*) libtpu_init_args=${1#*=} ;;
+    --bucket=*) bucket=${1#*=} ;;
+    --max-restarts=*) max_restarts=${1#*=} ;;
+    --poll-interval=*) poll_interval=${1#*=} ;;
     --dry-run) dry_run=1 ;;
     -h | --help) usage; exit 0 ;;
     *) die "unknown flag '$1' (flags go before the command; see --help)" ;;
@@ -118,6 +136,11 @@ esac
 [[ $queued == 0 || $queued == 1 ]] || die "TPU_QUEUED=$queued: use 0 or 1"
 [[ $attach == 0 || $attach == 1 ]] || die "TPU_ATTACH=$attach: use 0 or 1"
 [[ $run_name =~ ^[A-Za-z0-9_.-]+$ ]] || die "--run-name=$run_name: use letters, digits, _ . -"
+if [[ -n $bucket && ! $bucket =~ ^gs://[a-z0-9][a-z0-9._-]*$ ]]; then
+  die "--bucket=$bucket: use gs://BUCKET (a bucket name, no path)"
+fi
+[[ $max_restarts =~ ^[0-9]+$ ]] || die "--max-restarts=$max_restarts: use a number"
+[[ $poll_interval =~ ^[0-9]+$ ]] || die "--poll-interval=$poll_interval: use a number of seconds"
 [[ $node_count =~ ^[1-9][0-9]*$ ]] || die "--node-count=$node_count: use a positive integer"
 if [[ $node_count -gt 1 && $queued == 0 ]]; then
   die "--node-count=$node_count needs --queued: several slices are made only as one queued" \
@@ -248,6 +271,28 @@ setup() {
 setup_node() {  # setup_node ARCHIVE INSTALL_COMMAND NODE
   run "${tpu[@]}" scp "$1" "$3:$remote_dir.tar.gz" "${location[@]}" --worker=all
   ssh_node "$3" all "$2"
+  if [[ -n $bucket ]]; then ssh_node "$3" all "$(mount_bucket)"; fi
+}
+
+# --bucket is mounted with Cloud Storage FUSE at REMOTE_DIR/$mount on every worker, so that a
+# workdir there (--config.workdir=$mount/RUN) outlives the workers' disks. corpo_jax's workdir code
+# uses local file operations (os.makedirs, open, orbax on a local path), so a gs:// workdir would
+# not work. Orbax commits a checkpoint by renaming its temporary directory: on a flat bucket
+# gcsfuse renames a directory only below --rename-dir-limit descendants (default 0), by copying
+# each object; a bucket with hierarchical namespace renames folders atomically. All hosts write
+# the one workdir, so metadata is not cached (--metadata-cache-ttl-secs=0): every host sees the
+# others' checkpoints at once. https://cloud.google.com/storage/docs/cloud-storage-fuse/overview
+mount=bucket
+mount_bucket() {
+  local key=/usr/share/keyrings/cloud.google.asc dir=$remote_dir/$mount install
+  install="echo \"deb [signed-by=$key] https://packages.cloud.google.com/apt"
+  install+=" gcsfuse-\$(lsb_release -c -s) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list"
+  install+=" >/dev/null && curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg"
+  install+=" | sudo tee $key >/dev/null && sudo apt-get update -q && sudo apt-get install -y -q"
+  install+=" gcsfuse"
+  echo "set -e; command -v gcsfuse >/dev/null || { $install; }; mkdir -p $dir; mountpoint -q" \
+       "$dir || gcsfuse --implicit-dirs --metadata-cache-ttl-secs=0 --rename-dir-limit=1000000" \
+       "${bucket#gs://} $dir"
 }
 
 # What the job's processes start with: output unbuffered (the logs are read while it runs) and
@@ -346,6 +391,92 @@ stop() {
   for node in "${nodes[@]}"; do ssh_node "$node" all "$remote"; done
 }
 
+# watch CONFIG [FLAGS...]: keeps the run going until it finishes. Every --poll-interval seconds it
+# reads the queued resource's state; once SUSPENDED or FAILED (a spot preemption ends in
+# SUSPENDED) it deletes and creates the resource again and, when it is ACTIVE, runs setup and the
+# same run, which resumes from the checkpoint in the bucket's workdir. A job that stopped on an
+# ACTIVE resource (a crash, a lost worker) is run again. Each of these is a restart; watch gives up
+# after --max-restarts of them. It calls this script for create, setup, run and delete.
+watch() {
+  [[ $# -ge 1 && $1 != -* ]] || die "watch needs the run: watch CONFIG [--config.FIELD=VALUE ...]"
+  [[ $queued == 1 ]] || die "watch follows a queued resource's state: add --queued"
+  [[ -n $bucket ]] || die "watch needs --bucket=gs://BUCKET: preemption wipes the workers'" \
+      "disks, so the run resumes only from a workdir in the bucket"
+  [[ " $* " == *"workdir=$mount/"* ]] || die "watch: the workdir must be in the bucket, or a" \
+      "rerun starts over: pass --config.workdir=$mount/NAME (the bucket is mounted at" \
+      "$remote_dir/$mount on every worker)"
+  [[ $dry_run == 0 ]] || die "watch polls the resource, it has no --dry-run (its steps create," \
+      "setup, run and delete have one)"
+  [[ $attach == 0 ]] || die "watch runs the job detached: drop --attach"
+  if [[ -z $runtime ]]; then runtime=$(default_runtime); fi
+  resource_state >/dev/null || die "cannot describe the queued resource $name: create it first"
+  restarts=0
+  local launched=0 fresh=0 exists=1 state words
+  while true; do
+    state=$(resource_state) || state=""
+    case $state in
+      ACTIVE)
+        if [[ $fresh == 1 ]]; then
+          if self setup && self run "$@"; then
+            fresh=0 launched=1
+          else
+            restart "setup or run failed"
+          fi
+        elif words=$(job_states); then
+          if grep -qx running <<<"$words"; then
+            launched=1
+          elif grep -qx finished <<<"$words"; then
+            note "$run_name finished"
+            return
+          else
+            if [[ $launched == 1 ]]; then restart "$run_name stopped"; fi
+            self run "$@" || note "run failed"
+            launched=1
+          fi
+        fi ;;
+      SUSPENDED | FAILED)
+        restart "$name is $state"
+        self delete || note "delete failed"
+        if self create; then fresh=1 exists=1; else exists=0; fi ;;
+      "")
+        if [[ $exists == 0 ]]; then
+          restart "$name is gone"
+          if self create; then fresh=1 exists=1; fi
+        fi ;;
+    esac
+    sleep "$poll_interval"
+  done
+}
+
+self() {  # this script with the flags it was given
+  "$BASH" "${BASH_SOURCE[0]}" "${flags[@]}" "$@"
+}
+
+note() {
+  echo "tpu_vm.sh: watch: $(date -u '+%F %T'): $*" >&2
+}
+
+restart() {  # restart REASON: counts one, or ends watch once --max-restarts are spent
+  restarts=$((restarts + 1))
+  if [[ $restarts -gt $max_restarts ]]; then
+    note "$1; giving up after --max-restarts=$max_restarts"
+    exit 1
+  fi
+  note "$1: restart $restarts of $max_restarts"
+}
+
+resource_state() {
+  "$gcloud" compute tpus queued-resources describe "$name" "${location[@]}" \
+      "--format=value(state.state)"
+}
+
+job_states() {  # the job's state on every worker of every node, one a line
+  local node
+  for node in "${nodes[@]}"; do
+    ssh_node "$node" all "cd $remote_dir; $job_state" || return
+  done
+}
+
 copy() {
   [[ $# -ge 1 && $# -le 2 ]] || die "copy needs REMOTE [LOCAL]"
   local local_dir=${2:-.}
@@ -373,8 +504,9 @@ case $command in
   status) no_args "$@"; status ;;
   logs) logs "$@" ;;
   stop) no_args "$@"; stop ;;
+  watch) watch "$@" ;;
   copy) copy "$@" ;;
   delete) no_args "$@"; delete ;;
-  *) die "unknown command '$command'; one of create, setup, run, status, logs, stop, copy," \
-         "delete (see --help)" ;;
+  *) die "unknown command '$command'; one of create, setup, run, status, logs, stop, watch," \
+         "copy, delete (see --help)" ;;
 esac

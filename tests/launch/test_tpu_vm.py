@@ -2,6 +2,7 @@
 executes the same argv, and the error when gcloud is missing."""
 
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -307,6 +308,142 @@ def test_detached_run_status_logs_stop_on_a_fake_worker(tmp_path):
     (checkout / "finish").touch()
 
 
+MOUNT = ("set -e; command -v gcsfuse >/dev/null || { echo \"deb [signed-by=/usr/share/keyrings/"
+         "cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -c -s) "
+         "main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null && curl -fsSL "
+         "https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee "
+         "/usr/share/keyrings/cloud.google.asc >/dev/null && sudo apt-get update -q && sudo "
+         "apt-get install -y -q gcsfuse; }; mkdir -p corpo_jax/bucket; mountpoint -q "
+         "corpo_jax/bucket || gcsfuse --implicit-dirs --metadata-cache-ttl-secs=0 "
+         "--rename-dir-limit=1000000 my-bucket corpo_jax/bucket")
+
+
+def test_setup_mounts_the_bucket_on_every_node(tmp_path):
+  lines = dry_run("--queued", "--node-count=2", "--bucket=gs://my-bucket", "setup",
+                  tmp_path=tmp_path)
+  assert [line.split(" --command=")[0] for line in lines[1:]] == [
+      f"{TPU} scp {tmp_path}/corpo-jax-checkout.tar.gz corpo-jax-0:corpo_jax.tar.gz {LOC} "
+      "--worker=all", f"{TPU} ssh corpo-jax-0 {LOC} --worker=all",
+      f"{TPU} ssh corpo-jax-0 {LOC} --worker=all",
+      f"{TPU} scp {tmp_path}/corpo-jax-checkout.tar.gz corpo-jax-1:corpo_jax.tar.gz {LOC} "
+      "--worker=all", f"{TPU} ssh corpo-jax-1 {LOC} --worker=all",
+      f"{TPU} ssh corpo-jax-1 {LOC} --worker=all"]
+  assert [remote_command(lines[i]) for i in (2, 3, 5, 6)] == [INSTALL, MOUNT, INSTALL, MOUNT]
+
+
+WATCH = ("--queued", "--spot", "--accelerator-type=v5p-128", "--bucket=gs://my-bucket",
+         "--poll-interval=0")
+RUN = ("configs/corpo.py:model=mixtral_8x7b", "--config.workdir=bucket/mix")
+GCP_LOC = ["--zone=us-central2-b", "--project=my-proj"]
+QR = ["compute", "tpus", "queued-resources"]
+DESCRIBE = QR + ["describe", "corpo-jax", *GCP_LOC, "--format=value(state.state)"]
+JOB_STATE = (f"cd corpo_jax; if {RUNNING}; then echo running; elif grep -qs '^corpo_jax: "
+             "finished' logs/run.log; then echo finished; else echo stopped; fi")
+
+
+def ssh(node, command):
+  return ["compute", "tpus", "tpu-vm", "ssh", node, *GCP_LOC, "--worker=all",
+          f"--command={command}"]
+
+
+def watch(tmp_path, states, jobs, *flags):
+  """Runs watch with a gcloud that answers describe with the next line of `states` and the job
+  state query with the next line of `jobs` ('|' between workers); the rest it only records."""
+  (tmp_path / "states").write_text("".join(s + "\n" for s in states))
+  (tmp_path / "jobs").write_text("".join(j + "\n" for j in jobs))
+  gcloud = fake_gcloud(tmp_path, f'''case "$*" in
+  *"queued-resources describe"*) reply={tmp_path}/states ;;
+  *"then echo finished;"*) reply={tmp_path}/jobs ;;
+  *) exit 0 ;;
+esac
+[ -s "$reply" ] || exit 1
+head -n 1 "$reply" | tr '|' '\\n'; sed -i 1d "$reply"''')
+  result = tpu_vm(*WATCH, *flags, "watch", *RUN, tmp_path=tmp_path, GCLOUD=gcloud)
+  notes = [re.sub(r"^tpu_vm\.sh: watch: [-0-9]+ [0-9:]+: ", "", line)
+           for line in result.stderr.splitlines()]
+  return result.returncode, notes
+
+
+def test_watch_recreates_a_preempted_resource_and_reruns_the_job(tmp_path):
+  states = ["ACTIVE", "ACTIVE", "SUSPENDED", "WAITING_FOR_RESOURCES", "ACTIVE", "ACTIVE"]
+  status, notes = watch(tmp_path, states, ["running", "finished|stopped|stopped|stopped"])
+  assert (status, notes) == (0, ["corpo-jax is SUSPENDED: restart 1 of 10", "run finished"])
+  archive = f"{tmp_path}/corpo-jax-checkout.tar.gz"
+  rerun = remote_command(dry_run(*WATCH, "run", *RUN, tmp_path=tmp_path)[0])
+  assert calls(tmp_path) == [
+      DESCRIBE,  # watch refuses a resource it cannot describe
+      DESCRIBE, ssh("corpo-jax", JOB_STATE),  # ACTIVE, running
+      DESCRIBE,  # SUSPENDED: delete, create
+      QR + ["delete", "corpo-jax", *GCP_LOC, "--force", "--quiet"],
+      QR + ["create", "corpo-jax", *GCP_LOC, "--node-id=corpo-jax", "--accelerator-type=v5p-128",
+            "--runtime-version=v2-alpha-tpuv5", "--spot"],
+      DESCRIBE,  # WAITING_FOR_RESOURCES
+      DESCRIBE,  # ACTIVE: setup (install, mount the bucket), then the same run
+      ["compute", "tpus", "tpu-vm", "scp", archive, "corpo-jax:corpo_jax.tar.gz", *GCP_LOC,
+       "--worker=all"],
+      ssh("corpo-jax", INSTALL), ssh("corpo-jax", MOUNT), ssh("corpo-jax", rerun),
+      DESCRIBE, ssh("corpo-jax", JOB_STATE)]  # ACTIVE, finished on worker 0
+  assert "--config.workdir=bucket/mix >logs/run.log" in rerun
+
+
+def test_watch_reruns_a_stopped_job_on_every_node(tmp_path):
+  # The first start is not a restart; a job that stops later is.
+  status, notes = watch(tmp_path, ["ACTIVE"] * 5,
+                        ["stopped|stopped", "stopped|stopped", "running|stopped", "running",
+                         "stopped|stopped", "stopped|stopped", "stopped|finished", "stopped"],
+                        "--queued", "--node-count=2")
+  assert (status, notes) == (0, ["run stopped: restart 1 of 10", "run finished"])
+  ran = [c[4] for c in calls(tmp_path) if c[3] == "ssh" and "setsid nohup" in c[-1]]
+  assert ran == ["corpo-jax-0", "corpo-jax-1"] * 2
+  asked = [c[4] for c in calls(tmp_path) if c[3] == "ssh" and c[-1] == f"--command={JOB_STATE}"]
+  assert asked == ["corpo-jax-0", "corpo-jax-1"] * 4
+
+
+def test_watch_gives_up_after_max_restarts(tmp_path):
+  status, notes = watch(tmp_path, ["ACTIVE", "FAILED", "SUSPENDED"], [], "--max-restarts=1")
+  assert (status, notes) == (1, ["corpo-jax is FAILED: restart 1 of 1",
+                                 "corpo-jax is SUSPENDED; giving up after --max-restarts=1"])
+  assert [c[3] for c in calls(tmp_path)] == ["describe", "describe", "delete", "create",
+                                             "describe"]
+
+
+def test_watch_main_prints_the_line_watch_waits_for():
+  # watch and status call a run finished when its log has main.py's closing line.
+  with open(os.path.join(ROOT, "corpo_jax", "main.py")) as f:
+    assert 'print(f"corpo_jax: finished ' in f.read()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--bucket=gs://b",), "watch follows a queued resource's state: add --queued"),
+    (("--queued",), "watch needs --bucket=gs://BUCKET: preemption wipes the workers' disks, so "
+                    "the run resumes only from a workdir in the bucket"),
+    (("--queued", "--bucket=gs://b", "--accelerator-type=v3-8"),
+     "--accelerator-type=v3-8: no default TPU software version"),
+    (("--queued", "--bucket=gs://b", "--attach"), "watch runs the job detached: drop --attach"),
+    (("--queued", "--bucket=gs://b", "--dry-run"), "watch polls the resource, it has no --dry-run"),
+])
+def test_watch_refusals(tmp_path, flags, message):
+  result = tpu_vm(*flags, "watch", "c.py", "--config.workdir=bucket/a", tmp_path=tmp_path,
+                  GCLOUD=fake_gcloud(tmp_path))
+  assert result.returncode == 2 and message in result.stderr
+  assert not (tmp_path / "argv.txt").exists()  # nothing was called
+
+
+def test_watch_refuses_a_workdir_outside_the_bucket(tmp_path):
+  result = tpu_vm("--queued", "--bucket=gs://b", "watch", "c.py", "--config.workdir=w/a",
+                  tmp_path=tmp_path, GCLOUD=fake_gcloud(tmp_path))
+  assert result.returncode == 2 and result.stderr == (
+      "tpu_vm.sh: error: watch: the workdir must be in the bucket, or a rerun starts over: pass "
+      "--config.workdir=bucket/NAME (the bucket is mounted at corpo_jax/bucket on every worker)\n")
+  result = tpu_vm("--queued", "--bucket=gs://b", "watch", "c.py", tmp_path=tmp_path,
+                  GCLOUD=fake_gcloud(tmp_path, "exit 1"))  # workdir in the config argument
+  assert result.returncode == 2 and "workdir must be in the bucket" in result.stderr
+  result = tpu_vm("--queued", "--bucket=gs://b", "watch", "c.py:workdir=bucket/a",
+                  tmp_path=tmp_path, GCLOUD=fake_gcloud(tmp_path, "exit 1"))
+  assert result.returncode == 2 and result.stderr == (
+      "tpu_vm.sh: error: cannot describe the queued resource corpo-jax: create it first\n")
+
+
 def test_runs_the_printed_commands(tmp_path):
   gcloud = fake_gcloud(tmp_path)
   for mode in ([], ["--attach"]):
@@ -341,6 +478,10 @@ def test_missing_gcloud(tmp_path):
     (("logs", "--tail=x"), "--tail=x: use a number of lines"),
     (("logs", "x"), "logs takes --worker=K and --tail=N, got 'x'"),
     (("--run-name=a b", "run", "c.py"), "--run-name=a b: use letters, digits, _ . -"),
+    (("--bucket=gs://b/dir", "setup"), "--bucket=gs://b/dir: use gs://BUCKET (a bucket name, no "
+                                       "path)"),
+    (("--max-restarts=-1", "status"), "--max-restarts=-1: use a number"),
+    (("--poll-interval=1m", "status"), "--poll-interval=1m: use a number of seconds"),
 ])
 def test_usage_errors(tmp_path, args, message):
   result = tpu_vm("--dry-run", *args, tmp_path=tmp_path)
