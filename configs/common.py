@@ -6,7 +6,7 @@ be overridden with `--config.FIELD=VALUE`; the config is locked, so a misspelt f
 "did you mean ...".
 
 Layout of a config (every field is read by corpo_jax/train/loop.py):
-  seed, workdir, mesh, model.*                the run
+  seed, workdir, mesh, dcn_mesh, model.*      the run
   init_from, new_token_init                   start from a pretrained Hugging Face Mixtral
   tokenizer, prompt_format, literal_think_tags   text -> tokens
   tasks.<name>.*                              task options (corpo_jax/data/tasks)
@@ -195,6 +195,9 @@ def base_config(arg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.model = model_config(arg.model)  # a preset of corpo_jax/model/config.py, every field
   # Device mesh sizes over axes (data, fsdp, expert, tensor); one may be -1 (all remaining).
   config.mesh = (-1, 1, 1, 1)
+  # Multi-slice runs: how many slices (DCN) each mesh axis spans, e.g. (2, 1, 1, 1) for data
+  # parallelism over 2 slices; each divides its mesh size (corpo_jax/sharding.py hybrid_devices).
+  config.dcn_mesh = (1, 1, 1, 1)
   # A Hugging Face Mixtral directory (config.json, *.safetensors, tokenizer.model) to start from;
   # "" = random init. Its config.json sets model.* architecture fields (corpo_jax/model/pretrained.py).
   config.init_from = ""

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
@@ -55,12 +56,46 @@ def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
   return shape
 
 
-def make_mesh(shape: Sequence[int] = (-1, 1, 1, 1), devices: Sequence[Any] | None = None) -> Mesh:
-  """A mesh over axes (data, fsdp, expert, tensor) with Auto axis types (GSPMD propagation)."""
+def make_mesh(shape: Sequence[int] = (-1, 1, 1, 1), devices: Sequence[Any] | None = None,
+              dcn: Sequence[int] | None = None) -> Mesh:
+  """A mesh over axes (data, fsdp, expert, tensor) with Auto axis types (GSPMD propagation).
+
+  `dcn`: for a run over several slices, how many slices each axis spans (`hybrid_devices`);
+  None or all ones: one slice (or no slices: CPU, one GPU host)."""
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(shape, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+  axis_types = (AxisType.Auto,) * len(MESH_AXES)
+  if dcn is None or math.prod(dcn) == 1:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+  return Mesh(hybrid_devices(shape, dcn, devices), MESH_AXES, axis_types=axis_types)
+
+
+def hybrid_devices(shape: Sequence[int], dcn: Sequence[int], devices: Sequence[Any]) -> np.ndarray:
+  """The device array of a multi-slice mesh: axis i of the global `shape` spans dcn[i] slices,
+  joined by the data-center network (DCN), and shape[i] / dcn[i] devices of one slice, joined by
+  the chips' interconnect (ICI); `mesh_utils.create_hybrid_device_mesh` orders each slice's
+  devices by its physical topology. Put the axes whose collectives are rare and large across
+  slices: data first (one gradient all-reduce per step), then fsdp. A slice is a TPU slice
+  (`device.slice_index`); devices without one (GPU, CPU) group by process."""
+  dcn = tuple(int(d) for d in dcn)
+  if len(dcn) != len(MESH_AXES) or any(d < 1 for d in dcn):
+    raise ValueError(f"dcn_mesh={dcn} needs {len(MESH_AXES)} positive sizes, one per axis "
+                     f"{MESH_AXES}: the number of slices each axis spans.")
+  uneven = [a for a, s, d in zip(MESH_AXES, shape, dcn) if s % d]
+  if uneven:
+    raise ValueError(f"dcn_mesh={dcn} does not divide mesh={tuple(shape)} along {uneven}: each "
+                     f"axis's slice count must divide its size.")
+  granule = "slice_index" if hasattr(devices[0], "slice_index") else "process_index"
+  found = len({getattr(d, granule) for d in devices})
+  if found != math.prod(dcn):
+    kind = "TPU slices" if granule == "slice_index" else "processes"
+    raise ValueError(f"dcn_mesh={dcn} spans {math.prod(dcn)} slices but the {len(devices)} "
+                     f"devices are in {found} {kind}; make the product of dcn_mesh the number "
+                     f"of slices (the queued resource's node count).")
+  ici = tuple(s // d for s, d in zip(shape, dcn))
+  return mesh_utils.create_hybrid_device_mesh(
+      ici, dcn, devices, process_is_granule=granule == "process_index",
+      allow_split_physical_axes=True)
 
 
 def decode_mesh(mesh: Mesh) -> Mesh:

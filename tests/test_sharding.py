@@ -1,6 +1,7 @@
 """Sharding rules, and sharded == single device for the forward pass and the loss gradient."""
 
 import functools
+import types
 
 import flax.linen as nn
 import jax
@@ -22,6 +23,41 @@ def test_mesh_shape_resolves_one_minus_one_and_rejects_bad_shapes():
   for bad in [(3, -1, 1, 1), (2, 2, 1, 1), (-1, -1, 1, 1), (8, 1, 1), (0, 8, 1, 1)]:
     with pytest.raises(ValueError, match="mesh"):
       sharding.mesh_shape(bad, 8)
+
+
+def _fake_devices(n: int, per_slice: int):
+  """Stand-ins for TPU devices of n / per_slice slices (mesh_utils reads these attributes)."""
+  return [types.SimpleNamespace(id=i, slice_index=i // per_slice, process_index=i // per_slice,
+                                platform="cpu", device_kind="cpu") for i in range(n)]
+
+
+def test_hybrid_devices_keep_each_slice_inside_the_ici_part_of_every_axis():
+  # 2 slices of 4: data spans the slices, fsdp x expert stay inside one.
+  grid = sharding.hybrid_devices((2, 2, 2, 1), (2, 1, 1, 1), _fake_devices(8, 4))
+  slice_of = np.vectorize(lambda d: d.slice_index)(grid)
+  assert grid.shape == (2, 2, 2, 1)
+  np.testing.assert_array_equal(slice_of[0], 0)
+  np.testing.assert_array_equal(slice_of[1], 1)
+  # 4 slices of 4 over (data 2, fsdp 8): data spans 2 slices, fsdp 2 more; each fsdp group of
+  # 4 consecutive entries is one slice.
+  grid = sharding.hybrid_devices((2, 8, 1, 1), (2, 2, 1, 1), _fake_devices(16, 4))
+  slice_of = np.vectorize(lambda d: d.slice_index)(grid)[:, :, 0, 0]
+  np.testing.assert_array_equal(slice_of, [[0, 0, 0, 0, 1, 1, 1, 1], [2, 2, 2, 2, 3, 3, 3, 3]])
+  assert sorted(d.id for d in grid.reshape(-1)) == list(range(16))
+
+
+def test_hybrid_mesh_refuses_what_cannot_be_laid_out():
+  with pytest.raises(ValueError, match=r"does not divide mesh=\(1, 8, 1, 1\) along \['data'\]"):
+    sharding.hybrid_devices((1, 8, 1, 1), (2, 1, 1, 1), _fake_devices(8, 4))
+  with pytest.raises(ValueError, match="spans 4 slices but the 8 devices are in 2 TPU slices"):
+    sharding.hybrid_devices((2, 4, 1, 1), (2, 2, 1, 1), _fake_devices(8, 4))
+  with pytest.raises(ValueError, match="needs 4 positive sizes"):
+    sharding.hybrid_devices((8, 1, 1, 1), (2, 1), _fake_devices(8, 4))
+  # These CPU devices have no slice_index and all live in this one process.
+  with pytest.raises(ValueError, match="devices are in 1 processes"):
+    sharding.make_mesh((2, 4, 1, 1), dcn=(2, 1, 1, 1))
+  mesh = sharding.make_mesh((2, 4, 1, 1), dcn=(1, 1, 1, 1))  # one slice: the plain mesh
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "expert": 1, "tensor": 1}
 
 
 def test_logical_to_spec_follows_rules_and_drops_non_dividing_axes():

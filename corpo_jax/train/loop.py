@@ -285,7 +285,7 @@ def check_batch_layout(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
 def setup(config: ml_collections.ConfigDict) -> Run:
   check_config(config)
   compile_cache.use(config.get("jax_cache_dir", "auto"))  # old workdirs' configs lack it
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, dcn=config.get("dcn_mesh"))  # older configs lack it
   check_batch_layout(config, mesh)
   tokenizer = load_tokenizer(config)
   cfg = model_config(config, tokenizer)
