@@ -158,7 +158,8 @@ if [[ $node_count -gt 1 ]]; then
 fi
 
 # The TPU software version for --accelerator-type's generation, the table of
-# https://cloud.google.com/tpu/docs/runtimes ("PyTorch and JAX"); only create needs it.
+# https://cloud.google.com/tpu/docs/runtimes ("PyTorch and JAX"); create needs it (watch checks
+# it before it starts).
 default_runtime() {
   case $accelerator in
     v4-*) echo tpu-ubuntu2204-base ;;
@@ -339,6 +340,7 @@ detached() {
   cmd+=" echo \"\$(hostname): $run_name is running (stop ends it)\" >&2; exit 1; fi"
   cmd+="; if [ -f $job_log ]; then mv $job_log logs/$run_name.prev.log; fi; $(job_env)"
   cmd+="; setsid nohup $1 >$job_log 2>&1 </dev/null & echo \$! >$job_pid"
+  cmd+="; echo \"\$(hostname): $run_name started\""
   echo "$cmd"
 }
 

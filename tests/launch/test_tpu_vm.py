@@ -160,7 +160,8 @@ def test_run_starts_a_detached_job_with_a_log_and_pid_file_per_worker(tmp_path):
       f"set -e; cd corpo_jax; mkdir -p logs; if {RUNNING}; then echo \"$(hostname): run is "
       "running (stop ends it)\" >&2; exit 1; fi; if [ -f logs/run.log ]; then mv logs/run.log "
       "logs/run.prev.log; fi; export PYTHONUNBUFFERED=1; "
-      f"setsid nohup {main} >logs/run.log 2>&1 </dev/null & echo $! >logs/run.pid")
+      f"setsid nohup {main} >logs/run.log 2>&1 </dev/null & echo $! >logs/run.pid; "
+      'echo "$(hostname): run started"')
   # The remote shell splits the job's command back into the argv given here.
   assert shlex.split(main)[-3:] == ["--config=configs/corpo.py:smoke",
                                     "--config.rl.rewards=((\"ordinal\", 1.0),)",
@@ -283,7 +284,7 @@ def test_detached_run_status_logs_stop_on_a_fake_worker(tmp_path):
     return tpu_vm(*args, tmp_path=tmp_path, GCLOUD=gcloud, LIBTPU_INIT_ARGS=LIBTPU)
 
   try:
-    assert go("run", "c.py").returncode == 0
+    assert go("run", "c.py").stdout == f"{host}: run started\n"
     wait_for(lambda: log.exists() and log.read_text() == started)
     pid = (checkout / "logs" / "run.pid").read_text().strip()
     assert "corpo_jax.main" in subprocess.run(["ps", "-o", "args=", "-p", pid],
