@@ -221,9 +221,12 @@ def base_config(arg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       "verify": {"kind": "verify", "max_operand": 99, "seed": 0},
       "jsonl": {"kind": "jsonl", "path": "", "reward": "exact_match"},  # {"prompt", "answer"} rows
       # Python functions graded by unit tests in a sandbox ("" = the bundled problems); pair it
-      # with rewards=(("execution", 1.0),) and e.g. max_new_tokens=128.
+      # with rewards=(("execution", 1.0),) and e.g. max_new_tokens=128. allow_unsandboxed: run
+      # even where the sandbox gets no namespaces; the model's code then sees the host's files
+      # (the problems' solutions included) and can write where the sandbox uid may
+      # (docs/reliability.md section 1).
       "code": {"kind": "code", "path": "", "eval_fraction": 0.25, "wall_s": 5.0,
-               "memory_mb": 512},
+               "memory_mb": 512, "allow_unsandboxed": False},
   })
   config.stages = ("rl",)
   config.eval = ml_collections.ConfigDict({

@@ -6,11 +6,22 @@ import numpy as np
 import pytest
 
 from configs import grpo as grpo_config
+from corpo_jax import sandbox
 from corpo_jax.data import tasks
 from corpo_jax.data import text as text_lib
 from corpo_jax.data.tasks import code as code_lib
 from corpo_jax.rl import rewards
 from corpo_jax.train import loop
+
+# Wrong code that passed every test of the assert-based runner (docs/reliability.md section 1).
+HACKS = {
+    "replace exec and compile": "import builtins\nbuiltins.exec = builtins.compile = "
+                                "lambda *a, **k: None\n",
+    "always-equal result": "class A:\n    def __eq__(self, other):\n        return True\n"
+                           "def {function}(*args):\n    return A()\n",
+    "forged report": "import os, posix\nos.write = lambda fd, data: (posix.write(fd, "
+                     "b'{{\"passed\": 999}}'), len(data))[1]\n",
+}
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +33,10 @@ def _completion(code, trace="Return a + b."):
   return text_lib.completion_text(trace, code)
 
 
+def _all_examples(task):
+  return [task.example(s, i) for s in ("train", "eval") for i in range(task.size(s))]
+
+
 def test_bundled_problems_split_and_every_reference_solution_passes(task):
   assert (task.size("train"), task.size("eval")) == (20, 4)
   for split in ("train", "eval"):
@@ -30,6 +45,31 @@ def test_bundled_problems_split_and_every_reference_solution_passes(task):
       assert task.grade(ex.completion(), ex) == 5, ex.key
   names = {task.example(s, i).key for s in ("train", "eval") for i in range(task.size(s))}
   assert len(names) == 24
+
+
+def test_reward_hacks_score_0_on_every_bundled_problem(task):
+  examples = _all_examples(task)
+  malformed = task.run_counts()["malformed"]
+  for name, hack in HACKS.items():
+    completions = [_completion(hack.format(function=ex.meta["function"])) for ex in examples]
+    scores = rewards.compute([("execution", 1.0), ("exact_match", 1.0)], completions, examples,
+                             task)
+    assert scores.total_N.tolist() == [0.0] * 24, name
+    assert scores.errors == {"execution": 0, "exact_match": 0}
+  # The forged reports were counted as malformed (the other hacks fail their calls).
+  assert task.run_counts()["malformed"] == malformed + 24
+
+
+def test_bundled_tests_are_calls_with_expected_json_values(task):
+  for ex in _all_examples(task):
+    assert ex.meta["function"] == ex.key and len(ex.meta["tests"]) in (3, 4)
+    for case in ex.meta["tests"]:
+      assert isinstance(case, sandbox.Case) and isinstance(case.args, tuple)
+  gcd = next(ex for ex in _all_examples(task) if ex.key == "gcd")
+  assert gcd.meta["tests"][0] == sandbox.Case((12, 18), 6)
+  is_even = next(ex for ex in _all_examples(task) if ex.key == "is_even")  # was `is True`
+  wrong = _completion("def is_even(n):\n    return int(n % 2 == 0)")
+  assert task.execution(wrong, is_even).passed == 0  # 1 is not True
 
 
 def test_extract_code_takes_the_first_fenced_block():
@@ -84,10 +124,31 @@ def test_config_selects_the_code_task_and_rejects_execution_elsewhere():
 
 def test_malformed_problem_file_names_the_line(tmp_path):
   path = tmp_path / "problems.jsonl"
-  good = {"name": "f", "prompt": "p", "solution": "def f(): pass", "tests": ["assert f() is None"]}
-  path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "tests": []}) + "\n")
-  with pytest.raises(ValueError, match=r"problems\.jsonl:2: .*non-empty list"):
-    tasks.get("code", path=str(path))
+  good = {"name": "f", "prompt": "p", "solution": "def f(): pass", "function": "f",
+          "tests": [{"args": [], "expected": None}]}
+  for bad, message in [({"tests": []}, "non-empty list"),
+                       ({"tests": ["assert f() is None"]}, "asserts are not accepted"),
+                       ({"tests": [{"args": 1, "expected": 2}]}, "non-empty list"),
+                       ({"function": "f()"}, "must be a Python name")]:
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, **bad}) + "\n")
+    with pytest.raises(ValueError, match=rf"problems\.jsonl:2: .*{message}"):
+      tasks.get("code", path=str(path))
   path.write_text(json.dumps(good) + "\n")
   with pytest.raises(ValueError, match="no eval problems"):
     tasks.get("code", path=str(path), eval_fraction=0.01).size("eval")
+
+
+def test_without_namespaces_the_task_refuses_unless_allowed(monkeypatch):
+  launcher = sandbox._launcher()
+  if launcher.namespaces:  # pretend unshare failed here
+    launcher = sandbox._Launcher(launcher.command[len(sandbox._UNSHARE):], launcher.seccomp,
+                                 ("unshare ...: failed 'Operation not permitted'",))
+  monkeypatch.setattr(sandbox, "_launcher", lambda: launcher)
+  with pytest.raises(ValueError, match=r"cannot create namespaces on this machine \(unshare .*"
+                     r"see the host's files .*allow_unsandboxed=True"):
+    tasks.get("code")
+  task = tasks.get("code", allow_unsandboxed=True)
+  ex = task.example("train", 0)
+  assert task.grade(ex.completion(), ex) == 5
+  assert "allow_unsandboxed" not in repr(task)  # the data order's identity is unchanged
+
