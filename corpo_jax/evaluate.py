@@ -7,9 +7,9 @@ It samples with the run's evaluation rng, so the result pairs with the in-traini
 (common random numbers). `--stage sft` evaluates that stage's checkpoint instead of the newest,
 `--num_prompts 512` more problems (a superset of the usual ones), `--out FILE` appends the rows
 there instead of to <workdir>/eval.jsonl. A row: step, stage, task, accuracy, pass_at_k
-{k: value}, transparency, structure, coherence, alignment, accuracy_thinking / accuracy_direct
-(accuracy of the samples that write a trace / answer directly; null when there are none) and,
-for the verifier, per-group results.
+{k: value}, grading_errors (samples whose grader raised: scored wrong), transparency, structure,
+coherence, alignment, accuracy_thinking / accuracy_direct (accuracy of the samples that write a
+trace / answer directly; null when there are none) and, for the verifier, per-group results.
 """
 
 from __future__ import annotations
@@ -85,11 +85,13 @@ def evaluate_task(generate_fn, tokenizer, task, *, num_prompts: int, num_samples
     prompts, mask = pipeline.left_pad_prompts(
         [tokenizer.prompt_ids(ex.prompt) for ex in chunk], tokenizer.pad_id)
     texts += generate_fn(prompts, mask, num_samples)
-  correct_PN = np.array([[task.exact(texts[p * num_samples + i], ex) for i in range(num_samples)]
-                         for p, ex in enumerate(examples)], bool)
   rep = [ex for ex in examples for _ in range(num_samples)]
+  # Graded like a reward: a grader that raises on one completion scores it wrong and is counted.
+  exact = rewards.compute((("exact_match", 1.0),), texts, rep, task)
+  correct_PN = exact.components["exact_match"].reshape(num_prompts, num_samples).astype(bool)
   thinking_N = thinks(texts)
   row = {"accuracy": float(correct_PN.mean()), "pass_at_k": mean_pass_at_k(correct_PN, ks),
+         "grading_errors": exact.errors["exact_match"],
          **thinking_metrics(texts, rep, task, thinking_N),
          **accuracy_by_thinking(correct_PN.reshape(-1), thinking_N)}
   groups = sorted({ex.group for ex in examples if ex.group})

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from configs import grpo as grpo_config
-from corpo_jax import sandbox
-from corpo_jax.data import tasks
+from corpo_jax import evaluate, sandbox
+from corpo_jax.data import tasks, tokenizer
 from corpo_jax.data import text as text_lib
 from corpo_jax.data.tasks import code as code_lib
 from corpo_jax.rl import rewards
@@ -152,3 +152,20 @@ def test_without_namespaces_the_task_refuses_unless_allowed(monkeypatch):
   assert task.grade(ex.completion(), ex) == 5
   assert "allow_unsandboxed" not in repr(task)  # the data order's identity is unchanged
 
+
+def test_a_grader_that_raises_does_not_stop_the_evaluation(task, monkeypatch):
+  run_tests = sandbox.run_tests
+
+  def failing(code, *args):
+    if "boom" in code:
+      raise RuntimeError("a grader bug")
+    return run_tests(code, *args)
+
+  monkeypatch.setattr(sandbox, "run_tests", failing)
+  examples = [task.example("eval", i) for i in range(2)]
+  texts = [examples[0].completion(), _completion("boom"), _completion("boom"),
+           examples[1].completion()]
+  row = evaluate.evaluate_task(lambda prompts, mask, n: texts, tokenizer.bundled(), task,
+                               num_prompts=2, num_samples=2, ks=(1, 2), prompts_per_batch=2)
+  assert row["grading_errors"] == 2
+  assert row["accuracy"] == 0.5 and row["pass_at_k"] == {1: 0.5, 2: 1.0}
