@@ -1,5 +1,8 @@
-"""launch/tpu_vm.sh: the exact gcloud commands of every subcommand (--dry-run), that a real run
-executes the same argv, and the error when gcloud is missing."""
+"""launch/tpu_vm.sh: the exact gcloud commands of every subcommand (--dry-run), one slice and
+several; that a real run executes the same argv; the remote commands of run/status/logs/stop
+executed on a fake worker (bash in a temporary home); watch's calls with a fake gcloud that
+plays a preemption; the refusals and the error when gcloud is missing. Nothing here reaches the
+network or a real gcloud."""
 
 import os
 import re
