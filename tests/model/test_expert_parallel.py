@@ -1,9 +1,11 @@
 """moe_dispatch="expert_parallel" through the whole model on 8 fake devices: the forward pass and
 the loss gradient, greedy generation (decode passes, dropless) with its expert choices, and one RL
-update equal the one-device model (capacity dispatch that cannot drop: E 4, top 2, cf 2). The
-layer itself, with and without drops, is tested in test_moe.py."""
+update equal the one-device model (capacity dispatch that cannot drop: E 4, top 2, cf 2), on
+each of the four 8-device meshes (data x fsdp x expert x tensor). The layer itself, with and
+without drops, is tested in test_moe.py."""
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -22,6 +24,7 @@ EP = dataclasses.replace(ONE, moe_dispatch="expert_parallel")
 TOKENS = np.random.default_rng(0).integers(6, ONE.vocab_size, (8, 12)).astype(np.int32)
 TOKENS[:, 4] = ONE.think_start_id  # think spans: the thinking head's MoE layers run too
 TOKENS[:3, 9] = ONE.think_end_id
+MESHES = [(2, 2, 2, 1), (1, 2, 4, 1), (1, 1, 2, 4), (1, 4, 2, 1)]  # data, fsdp, expert, tensor
 
 
 def _params(cfg):
@@ -39,30 +42,47 @@ def _loss(params, cfg, tokens_BT):
   return -logp_BT.mean() + 0.01 * out.aux["load_balance_loss"], (logits_BTV, out.experts_LBTA)
 
 
-@pytest.mark.parametrize("mesh_shape", [(2, 2, 2, 1), (1, 1, 2, 4)])
+_grad = jax.jit(jax.value_and_grad(_loss, has_aux=True), static_argnums=1)
+
+
+@functools.cache
+def _one_device_loss_and_grad():
+  return _grad(_params(ONE), ONE, TOKENS)
+
+
+@pytest.mark.parametrize("mesh_shape", MESHES)
 def test_model_forward_and_gradient_equal_one_device(mesh_shape):
   params = _params(ONE)
-  grad = jax.value_and_grad(_loss, has_aux=True)
-  (loss, (logits, experts)), grads = jax.jit(grad, static_argnums=1)(params, ONE, TOKENS)
+  (loss, (logits, experts)), grads = _one_device_loss_and_grad()
   mesh = sharding.make_mesh(mesh_shape)
   with jax.set_mesh(mesh):
     p = jax.device_put(params, model.param_shardings(EP, mesh))
     t = jax.device_put(TOKENS, sharding.batch_sharding(mesh, TOKENS.shape))
-    (loss_s, (logits_s, experts_s)), grads_s = jax.jit(grad, static_argnums=1)(p, EP, t)
+    (loss_s, (logits_s, experts_s)), grads_s = _grad(p, EP, t)
   np.testing.assert_array_equal(experts_s, experts)
   _assert_close((loss_s, logits_s, grads_s), (loss, logits, grads))
 
 
-def test_greedy_generation_and_its_experts_equal_one_device():
-  """Decode steps of 8 rows on data 1 x fsdp 2 x expert 4: 2 tokens per device group and the
-  experts' slots sent over the expert axis; prefill alike. The experts chosen at rollout are the
-  ones the training forward of the same tokens chooses (router replay reuses them)."""
+_GENERATE = dict(rng=jax.random.key(0), num_samples=2, max_new_tokens=6,
+                 strategy=(sampling.Greedy(),))
+
+
+@functools.cache
+def _one_device_rollout():
+  prompts = jnp.asarray(TOKENS[:4, :6])
+  return sampling.generate(_params(ONE), ONE, prompts, prompts >= 0, **_GENERATE)
+
+
+@pytest.mark.parametrize("mesh_shape", MESHES)
+def test_greedy_generation_and_its_experts_equal_one_device(mesh_shape):
+  """Decode steps of 8 rows, one or a few tokens per device group, the experts' slots sent over
+  the expert axis; prefill alike. The experts chosen at rollout are the ones the training
+  forward of the same tokens chooses (router replay reuses them)."""
   params = _params(ONE)
   prompts = jnp.asarray(TOKENS[:4, :6])
-  kw = dict(rng=jax.random.key(0), num_samples=2, max_new_tokens=6,
-            strategy=(sampling.Greedy(),))
-  one = sampling.generate(params, ONE, prompts, prompts >= 0, **kw)
-  mesh = sharding.make_mesh((1, 2, 4, 1))
+  kw = _GENERATE
+  one = _one_device_rollout()
+  mesh = sharding.make_mesh(mesh_shape)
   with jax.set_mesh(mesh):
     p = jax.device_put(params, model.param_shardings(EP, mesh))
     rows = sharding.batch_sharding(mesh, prompts.shape)
@@ -78,8 +98,17 @@ def test_greedy_generation_and_its_experts_equal_one_device():
   np.testing.assert_array_equal(np.asarray(trained)[:, m], np.asarray(ep.experts)[:, m])
 
 
-def test_rl_update_equals_one_device():
-  """Params after one SGD step of the RL update (policy, reference pass, router replay)."""
+@functools.cache
+def _one_device_update():
+  batch, rl_cfg, opt = _update_inputs()
+  params = _params(ONE)
+  state, _ = step.make_update(ONE, rl_cfg, None, opt)(step.init_state(ONE, opt, params), batch,
+                                                      params)
+  return jax.device_get(state.params)
+
+
+@functools.cache
+def _update_inputs():
   B, G, P, T = 2, 4, 4, 6
   rng = np.random.default_rng(1)
   tokens = rng.integers(6, ONE.vocab_size, (B * G, P + T)).astype(np.int32)
@@ -94,15 +123,19 @@ def test_rl_update_equals_one_device():
                      truncated=np.zeros(B * G, bool), experts=experts)
   rl_cfg = RLConfig(beta=0.05, learning_rate=1e-3, max_completion_len=T, router_replay=True,
                     logprob_chunk=T)
-  opt = optax.sgd(0.1)
+  return batch, rl_cfg, optax.sgd(0.1)
+
+
+@pytest.mark.parametrize("mesh_shape", MESHES)
+def test_rl_update_equals_one_device(mesh_shape):
+  """Params after one SGD step of the RL update (policy, reference pass, router replay)."""
+  batch, rl_cfg, opt = _update_inputs()
   params = _params(ONE)
-  one, _ = step.make_update(ONE, rl_cfg, None, opt)(step.init_state(ONE, opt, params), batch,
-                                                    params)
-  mesh = sharding.make_mesh((2, 2, 2, 1))
+  mesh = sharding.make_mesh(mesh_shape)
   ref = jax.device_put(params, model.param_shardings(EP, mesh))
   ep, _ = step.make_update(EP, rl_cfg, mesh, opt)(step.init_state(EP, opt, params, mesh), batch,
                                                   ref)
-  _assert_close(jax.device_get(ep.params), jax.device_get(one.params))
+  _assert_close(jax.device_get(ep.params), _one_device_update())
 
 
 def test_decode_layout_samples_what_the_trainer_layout_samples():
