@@ -90,8 +90,9 @@ class Case:
 class Result:
   """status: "passed" (every test returned its expected value), "failed" (some did not, the
   solution raised, or the runner exited without reporting), "timeout" (wall-clock limit),
-  "killed" (a signal, e.g. SIGXCPU from RLIMIT_CPU) or "malformed" (the report is not the
-  runner's format: the solution tampered with it). passed = 0 unless "passed" or "failed"."""
+  "killed" (a signal, e.g. SIGKILL at RLIMIT_CPU; with namespaces unshare 2.38 reports a
+  killed runner as exit 1, so "failed") or "malformed" (the report is not the runner's format:
+  the solution tampered with it). passed = 0 unless "passed" or "failed"."""
 
   status: str
   passed: int

@@ -7,6 +7,7 @@ passes seccomp=False it shows what the namespaces stop without the filter.
 
 import os
 import socket
+import subprocess
 import tempfile
 
 import pytest
@@ -21,7 +22,7 @@ NAMESPACES = sandbox._launcher().namespaces
 needs_namespaces = pytest.mark.skipif(not NAMESPACES, reason="no unprivileged namespaces here")
 
 # Makes every audit hook of the runner a no-op (same number of free variables, so __code__ can
-# be replaced), then imports ctypes, which the hook refuses while it is on.
+# be replaced), then loads a library with ctypes, which the hook refuses while it is on.
 HOOK_OFF = '''
 import gc
 def _noop_code(fn):
@@ -36,6 +37,7 @@ for _fn in gc.get_objects():
     if type(_fn).__name__ == "function" and _fn.__name__ == "hook":
         _fn.__code__ = _noop_code(_fn)
 import ctypes
+ctypes.CDLL(None)
 '''
 # f(*calls) -> the errno name of each call that raised, "ok" for the others.
 OUTCOMES = '''
@@ -343,6 +345,17 @@ def f():
   want = [["ENOENT"] * 6, ["1"], ["ld.so.cache"] if os.path.exists("/etc/ld.so.cache") else []]
   result = run(code, [Case((), want)], function="f")
   assert (result.status, result.passed) == ("passed", 1), result.output
+
+
+@needs_namespaces
+def test_the_project_is_masked_even_under_a_bound_directory(monkeypatch):
+  python = sandbox._launcher().command[-len(sandbox._PYTHON_FLAGS) - 1]
+  stdlib = subprocess.run([python, "-I", "-c", "import os; print(os.path.dirname(os.__file__))"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+  code = f"import os\ndef f():\n    return len(os.listdir({stdlib + '/email'!r})) > 0\n"
+  assert run(code, [Case((), True)], function="f").passed == 1  # visible: the stdlib is bound
+  monkeypatch.setattr(sandbox, "_HIDDEN", (stdlib + "/email",))  # as if the project were there
+  assert run(code, [Case((), False)], function="f").passed == 1
 
 
 def test_setuid_is_refused():
