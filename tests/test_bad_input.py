@@ -17,7 +17,8 @@ from corpo_jax.train import loop
 
 TOK = tokenizer.bundled()
 GOOD = {"prompt": "What is 2 + 2?", "answer": "4"}
-CODE = {"name": "f", "prompt": "p", "solution": "def f(): pass", "tests": ["assert f() is None"]}
+CODE = {"name": "f", "prompt": "p", "solution": "def f(): pass", "function": "f",
+        "tests": [{"args": [], "expected": None}]}
 TRACE = {"prompt": "p", "thinking_trace": "t", "final_output": "4"}
 
 
