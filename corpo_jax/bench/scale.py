@@ -65,9 +65,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
                  help="rl.reference_dtype: the reference policy as the params, or a bfloat16 copy")
   p.add_argument("--remat", default="", help="override the preset's model.remat (full | dots | "
                  "experts | dots_and_experts)")
-  p.add_argument("--program", default="update", choices=("update", "rollout"),
-                 help="the RL update, or the rollout of the same rows (sampling.generate: "
-                      "prefill, then decode completion_len tokens into a prompt+completion cache)")
+  p.add_argument("--program", default="update", choices=("update", "rollout", "step"),
+                 help="the RL update, the rollout of the same rows (sampling.generate: prefill, "
+                      "then decode completion_len tokens into a prompt+completion cache), or "
+                      "the whole RL step: both, with what stays resident on the devices")
   p.add_argument("--rollout_layout", default="decode", choices=("train", "decode"),
                  help="rollout only: sample with the trainer's float32 parameters, or with the "
                       "compute-dtype copy on the decode view of the mesh (model.for_decoding)")
@@ -143,6 +144,8 @@ def measure_rollout(args) -> dict:
 def measure(args) -> dict:
   if args.program == "rollout":
     return measure_rollout(args)
+  if args.program == "step":
+    return measure_step(args)
   mesh, cfg = _setup(args)
   T = args.prompt_len + args.completion_len
   rl_cfg = RLConfig(beta=args.beta, num_micro_batches=args.micro_batches,
@@ -182,6 +185,24 @@ def measure(args) -> dict:
   }
   return _summary(args, cfg, mesh, compiled, figures, BG // args.micro_batches * T, lower_s,
                   compile_s)
+
+
+def measure_step(args) -> dict:
+  """One RL step on the trainer's devices: the rollout runs while the train state and the
+  reference policy stay resident (and, in the decode layout, beside the sampler's copy, which
+  the rollout's arguments count), then the update. The step's peak is the larger phase; the
+  other figures are the update's."""
+  with_program = lambda name: argparse.Namespace(**{**vars(args), "program": name})
+  update, rollout = measure(with_program("update")), measure(with_program("rollout"))
+  f, g = update["per_device_bytes"], rollout["per_device_bytes"]
+  resident = f["optimizer"] + f["reference"] + (f["params"] if args.rollout_layout == "decode"
+                                                else 0)  # else the rollout's argument
+  phases = {"rollout": resident + g["peak"], "update": f["peak"]}
+  peak = max(phases.values())
+  return {**update, "program": "step", "rollout_layout": args.rollout_layout,
+          "phases_gib": {k: round(v / GIB, 2) for k, v in phases.items()},
+          "rollout_peak_gib": rollout["peak_gib_per_device"],
+          "peak_gib_per_device": round(peak / GIB, 2), "fits": fits(peak)}
 
 
 _COLLECTIVE = re.compile(r"= (.*?) (all-to-all|all-gather|all-reduce|reduce-scatter|"

@@ -90,3 +90,24 @@ def test_collectives_reads_kinds_sizes_and_token_dims():
                           "all-reduce": {"ops": 1, "gib": 0.0}}
   assert c["largest_gib"] == round(a2a, 3) and c["ops_with_micro_batch_tokens"] == 1
   assert c["all_gather_shapes"] == [(131072, 8)]
+
+
+def test_step_program_adds_what_stays_resident_during_the_rollout(monkeypatch):
+  """--program=step: the rollout runs beside the optimizer state and the reference (and, in the
+  decode layout, the float32 params, which the sampler does not read); the larger phase is the
+  step's peak. The figures are the 8x7B ones of docs/scale.md, in bytes."""
+  update = {"per_device_bytes": {"params": 3 * GIB, "optimizer": 6 * GIB,
+                                 "reference": int(1.5 * GIB), "peak": int(22.17 * GIB)},
+            "peak_gib_per_device": 22.17, "program": "update"}
+  rollout = {"per_device_bytes": {"peak": int(6.45 * GIB)}, "peak_gib_per_device": 6.45}
+  monkeypatch.setattr(scale, "measure_rollout", lambda args: rollout)
+  real_measure = scale.measure
+  monkeypatch.setattr(scale, "measure", lambda args: update if args.program == "update"
+                      else real_measure(args))
+  p = scale.argparse.ArgumentParser()
+  scale.add_args(p)
+  r = scale.measure(p.parse_args(["--program=step", "--rollout_layout=decode"]))
+  assert r["program"] == "step" and r["phases_gib"] == {"rollout": 16.95, "update": 22.17}
+  assert r["peak_gib_per_device"] == 22.17 and r["fits"] == scale.fits(int(22.17 * GIB))
+  r = scale.measure(p.parse_args(["--program=step", "--rollout_layout=train"]))
+  assert r["phases_gib"]["rollout"] == 13.95  # the sampler reads the trainer's params
