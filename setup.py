@@ -21,10 +21,13 @@ setup(
         "absl-py>=2.0",
         "numpy>=1.26",
         "safetensors>=0.6",  # Hugging Face checkpoints in and out (config.init_from, export)
+        "tensorboardX>=2.6",  # workdir/tensorboard event files (corpo_jax/train/metrics.py)
+        "matplotlib>=3.8",  # python -m corpo_jax.plot, launch/sweep.py's plots
     ],
     extras_require={
+        # tensorboard: its event reader checks the event files the trainer writes.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "chex>=0.1.90",
-                 "matplotlib>=3.8"],  # matplotlib: launch/sweep.py's plots
+                 "tensorboard>=2.16"],
         # torch is pinned: other versions pull GBs of CUDA wheels. Only the HF parity tests use it.
         "hf": ["torch==2.13.0", "transformers>=5.0"],
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],

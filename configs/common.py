@@ -239,5 +239,12 @@ def base_config(arg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       "prompts_per_batch": 16,
   })
   config.checkpoint = ml_collections.ConfigDict({"max_to_keep": 2, "async_save": True})
-  config.log = ml_collections.ConfigDict({"tensorboard": True, "progress": True})
+  config.log = ml_collections.ConfigDict({
+      "tensorboard": True,  # event files in workdir/tensorboard/ (tensorboard --logdir workdir)
+      "progress": True,  # the one-line progress display on stderr
+      # Also log to Weights & Biases (pip install wandb); a rerun resumes it (workdir/wandb_id).
+      "wandb": False,
+      "wandb_project": "corpo_jax",
+      "wandb_name": "",  # "" = the workdir's name
+  })
   return config

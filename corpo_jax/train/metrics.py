@@ -1,8 +1,17 @@
-"""Metrics out of the run: workdir/metrics.jsonl, TensorBoard events, a progress line, samples.
+"""Metrics out of the run: workdir/metrics.jsonl, TensorBoard events, W&B, a progress line, samples.
 
 Device metrics are read one step late (`OneStepLate`): the host queues step k's update, then
 fetches step k-1's metrics, which are ready by then, so it never waits on the device.
 Only process 0 writes (pass `enabled=False` elsewhere).
+
+Each row's numbers also go to TensorBoard as `<stage>/<key>` at the stage's step, in
+workdir/tensorboard/ (`tensorboard --logdir workdir`), written by tensorboardX, a base dependency:
+it writes the event files with numpy and protobuf alone and is released regularly.
+clu.metric_writers writes through tf.summary (TensorFlow, a second framework beside JAX), and
+tensorboard's own TF-free `tensorboard.summary.Writer` is marked experimental and brings the
+TensorBoard server's dependencies (grpcio, werkzeug) into every training install.
+With config.log.wandb the same numbers go to a Weights & Biases run (`pip install wandb`), which a
+rerun of the workdir resumes (its id is kept in workdir/wandb_id).
 """
 
 from __future__ import annotations
@@ -10,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import sys
 import time
 from typing import Any, Mapping
@@ -56,23 +66,77 @@ def _json_safe(value: Any) -> Any:
   return value
 
 
+def _scalars(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+  """The numbers of a row, nested dicts flattened ({"a": {"b": 1}} -> {"a/b": 1}); lists,
+  strings, bools and None left out."""
+  out = {}
+  for key, value in metrics.items():
+    if isinstance(value, Mapping):
+      out.update(_scalars(value, f"{prefix}{key}/"))
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+      out[prefix + key] = value
+  return out
+
+
+def _tensorboard(logdir: str):
+  try:
+    from tensorboardX import SummaryWriter
+  except ImportError:
+    raise ValueError("config.log.tensorboard=True but tensorboardX is not installed: pip install "
+                     "tensorboardX (a dependency of corpo_jax: pip install -e .), or pass "
+                     "--config.log.tensorboard=False.") from None
+  return SummaryWriter(logdir)
+
+
+def _wandb_run(workdir: str, project: str, name: str, config: Mapping[str, Any] | None):
+  """A W&B run for the workdir: the id in workdir/wandb_id, so that a rerun resumes it."""
+  try:
+    import wandb
+  except ImportError:
+    raise ValueError("config.log.wandb=True but wandb is not installed: pip install wandb, or "
+                     "pass --config.log.wandb=False.") from None
+  id_path = os.path.join(workdir, "wandb_id")
+  if os.path.exists(id_path):
+    with open(id_path) as f:
+      run_id = f.read().strip()
+  else:
+    run_id = secrets.token_hex(8)
+    with open(id_path, "w") as f:
+      f.write(run_id + "\n")
+  name = name or os.path.basename(os.path.normpath(workdir))
+  return wandb.init(project=project, name=name, id=run_id, resume="allow", dir=workdir,
+                    config=dict(config) if config is not None else None)
+
+
 class MetricsWriter:
-  """Appends one JSON row per step to `<workdir>/metrics.jsonl` (and TensorBoard if available)."""
+  """Appends one JSON row per step to `<workdir>/metrics.jsonl`; the row's numbers also go to
+  TensorBoard (`tensorboard`) and to a W&B run (`wandb`: {"project", "name"}) as <stage>/<key>.
+
+  On W&B each stage has its own x axis, `<stage>/step` (W&B's own step only increases).
+  """
 
   def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True,
+               wandb: Mapping[str, str] | None = None, run_config: Mapping[str, Any] | None = None,
                filename: str = "metrics.jsonl"):
     self.enabled = enabled
     self.path = os.path.join(workdir, filename)
-    self._tb = None
+    self._tb = self._wandb = None
+    self._wandb_stages: set[str] = set()
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
     if tensorboard:
-      try:
-        from tensorboardX import SummaryWriter  # optional dependency
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-      except ImportError:
-        self._tb = None
+      self._tb = _tensorboard(os.path.join(workdir, "tensorboard"))
+    if wandb is not None:
+      self._wandb = _wandb_run(workdir, wandb["project"], wandb["name"], run_config)
+
+  @classmethod
+  def from_config(cls, config, *, enabled: bool = True) -> "MetricsWriter":
+    """The writer config.log asks for, in config.workdir (W&B gets the config as the run's)."""
+    log = config.log
+    wandb = {"project": log.wandb_project, "name": log.wandb_name} if log.wandb else None
+    return cls(config.workdir, enabled=enabled, tensorboard=log.tensorboard, wandb=wandb,
+               run_config=config.to_dict())
 
   def write(self, step: int, stage: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
     row = {"step": int(step), "stage": stage, "time": time.time(),
@@ -81,11 +145,30 @@ class MetricsWriter:
       return row
     with open(self.path, "a") as f:
       f.write(json.dumps(row) + "\n")
-    if self._tb is not None:
-      for key, value in metrics.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-          self._tb.add_scalar(f"{stage}/{key}", value, step)
+    self.log_scalars(step, stage, metrics)
     return row
+
+  def log_scalars(self, step: int, stage: str, metrics: Mapping[str, Any]) -> None:
+    """The numbers of `metrics` (nested dicts flattened with "/") to TensorBoard and W&B only."""
+    if not self.enabled:
+      return
+    scalars = {f"{stage}/{k}": v for k, v in _scalars(metrics).items()}
+    if self._tb is not None:
+      for tag, value in scalars.items():
+        self._tb.add_scalar(tag, value, step)
+    if self._wandb is not None:
+      if stage not in self._wandb_stages:
+        self._wandb.define_metric(f"{stage}/step")
+        self._wandb.define_metric(f"{stage}/*", step_metric=f"{stage}/step")
+        self._wandb_stages.add(stage)
+      self._wandb.log({f"{stage}/step": int(step), **scalars})
+
+  def log_eval(self, step: int, stage: str, rows: list[Mapping[str, Any]]) -> None:
+    """Evaluation rows (eval.jsonl's, one per task) to TensorBoard and W&B as
+    <stage>/eval/<task>/<key>: accuracy, pass_at_k/<k>, groups/<group>/accuracy, ..."""
+    self.log_scalars(step, stage, {"eval": {row["task"]: {k: v for k, v in row.items()
+                                                           if k not in ("step", "stage", "task")}
+                                            for row in rows}})
 
   def write_samples(self, step: int, stage: str, samples: list[dict[str, Any]]) -> None:
     if self.enabled:
@@ -96,6 +179,8 @@ class MetricsWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+    if self._wandb is not None:
+      self._wandb.finish()
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:

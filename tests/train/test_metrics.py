@@ -1,9 +1,15 @@
-"""Metrics: one-step-late fetching, jsonl rows, progress line."""
+"""Metrics: one-step-late fetching, jsonl rows, TensorBoard events, W&B, progress line."""
 
+import glob
 import io
+import sys
+import types
 
 import jax.numpy as jnp
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
 
+from configs import grpo
 from corpo_jax.train.metrics import MetricsWriter, OneStepLate, Progress, read_jsonl
 
 
@@ -29,6 +35,98 @@ def test_writer_appends_rows_with_nan_as_string(tmp_path):
 def test_disabled_writer_writes_nothing(tmp_path):
   MetricsWriter(str(tmp_path / "w"), enabled=False).write(1, "rl", {"loss": 1.0})
   assert not (tmp_path / "w").exists()
+
+
+def _run_writer(workdir, **log):
+  """The writer a run of configs/grpo.py (defaults plus `log` overrides) makes in `workdir`."""
+  config = grpo.get_config()
+  config.workdir = str(workdir)
+  config.log.update(log)
+  return MetricsWriter.from_config(config)
+
+
+def _write_two_steps(writer):
+  writer.write(1, "rl", {"loss": 0.5, "reward/mean": 0.25, "load": [0.5, 0.5], "applied": True})
+  writer.write(2, "rl", {"loss": 0.125, "reward/mean": 0.75})
+  writer.log_eval(2, "rl", [{"step": 2, "stage": "rl", "task": "arithmetic", "accuracy": 0.375,
+                             "pass_at_k": {"1": 0.375, "4": 0.625}, "accuracy_thinking": None}])
+
+
+def test_a_runs_writer_writes_tensorboard_events_by_default(tmp_path):
+  writer = _run_writer(tmp_path)
+  _write_two_steps(writer)
+  writer.close()
+  assert len(glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))) == 1
+  events = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+  events.Reload()
+  scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)]
+             for tag in events.Tags()["scalars"]}
+  assert scalars == {"rl/loss": [(1, 0.5), (2, 0.125)], "rl/reward/mean": [(1, 0.25), (2, 0.75)],
+                     "rl/eval/arithmetic/accuracy": [(2, 0.375)],
+                     "rl/eval/arithmetic/pass_at_k/1": [(2, 0.375)],
+                     "rl/eval/arithmetic/pass_at_k/4": [(2, 0.625)]}
+  assert [r["loss"] for r in read_jsonl(str(tmp_path / "metrics.jsonl"))] == [0.5, 0.125]
+  assert not (tmp_path / "wandb_id").exists()  # W&B is off unless asked for
+
+
+def test_tensorboard_asked_for_but_missing_is_an_error(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, "tensorboardX", None)  # import tensorboardX raises ImportError
+  with pytest.raises(ValueError, match=r"tensorboardX is not installed: pip install tensorboardX"):
+    _run_writer(tmp_path)
+  _run_writer(tmp_path / "off", tensorboard=False).write(1, "rl", {"loss": 1.0})
+  assert not (tmp_path / "off" / "tensorboard").exists()
+
+
+class _FakeWandbRun:
+  def __init__(self, calls):
+    self.calls = calls
+
+  def define_metric(self, name, **kwargs):
+    self.calls.append(("define_metric", name, kwargs))
+
+  def log(self, data):
+    self.calls.append(("log", data))
+
+  def finish(self):
+    self.calls.append(("finish",))
+
+
+def _fake_wandb(calls):
+  module = types.ModuleType("wandb")
+  module.init = lambda **kwargs: calls.append(("init", kwargs)) or _FakeWandbRun(calls)
+  return module
+
+
+def test_wandb_logs_the_rows_numbers_and_a_rerun_resumes_its_run(tmp_path, monkeypatch):
+  calls = []
+  monkeypatch.setitem(sys.modules, "wandb", _fake_wandb(calls))
+  writer = _run_writer(tmp_path, wandb=True, wandb_name="trial")
+  _write_two_steps(writer)
+  writer.close()
+  (_, init), *rest = calls
+  run_id = (tmp_path / "wandb_id").read_text().strip()
+  assert len(run_id) == 16
+  assert {k: v for k, v in init.items() if k != "config"} == {
+      "project": "corpo_jax", "name": "trial", "id": run_id, "resume": "allow",
+      "dir": str(tmp_path)}
+  assert init["config"]["rl"]["advantage"] == "grpo" and init["config"]["log"]["wandb"] is True
+  assert rest == [
+      ("define_metric", "rl/step", {}),
+      ("define_metric", "rl/*", {"step_metric": "rl/step"}),
+      ("log", {"rl/step": 1, "rl/loss": 0.5, "rl/reward/mean": 0.25}),
+      ("log", {"rl/step": 2, "rl/loss": 0.125, "rl/reward/mean": 0.75}),
+      ("log", {"rl/step": 2, "rl/eval/arithmetic/accuracy": 0.375,
+               "rl/eval/arithmetic/pass_at_k/1": 0.375, "rl/eval/arithmetic/pass_at_k/4": 0.625}),
+      ("finish",)]
+  calls.clear()
+  _run_writer(tmp_path, wandb=True, tensorboard=False)  # a rerun in the same workdir
+  assert calls[0][1]["id"] == run_id and calls[0][1]["name"] == tmp_path.name
+
+
+def test_wandb_asked_for_but_missing_is_an_error(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, "wandb", None)
+  with pytest.raises(ValueError, match=r"wandb is not installed: pip install wandb"):
+    _run_writer(tmp_path, wandb=True, tensorboard=False)
 
 
 def test_progress_prints_every_n_steps_on_a_pipe():
