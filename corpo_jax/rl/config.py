@@ -60,7 +60,10 @@ class RLConfig:
   max_completion_len: int = 64  # the sampler's max_new_tokens; Dr. GRPO normaliser, overlong
   # Sampling-related.
   temperature: float = 1.0  # log-probs use logits / temperature (the sampling temperature)
-  dynamic_sampling: bool = False  # loop: drop groups with all-equal rewards and refill
+  # DAPO dynamic sampling (corpo_jax/rl/rollout.py): train only on groups whose rewards differ,
+  # refilling from up to dynamic_sampling_max_batches prompt batches per step (the first included).
+  dynamic_sampling: bool = False
+  dynamic_sampling_max_batches: int = 4
   router_replay: bool = False  # reuse the rollout's base-layer expert choices in training
   # Update mechanics (step.py).
   num_iterations: int = 1  # optimizer steps per rollout batch (old log-probs computed once)
@@ -98,7 +101,8 @@ class RLConfig:
         raise ValueError(f"rl.{name}={getattr(self, name)} must be >= 0.")
     if self.eps_low >= 1:
       raise ValueError(f"rl.eps_low={self.eps_low} must be < 1 (the ratio's lower clip is 1 - eps_low).")
-    for name in ("num_iterations", "num_micro_batches", "logprob_chunk", "max_completion_len"):
+    for name in ("num_iterations", "num_micro_batches", "logprob_chunk", "max_completion_len",
+                 "dynamic_sampling_max_batches"):
       if getattr(self, name) < 1:
         raise ValueError(f"rl.{name}={getattr(self, name)} must be >= 1.")
     for name in ("warmup_steps", "decay_steps"):

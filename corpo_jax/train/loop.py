@@ -38,6 +38,7 @@ from corpo_jax.data.tokenizer import Tokenizer, bundled
 from corpo_jax.model import ModelConfig, pretrained
 from corpo_jax.model.config import TOKENIZER_FIELDS
 from corpo_jax.rl import rewards as rewards_lib
+from corpo_jax.rl import rollout as rollout_lib
 from corpo_jax.rl import step as rl_step
 from corpo_jax.rl.config import RLConfig
 from corpo_jax.rl.reference import reference_policy
@@ -316,7 +317,9 @@ class StagePlan:
 
   optimizer: Any
   loader: Any
-  step: Callable[[Any, dict, int], tuple[Any, Any, dict]]  # (state, batch, k) -> (state, m, host)
+  # (state, the loader's iterator, k) -> (state, metrics, host metrics); the step takes the
+  # batches it needs from the iterator (an RL step with dynamic sampling may take several).
+  step: Callable[[Any, Any, int], tuple[Any, Any, dict]]
   progress_keys: tuple[str, ...]
   tasks: list
 
@@ -346,9 +349,9 @@ def _sft_plan(run: Run, name: str, stage, index: int) -> StagePlan:
                                   seed=run.config.seed + index, trace_share=stage.trace_share,
                                   batch_rows=distributed.process_rows(rows_sh, stage.batch_size))
 
-  def step(state, batch, k):
+  def step(state, batches, k):
     del k
-    batch = _global_batch(run, batch, rows_sh, stage.batch_size, left=False)
+    batch = _global_batch(run, next(batches), rows_sh, stage.batch_size, left=False)
     state, metrics = update(state, sft_lib.SftBatch.from_numpy(batch))
     return state, metrics, {"tokens": int(batch["token_mask"].sum()),
                             "data/think_tags_escaped": int(batch["think_tags"].sum())}
@@ -381,6 +384,7 @@ def _rl_plan(run: Run, name: str, stage, index: int, start: Callable[[], Any]) -
   spec, G, tok = rewards_lib.check_spec(stage.rewards), stage.group_size, run.tokenizer
   max_think = stage.max_thinking_tokens or None
   decode_layout = stage.get("rollout_layout", "train") == "decode"
+
   @functools.cache
   def reference():
     """The frozen reference policy, made at the stage's first step (after its state)."""
@@ -391,41 +395,34 @@ def _rl_plan(run: Run, name: str, stage, index: int, start: Callable[[], Any]) -
       start.release()  # a cast copy: nothing in this stage needs the originals again
     return ref
 
-  def step(state, prompts, k):
+  rounds = rl_cfg.dynamic_sampling_max_batches if rl_cfg.dynamic_sampling else 1
+
+  def step(state, batches, k):
     t0 = time.perf_counter()
-    prompts = _global_batch(run, prompts, prompt_sh, B, left=True)
     policy, cfg, mesh = state.params, run.cfg, run.mesh
-    if decode_layout:
+    if decode_layout:  # the sampler's copy, made once per step
       policy, cfg, mesh = model.for_decoding(state.params, run.cfg, run.mesh)
-    on_mesh = lambda x: jax.device_put(x, sharding.batch_sharding(mesh, x.shape))
-    with jax.set_mesh(mesh):
-      rollout = sampling.generate(
-          policy, cfg, on_mesh(prompts["tokens"]), on_mesh(prompts["token_mask"]),
-          rng=jax.random.fold_in(stage_rng, k), num_samples=G,
+    rng = jax.random.fold_in(stage_rng, k)
+
+    def draw(t):  # the step's t-th prompt batch (t > 0: dynamic sampling's refills)
+      return rollout_lib.sample_groups(
+          policy, cfg, mesh, _global_batch(run, next(batches), prompt_sh, B, left=True),
+          rng=rng if t == 0 else jax.random.fold_in(rng, t), group_size=G, tokenizer=tok,
+          tasks=tasks, spec=spec,
+          put_rows=(lambda r: _rows_on(r, run.mesh)) if decode_layout else (lambda r: r),
           max_new_tokens=stage.max_new_tokens, strategy=_strategy(stage), eos_id=tok.eos_id,
           max_thinking_tokens=max_think)
-    if decode_layout:
-      del policy  # the sampler's copy
-      rollout = _rows_on(rollout, run.mesh)
-    tokens, mask, ids = distributed.fetch(
-        (rollout.tokens, rollout.mask,
-         {f: prompts[f] for f in ("task_id", "index", "truncated", "think_tags")}))
+
+    groups, dynamic = rollout_lib.collect(draw, B, rounds, tok.pad_id)
+    policy = None  # the decode layout's copy is freed before the update
     t_rollout = time.perf_counter() - t0
-    texts = [tok.decode(t[m]) for t, m in zip(tokens, mask)]
-    examples = [ex for ex in pipeline.examples(ids, tasks, "train") for _ in range(G)]
-    row_tasks = [tasks[t] for t in ids["task_id"] for _ in range(G)]
-    scores = rewards_lib.compute(spec, texts, examples, row_tasks)
-    rewards_BG = scores.total_N.reshape(-1, G)
-    batch = rl_step.make_batch(prompts["tokens"], prompts["token_mask"], rollout, rewards_BG)
+    batch = rl_step.make_batch(groups.prompt_tokens, groups.prompt_mask, groups.rollout,
+                               groups.rewards)
     state, metrics = update(state, batch, reference())
-    host = {f"reward/{k}": float(v.mean()) for k, v in scores.components.items()}
-    host.update({f"reward/{k}/errors": v for k, v in scores.errors.items()})
-    host["data/prompts_truncated"] = int(ids["truncated"].sum())
-    host["data/think_tags_escaped"] = int(ids["think_tags"].sum())
-    host.update({"reward/scoring_failures": scores.num_failed, "time/rollout_s": t_rollout,
-                 "tokens": int(mask.sum()),
-                 "samples": [{"completion": texts[i], "reward": float(scores.total_N[i]),
-                              "answer": examples[i].answer} for i in range(min(2, len(texts)))]})
+    host = rollout_lib.host_metrics(groups)
+    host["time/rollout_s"] = t_rollout
+    if rl_cfg.dynamic_sampling:
+      host.update(dynamic)
     return state, metrics, host
 
   return StagePlan(optimizer, loader, step, ("loss", "reward/mean", "adv/frac_failed_positive"),
@@ -589,7 +586,7 @@ def _run_stage(run: Run, index: int, name: str, start: Callable[[], Any],
       save(k, done=False)
       ckpt.close()
       raise Preempted(f"stage {name} preempted at step {k}; checkpoint saved")
-    state, metrics, host = plan.step(state, next(iterator), k)
+    state, metrics, host = plan.step(state, iterator, k)
     if k == first:
       can_save()
     now = time.perf_counter()
