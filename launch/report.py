@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from corpo_jax.plot import pyplot
 from corpo_jax.train.metrics import read_jsonl
 
 CURVES = {"reward": "reward/mean", "frac_failed_positive": "adv/frac_failed_positive",
@@ -169,13 +170,7 @@ def _band(ax, series: list[dict[int, float]], label: str) -> None:
 def plot_panels(path: str, panels: dict[str, dict[str, list[dict[int, float]]]], ylabel: str,
                 xlabel: str) -> None:
   """One subplot per panel title; in each, one band per setting."""
-  try:
-    import matplotlib
-  except ImportError:
-    raise ValueError("The sweep plots need matplotlib: pip install matplotlib (or the "
-                     "package's [test] extra).") from None
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt
+  plt = pyplot()
   fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
   for ax, (title, settings) in zip(axes[0], panels.items()):
     for setting, series in settings.items():
