@@ -108,6 +108,9 @@ def rl_stage(**overrides: Any) -> ml_collections.ConfigDict:
   stage.top_k = 0  # 0: off
   stage.top_p = 1.0  # 1.0: off
   stage.max_thinking_tokens = 0  # 0: no thinking budget; else force </think> after this many
+  # Strings that end a completion (e.g. ("\n\nQuestion:",)): the tokens through the one that
+  # completes the first are kept and trained on, the rest masked out (corpo_jax/rl/rollout.py)
+  stage.stop = ()
   # "train": sample with the trainer's parameters; "decode": with a copy in the compute dtype
   # laid out for decoding (fsdp folded into tensor; corpo_jax/sharding.py decode_mesh), made
   # every step: what a large model on a pod needs (docs/scale.md)
@@ -236,6 +239,7 @@ def base_config(arg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       "ks": (1, 4),  # pass@k reported for these k (each <= num_samples)
       "temperature": 0.8,  # 0: greedy
       "max_new_tokens": 64,
+      "stop": (),  # strings that end a completion; its text is cut after the first
       "prompts_per_batch": 16,
   })
   config.checkpoint = ml_collections.ConfigDict({"max_to_keep": 2, "async_save": True})

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Callable, Sequence
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -130,3 +131,25 @@ def parse_number(text: str | None) -> float | None:
     return float(text.replace(",", ""))
   except ValueError:
     return None
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+  """`text` up to and including the earliest occurrence of any `stop` string (all of it when
+  none occurs)."""
+  ends = [i + len(s) for s in stop if (i := text.find(s)) >= 0]
+  return text[:min(ends)] if ends else text
+
+
+def stop_length(ids: Sequence[int], decode: Callable[[Sequence[int]], str],
+                stop: Sequence[str]) -> int | None:
+  """The number of leading tokens of `ids` whose decoded text first contains a `stop` string
+  (the tokens through the one that completes it), or None when the whole text has none.
+  Containment only grows with the prefix, so a bisection needs about log2(len(ids)) decodes."""
+  hit = lambda n: any(s in decode(ids[:n]) for s in stop)
+  if not stop or not hit(len(ids)):
+    return None
+  lo, hi = 1, len(ids)
+  while lo < hi:
+    mid = (lo + hi) // 2
+    lo, hi = (lo, mid) if hit(mid) else (mid + 1, hi)
+  return lo

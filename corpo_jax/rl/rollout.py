@@ -26,6 +26,7 @@ import numpy as np
 
 from corpo_jax import distributed, sampling, sharding
 from corpo_jax.data import pipeline
+from corpo_jax.data import text as text_lib
 from corpo_jax.rl import rewards as rewards_lib
 
 PROMPT_FIELDS = ("task_id", "index", "truncated", "think_tags")  # host columns of a prompt batch
@@ -54,10 +55,12 @@ class Groups:
 
 def sample_groups(policy: Any, cfg: Any, mesh: jax.sharding.Mesh, prompts: dict, *,
                   rng: jax.Array, group_size: int, tokenizer: Any, tasks: Sequence[Any],
-                  spec: Any, put_rows: Callable[[Any], Any], **generate_kw) -> Groups:
+                  spec: Any, put_rows: Callable[[Any], Any], stop: Sequence[str] = (),
+                  **generate_kw) -> Groups:
   """Samples `group_size` completions for each prompt of `prompts` (a loader batch as global
   arrays) with `policy` on `mesh` and scores them (rewards.compute, `spec`). `put_rows` lays the
-  rollout out for the trainer (identity when the sampler ran on the trainer's mesh)."""
+  rollout out for the trainer (identity when the sampler ran on the trainer's mesh). `stop`:
+  strings that end a completion (`stop_at`)."""
   on_mesh = lambda x: jax.device_put(x, sharding.batch_sharding(mesh, x.shape))
   with jax.set_mesh(mesh):
     rollout = sampling.generate(policy, cfg, on_mesh(prompts["tokens"]),
@@ -66,6 +69,8 @@ def sample_groups(policy: Any, cfg: Any, mesh: jax.sharding.Mesh, prompts: dict,
   rollout = put_rows(rollout)
   tokens, mask, ids = distributed.fetch(
       (rollout.tokens, rollout.mask, {f: prompts[f] for f in PROMPT_FIELDS}))
+  if stop:
+    rollout, mask = stop_at(rollout, tokens, mask, tokenizer, stop)
   texts = [tokenizer.decode(t[m]) for t, m in zip(tokens, mask)]
   examples = [ex for ex in pipeline.examples(ids, tasks, "train") for _ in range(group_size)]
   row_tasks = [tasks[t] for t in ids["task_id"] for _ in range(group_size)]
@@ -74,6 +79,30 @@ def sample_groups(policy: Any, cfg: Any, mesh: jax.sharding.Mesh, prompts: dict,
                 rollout=rollout, rewards=scores.total_N.reshape(-1, group_size), texts=texts,
                 examples=examples, components=dict(scores.components), prompts=ids,
                 errors=dict(scores.errors), num_failed=scores.num_failed, tokens=int(mask.sum()))
+
+
+def stop_at(rollout: sampling.Rollout, tokens_NT: np.ndarray, mask_NT: np.ndarray, tokenizer: Any,
+            stop: Sequence[str]) -> tuple[sampling.Rollout, np.ndarray]:
+  """Ends each completion at the token that completes its first `stop` string (host-side, after
+  sampling; the tokens sampled after it cost compute but are not kept): they leave the mask,
+  their log-probs are 0, their ids the pad id, and the row counts as finished, not truncated.
+  The stop string's tokens stay: the policy sampled them and is trained on them. Returns the
+  rollout and the new host mask."""
+  keep_N = mask_NT.sum(1)
+  for i, (t, m) in enumerate(zip(tokens_NT, mask_NT)):
+    n = text_lib.stop_length(t[m], tokenizer.decode, stop)
+    keep_N[i] = keep_N[i] if n is None else n
+  stopped_N = keep_N < mask_NT.sum(1)
+  if not stopped_N.any():
+    return rollout, mask_NT
+  keep_NT = np.arange(mask_NT.shape[1])[None, :] < keep_N[:, None]  # numpy: any process's
+  mask = rollout.mask & keep_NT
+  return rollout.replace(
+      tokens=jnp.where(mask, rollout.tokens, tokenizer.pad_id),
+      mask=mask, logprobs=jnp.where(mask, rollout.logprobs, 0.0),
+      lengths=jnp.minimum(rollout.lengths, keep_N.astype(np.int32)),
+      truncated=rollout.truncated & ~stopped_N,
+      forced=None if rollout.forced is None else rollout.forced & mask), mask_NT & keep_NT
 
 
 def informative(rewards_BG: np.ndarray) -> np.ndarray:

@@ -33,6 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from corpo_jax import compile_cache, distributed, evaluate, model, sampling, sharding
 from corpo_jax.data import pipeline
+from corpo_jax.data import text as text_lib
 from corpo_jax.data import tasks as tasks_lib
 from corpo_jax.data.tokenizer import Tokenizer, bundled
 from corpo_jax.model import ModelConfig, pretrained
@@ -410,8 +411,8 @@ def _rl_plan(run: Run, name: str, stage, index: int, start: Callable[[], Any]) -
           rng=rng if t == 0 else jax.random.fold_in(rng, t), group_size=G, tokenizer=tok,
           tasks=tasks, spec=spec,
           put_rows=(lambda r: _rows_on(r, run.mesh)) if decode_layout else (lambda r: r),
-          max_new_tokens=stage.max_new_tokens, strategy=_strategy(stage), eos_id=tok.eos_id,
-          max_thinking_tokens=max_think)
+          stop=tuple(stage.get("stop", ())), max_new_tokens=stage.max_new_tokens,
+          strategy=_strategy(stage), eos_id=tok.eos_id, max_thinking_tokens=max_think)
 
     groups, dynamic = rollout_lib.collect(draw, B, rounds, tok.pad_id)
     policy = None  # the decode layout's copy is freed before the update
@@ -454,6 +455,7 @@ def _evaluate(run: Run, params: Any, stage_name: str, step: int, rng: jax.Array,
   """Evaluates `params` on config.eval's tasks; rows appended to `out` (default: eval.jsonl)."""
   ev = run.config.eval
   strategy = (sampling.Greedy(),) if ev.temperature == 0 else (sampling.Temperature(ev.temperature),)
+  stop = tuple(ev.get("stop", ()))  # older configs lack it
   calls = itertools.count()
 
   def generate_fn(prompts, mask, n):
@@ -463,7 +465,7 @@ def _evaluate(run: Run, params: Any, stage_name: str, step: int, rng: jax.Array,
                                   max_new_tokens=ev.max_new_tokens, strategy=strategy,
                                   eos_id=run.tokenizer.eos_id)
     tokens, m = distributed.fetch((rollout.tokens, rollout.mask))
-    return [run.tokenizer.decode(t[k]) for t, k in zip(tokens, m)]
+    return [text_lib.cut_at_stop(run.tokenizer.decode(t[k]), stop) for t, k in zip(tokens, m)]
 
   rows = []
   for name in ev.tasks:

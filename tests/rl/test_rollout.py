@@ -5,12 +5,15 @@ mixed groups and that a preempted run resumes to the same metrics."""
 import zlib
 from unittest import mock
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import grpo as grpo_config
-from corpo_jax import sampling
+from corpo_jax import model, sampling
+from corpo_jax.data import text as text_lib
+from corpo_jax.data.tokenizer import bundled
 from corpo_jax.rl import rewards as rewards_lib
 from corpo_jax.rl import rollout
 from corpo_jax.rl import step as rl_step
@@ -144,3 +147,65 @@ def test_dynamic_sampling_trains_on_mixed_groups_and_resumes_exactly(tmp_path):
   resumed = read_jsonl(str(tmp_path / "killed" / "metrics.jsonl"))
   assert [r["step"] for r in resumed] == [1, 2, 3, 4]
   assert comparable(resumed) == comparable(reference)
+
+
+class _CharTokenizer:
+  """Token i decodes to chr(ord('a') + i); 0 is the pad id."""
+
+  pad_id = 0
+
+  def decode(self, ids):
+    return "".join(chr(ord("a") + int(i)) for i in ids)
+
+
+def test_stop_length_and_text_cut():
+  decode = _CharTokenizer().decode
+  assert text_lib.stop_length([1, 2, 3, 4, 5], decode, ("cd",)) == 3  # "bcd": through "d"
+  assert text_lib.stop_length([1, 2, 3, 4, 5], decode, ("ef", "c")) == 2  # the earliest wins
+  assert text_lib.stop_length([1, 2, 3], decode, ("x",)) is None
+  assert text_lib.stop_length([1, 2, 3], decode, ()) is None
+  assert text_lib.cut_at_stop("abc\n\nQuestion: next", ("\n\nQuestion:",)) == "abc\n\nQuestion:"
+  assert text_lib.cut_at_stop("abc", ("z",)) == "abc"
+
+
+def test_stop_at_masks_everything_after_the_stop_string():
+  tok = _CharTokenizer()
+  tokens = np.array([[1, 2, 3, 4, 0], [5, 6, 7, 8, 9], [1, 1, 1, 0, 0]], np.int32)
+  mask = np.array([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], bool)
+  r = sampling.Rollout(tokens=jnp.asarray(tokens), mask=jnp.asarray(mask),
+                       logprobs=jnp.asarray(-np.ones((3, 5)) * mask),
+                       lengths=jnp.asarray(mask.sum(1)), truncated=jnp.asarray([False, True, False]),
+                       experts=jnp.zeros((1, 3, 7, 2), jnp.int32),
+                       forced=jnp.asarray(np.eye(3, 5, 2, dtype=bool)))
+  out, host_mask = rollout.stop_at(r, tokens, mask, tok, ("cd", "gh"))
+  # Row 0 "bcde" stops after "d" (3 tokens), row 1 "fghij" after "h" (3), row 2 never.
+  keep = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0]], bool)
+  np.testing.assert_array_equal(out.mask, keep)
+  np.testing.assert_array_equal(host_mask, keep)
+  np.testing.assert_array_equal(out.tokens, np.where(keep, tokens, 0))
+  np.testing.assert_array_equal(out.logprobs, -1.0 * keep)
+  np.testing.assert_array_equal(out.lengths, [3, 3, 3])
+  np.testing.assert_array_equal(out.truncated, [False, False, False])  # row 1 ended at "gh"
+  np.testing.assert_array_equal(out.forced, np.eye(3, 5, 2, dtype=bool) & keep)
+  assert [tok.decode(t[m]) for t, m in zip(tokens, host_mask)] == ["bcd", "fgh", "bbb"]
+
+
+def test_a_real_rollout_ends_at_its_stop_string():
+  """The tiny model's greedy samples with the bundled tokenizer: the stop string is the text of
+  row 0's second sampled token, so row 0 keeps two tokens and nothing after them counts."""
+  cfg = model.ModelConfig.preset("tiny", vocab_size=1024)
+  tok = bundled()
+  params = model.init_params(cfg, jax.random.key(0))
+  prompts = jnp.asarray([tok.prompt_ids("12 + 34 =")] * 2, jnp.int32)
+  r = sampling.generate(params, cfg, prompts, jnp.ones_like(prompts, bool), rng=jax.random.key(1),
+                        num_samples=1, max_new_tokens=8, strategy=(sampling.Greedy(),),
+                        eos_id=tok.eos_id)
+  tokens, mask = np.asarray(r.tokens), np.asarray(r.mask)
+  stop = tok.decode(tokens[0, 1:2])
+  assert stop and mask[0].sum() > 2
+  n = text_lib.stop_length(tokens[0][mask[0]], tok.decode, (stop,))
+  out, host_mask = rollout.stop_at(r, tokens, mask, tok, (stop,))
+  assert n <= 2 and host_mask[0].sum() == n and np.asarray(out.mask)[0, n:].sum() == 0
+  assert np.abs(np.asarray(out.logprobs)[0, n:]).sum() == 0
+  assert np.asarray(out.logprobs)[0, :n].min() < 0  # the kept tokens keep their log-probs
+  assert stop in tok.decode(tokens[0][host_mask[0]])

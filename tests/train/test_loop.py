@@ -246,6 +246,6 @@ def test_every_stage_field_is_an_rl_config_field_or_read_by_the_loop():
   loop_fields = {"kind", "steps", "tasks", "prompts_per_step", "group_size", "max_new_tokens",
                  "temperature", "top_k", "top_p", "max_thinking_tokens", "rewards",
                  "checkpoint_every", "eval_every", "samples_every", "max_skipped_steps",
-                 "max_prompt_len", "long_prompts", "rollout_layout"}
+                 "max_prompt_len", "long_prompts", "rollout_layout", "stop"}
   rl_fields = set(loop._RL_FIELDS) - set(common.DERIVED_RL_FIELDS)
   assert set(stage.keys()) == loop_fields | rl_fields
