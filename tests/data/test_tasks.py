@@ -168,8 +168,11 @@ def test_jsonl_rows_and_splits(tmp_path):
 @pytest.mark.parametrize("line,message", [
     ("{not json", "a.jsonl:2: invalid JSON"),
     ('["prompt"]', "a.jsonl:2: need an object"),
-    ('{"prompt": "q"}', "a.jsonl:2: need an object"),
-    ('{"prompt": 3, "answer": "x"}', "a.jsonl:2: need an object"),
+    ('{"prompt": "q"}', r"a.jsonl:2: need a key 'answer' \(answer_key\) but the row's keys are "
+                        r"\['prompt'\]; set answer_key to one of them"),
+    ('{"prompt": 3, "answer": "x"}', r"a.jsonl:2: need a string under 'prompt' \(prompt_key\), "
+                                     "not int"),
+    ('{"prompt": "q", "answer": true}', r"a.jsonl:2: need a string or number under 'answer'"),
     ('{"prompt": "q", "answer": "x", "trace": 3}', 'a.jsonl:2: "trace" must be a string'),
 ])
 def test_jsonl_malformed_line_names_file_and_line(tmp_path, line, message):

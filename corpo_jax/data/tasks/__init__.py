@@ -1,8 +1,10 @@
 """Tasks by name: the bundled generated tasks (arithmetic, verify), the bundled code problems
-(run in the sandbox) and a user's jsonl file."""
+(run in the sandbox) and a user's rows (jsonl: a .jsonl or .parquet file or a Hugging Face
+dataset)."""
 
 from __future__ import annotations
 
+import math
 import string
 from typing import Any
 
@@ -16,11 +18,21 @@ from corpo_jax.data.tasks.verify import Verify
 TASKS = {"arithmetic": Arithmetic, "verify": Verify, "jsonl": Jsonl, "code": Code}
 
 
-def get(name: str, **kwargs: Any) -> Task:
-  """A task instance: get("arithmetic", max_digits=4, seed=1), get("jsonl", path="x.jsonl")."""
+def get(name: str, weight: float = 1.0, **kwargs: Any) -> Task:
+  """A task instance: get("arithmetic", max_digits=4, seed=1), get("jsonl", path="x.jsonl").
+
+  weight: the task's share of an RL stage's prompts relative to the stage's other tasks
+  (Task.weight, corpo_jax/data/pipeline.py PromptSource).
+  """
   if name not in TASKS:
     raise ValueError(f"Unknown task {name!r}; choose one of {sorted(TASKS)}.")
-  return TASKS[name](**kwargs)
+  if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (
+      math.isfinite(weight) and weight > 0):
+    raise ValueError(f"Task weight={weight!r} must be a number > 0 (the {name} task's share of "
+                     f"an RL stage's prompts; leave a task out of the stage's tasks instead).")
+  task = TASKS[name](**kwargs)
+  task.weight = float(weight)
+  return task
 
 
 def bundled_corpus(num_examples: int = 2000) -> list[str]:

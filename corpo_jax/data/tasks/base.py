@@ -54,6 +54,7 @@ class Task(abc.ABC):
 
   name: str
   tau: int  # failure threshold on the 1..NUM_GRADES grade scale
+  weight: float = 1.0  # share of an RL stage's prompts relative to its other tasks (tasks.get)
 
   @abc.abstractmethod
   def example(self, split: str, index: int) -> Example:
@@ -75,7 +76,8 @@ class Task(abc.ABC):
     return self.grade(completion, example) == NUM_GRADES
 
   def __repr__(self) -> str:  # stable: grain checks it when restoring an iterator
-    fields = ", ".join(f"{k}={v!r}" for k, v in sorted(vars(self).items()) if not k.startswith("_"))
+    fields = ", ".join(f"{k}={v!r}" for k, v in sorted(vars(self).items())
+                       if not k.startswith("_") and k != "weight")  # the mix's sampler has it
     return f"{type(self).__name__}({fields})"
 
 
