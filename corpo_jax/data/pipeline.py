@@ -14,6 +14,13 @@ of processes, and this process loads only rows `batch_rows` of each (the saved s
 depends on those rows). Sources and tokenizers pickle, so worker_count > 0 works (grain spawns
 workers: guard `__main__` and parse absl flags before iterating).
 
+RL prompts mix a stage's tasks by their weights (Task.weight, config.tasks.<name>.weight), exactly
+and deterministically: the stream cycles through sum(w) slots, w_t of them task t's, spread evenly
+(weights 3 and 1: t0 t0 t1 t0, repeated), and each slot takes its task's next example in that
+task's own shuffle, reshuffled every epoch of the task (_MixSampler). Any run of whole cycles then
+holds the tasks 3:1 exactly, whatever the tasks' sizes; the iterator state is still one stream
+position. A one-task stream is the plain shuffle of that task.
+
 RL batch (prompts left-padded so generation appends on the right), B rows:
   tokens [B, T] int32, token_mask [B, T] bool, task_id [B] int32 (index into `tasks`),
   index [B] int64 (example index in the split), truncated [B] bool (the prompt was longer than
@@ -33,7 +40,10 @@ Masks mark the positions of target tokens; the trainer shifts them against the l
 
 from __future__ import annotations
 
+import fractions
+import math
 import os
+import sys
 from typing import Sequence
 
 import grain
@@ -47,6 +57,7 @@ from corpo_jax.data.tokenizer import Tokenizer
 
 DEFAULT_BUCKETS = (32, 64, 128, 256, 512, 1024)
 _GOLDEN = (5 ** 0.5 - 1) / 2
+MAX_MIX_CYCLE = 10_000  # prompts in one cycle of a weighted task mix
 LONG_PROMPTS = ("reject", "truncate")
 SFT_FIELDS = ("prompt", "thinking_trace", "final_output")
 
@@ -112,7 +123,8 @@ def pad_to(batch: dict[str, np.ndarray], length: int, pad_id: int, left: bool) -
 
 
 class PromptSource(grain.sources.RandomAccessDataSource):
-  """Record i is example i // len(tasks) of task i % len(tasks) (a round-robin mixture)."""
+  """The tasks' examples of `split` end to end: record r is example r - offsets[t] of the task t
+  with offsets[t] <= r < offsets[t + 1] (the samplers choose the mix)."""
 
   def __init__(self, tasks: Sequence[Task], tokenizer: Tokenizer, split: str,
                max_prompt_len: int = DEFAULT_BUCKETS[-1], long_prompts: str = "reject"):
@@ -122,17 +134,19 @@ class PromptSource(grain.sources.RandomAccessDataSource):
       raise ValueError(f"max_prompt_len={max_prompt_len} must be >= 2 (<bos> and a token).")
     self.tasks, self.tokenizer, self.split = list(tasks), tokenizer, split
     self.max_prompt_len, self.long_prompts = max_prompt_len, long_prompts
-    self._len = len(self.tasks) * max(t.size(split) for t in self.tasks)
+    self.sizes = tuple(t.size(split) for t in self.tasks)
+    self.offsets = tuple(int(x) for x in np.cumsum((0,) + self.sizes[:-1]))
 
   def __repr__(self) -> str:  # grain compares it when restoring an iterator
     return (f"PromptSource({self.tasks!r}, {self.tokenizer!r}, split={self.split!r}, "
             f"max_prompt_len={self.max_prompt_len}, long_prompts={self.long_prompts!r})")
 
   def __len__(self) -> int:
-    return self._len
+    return sum(self.sizes)
 
   def __getitem__(self, record: int) -> dict:
-    task_id, index = record % len(self.tasks), record // len(self.tasks)
+    task_id = int(np.searchsorted(self.offsets, record, side="right")) - 1
+    index = record - self.offsets[task_id]
     ex = self.tasks[task_id].example(self.split, index)
     where = ex.meta.get("source", f"{self.split} example {index} of {self.tasks[task_id]!r}")
     tokens = np.asarray(self.tokenizer.prompt_ids(ex.prompt, f"The prompt of {where}"), np.int32)
@@ -148,6 +162,52 @@ class PromptSource(grain.sources.RandomAccessDataSource):
             "task_id": np.int32(task_id), "index": np.int64(index),
             "truncated": np.bool_(truncated),
             "think_tags": np.int32(text_lib.count_think_tags(ex.prompt))}
+
+
+def mix_slots(weights: Sequence[float]) -> tuple[int, ...]:
+  """The task of each position of one cycle of a weighted mix (module doc): the weights as
+  whole numbers in their lowest terms (3, 1), each task's slots spread evenly (slot j of task t at
+  time (j + 1/2) / w_t, ties to the lower task)."""
+  ratios = [fractions.Fraction(w).limit_denominator(MAX_MIX_CYCLE) for w in weights]
+  scale = math.lcm(*(r.denominator for r in ratios))
+  counts = [int(r * scale) for r in ratios]
+  if min(counts) < 1 or sum(counts) // math.gcd(*counts) > MAX_MIX_CYCLE:
+    raise ValueError(f"Task weights {tuple(weights)}: their exact mix would repeat only after "
+                     f"more than {MAX_MIX_CYCLE} prompts; use ratios of small whole numbers "
+                     f"(e.g. weights 3 and 1).")
+  counts = [c // math.gcd(*counts) for c in counts]
+  times = sorted((fractions.Fraction(2 * j + 1, 2 * c), t)
+                 for t, c in enumerate(counts) for j in range(c))
+  return tuple(t for _, t in times)
+
+
+class _MixSampler:
+  """Stream position p -> a record of PromptSource: the task of slot p % len(slots), and the
+  next example of that task's own IndexSampler (shuffled with a seed from (seed, task); task 0's
+  is `seed`, so one task gives exactly the plain IndexSampler's stream). Unsharded: the
+  DataLoader, or _RowsSampler, picks each process's positions."""
+
+  def __init__(self, sizes: Sequence[int], slots: Sequence[int], seed: int):
+    self.sizes, self.slots, self.seed = tuple(sizes), tuple(slots), seed
+    self._offsets = np.cumsum((0,) + self.sizes[:-1])
+    self._per_cycle = [self.slots.count(t) for t in range(len(self.sizes))]
+    self._rank = [self.slots[:s].count(t) for s, t in enumerate(self.slots)]
+    self._samplers = [grain.samplers.IndexSampler(
+        num_records=n, shuffle=True, num_epochs=None,
+        seed=seed if t == 0 else int(np.random.SeedSequence((seed, t)).generate_state(1)[0]))
+        for t, n in enumerate(self.sizes)]
+
+  def __repr__(self) -> str:  # grain compares it when restoring an iterator
+    return f"_MixSampler(sizes={self.sizes}, slots={self.slots}, seed={self.seed})"
+
+  def __len__(self) -> int:
+    return sys.maxsize
+
+  def __getitem__(self, index: int) -> grain.RecordMetadata:
+    cycle, slot = divmod(index, len(self.slots))
+    task = self.slots[slot]
+    key = self._samplers[task][cycle * self._per_cycle[task] + self._rank[slot]].record_key
+    return grain.RecordMetadata(index=index, record_key=int(self._offsets[task] + key))
 
 
 def examples(batch: dict[str, np.ndarray], tasks: Sequence[Task], split: str) -> list[Example]:
@@ -175,7 +235,9 @@ class _RowsSampler:
 
 def _loader(source, batch_fn, *, batch_size: int, seed: int,
             shard_options: grain.sharding.ShardOptions | None, worker_count: int,
-            batch_rows: Sequence[int] | None):
+            batch_rows: Sequence[int] | None, sampler=None):
+  """A DataLoader over `source` in the order of `sampler` (an unsharded stream; default: grain's
+  IndexSampler, shuffled with `seed` and sharded by shard_options)."""
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size} must be >= 1.")
   if batch_rows is None:
@@ -184,8 +246,9 @@ def _loader(source, batch_fn, *, batch_size: int, seed: int,
     assert shard_options is None and len(batch_rows) and all(
         0 <= r < batch_size for r in batch_rows), batch_rows
     shard_options = grain.sharding.NoSharding()
-  sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard_options,
-                                        shuffle=True, num_epochs=None, seed=seed)
+  if sampler is None:
+    sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard_options,
+                                          shuffle=True, num_epochs=None, seed=seed)
   if batch_rows is not None:
     sampler, batch_size = _RowsSampler(sampler, batch_size, batch_rows), len(batch_rows)
   return grain.DataLoader(
@@ -199,17 +262,19 @@ def rl_prompts(tasks: Sequence[Task], tokenizer: Tokenizer, *, batch_size: int, 
                shard_options: grain.sharding.ShardOptions | None = None,
                worker_count: int = 0,
                batch_rows: Sequence[int] | None = None) -> grain.DataLoader:
-  """Batches of left-padded prompts for rollouts: `batch_size` per process, or with
-  `batch_rows` (module doc) those rows of each global batch of `batch_size`. Prompts longer
-  than max_prompt_len (default: the largest bucket) are rejected or truncated (module doc)."""
+  """Batches of left-padded prompts for rollouts, the tasks mixed by their weights (module doc):
+  `batch_size` per process, or with `batch_rows` (module doc) those rows of each global batch
+  of `batch_size`. Prompts longer than max_prompt_len (default: the largest bucket) are
+  rejected or truncated (module doc)."""
   max_prompt_len = max_prompt_len or max(buckets)
   if max_prompt_len > max(buckets):
     raise ValueError(f"max_prompt_len={max_prompt_len} is longer than the largest bucket "
                      f"{max(buckets)}; lower it or add a bucket.")
-  return _loader(PromptSource(tasks, tokenizer, split, max_prompt_len, long_prompts),
-                 _PadBatch(buckets, tokenizer.pad_id, left=True), batch_size=batch_size,
+  source = PromptSource(tasks, tokenizer, split, max_prompt_len, long_prompts)
+  sampler = _MixSampler(source.sizes, mix_slots([t.weight for t in source.tasks]), seed)
+  return _loader(source, _PadBatch(buckets, tokenizer.pad_id, left=True), batch_size=batch_size,
                  seed=seed, shard_options=shard_options, worker_count=worker_count,
-                 batch_rows=batch_rows)
+                 batch_rows=batch_rows, sampler=sampler)
 
 
 def sft_example(tokenizer: Tokenizer, prompt: str, trace: str, answer: str,
