@@ -18,19 +18,34 @@ Every reward maps (completion text, Example, Task) to a float:
   execution    code task only: share of the problem's unit tests that the code after `</think>`
                passes in the sandbox (corpo_jax/sandbox.py), in [0, 1].
 
+A user's reward is named by reference, "module.path:function" (the module importable, e.g. from
+the working directory), and is batched like TRL's:
+
+  fn(prompts, completions, **columns) -> list[float]   (one value per completion)
+
+prompts[i] is the question completion i answers (Example.prompt, before the prompt format),
+completions[i] the decoded completion (think block included); columns: `answer` (the reference
+answer, after the task's answer_regex) and every other field of the example's row for user data
+(corpo_jax/data/tasks/jsonl.py; None where a row lacks it), each a list of N values, so `fn`
+takes **kwargs for the columns it does not use. It is logged as reward/<reference>.
+
 A completion without a closed think block has no trace: structure, coherence and alignment are 0.
 `compute` takes the configured weighted list and returns R [N] with every component [N] for
 logging. Scoring never raises on model output: a reward that raises or returns a non-finite value
-on one completion scores its minimum there (0, or 1 for ordinal); `Scores.errors` counts these per
-reward and the other rewards of that completion are unaffected.
+on one completion scores its minimum there (0, or 1 for ordinal; for a user's reward the lowest
+value it gave in the batch, 0 if none); `Scores.errors` counts these per reward and the other
+rewards of that completion are unaffected. A user's reward that raises for the batch (or returns
+the wrong number of values) is called again completion by completion to find the failing ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 import math
 import re
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -133,13 +148,43 @@ class Scores:
   num_failed: int
 
 
+def is_reference(name: str) -> bool:
+  """Whether a reward name is a user's "module.path:function" reference."""
+  return ":" in name
+
+
+@functools.cache
+def resolve(reference: str) -> Callable[..., Sequence[float]]:
+  """The function a "module.path:function" reference names; ValueError naming the module and
+  the function when it does not import."""
+  module_name, _, fn_name = reference.partition(":")
+  if not module_name or not fn_name or ":" in fn_name:
+    raise ValueError(f"Reward {reference!r}: a user's reward is 'module.path:function', e.g. "
+                     f"'my_rewards:length_penalty'.")
+  try:
+    module = importlib.import_module(module_name)
+  except Exception as e:  # pylint: disable=broad-except  (the module's own errors too)
+    raise ValueError(f"Reward {reference!r}: cannot import module {module_name!r} for function "
+                     f"{fn_name!r} ({type(e).__name__}: {e}); run from the folder that holds "
+                     f"it or add that folder to PYTHONPATH.") from None
+  fn = getattr(module, fn_name, None)
+  if not callable(fn):
+    found = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
+    raise ValueError(f"Reward {reference!r}: module {module_name!r} ({module.__file__}) has no "
+                     f"function {fn_name!r}; its functions: {found}.")
+  return fn
+
+
 def check_spec(spec: Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
-  """Validates a configured reward list [(name, weight), ...]."""
+  """Validates a configured reward list [(name or "module:function", weight), ...]."""
   out = []
   for item in spec:
-    if len(item) != 2 or item[0] not in REWARDS:
+    if len(item) != 2 or not isinstance(item[0], str) or not (
+        item[0] in REWARDS or is_reference(item[0])):
       raise ValueError(f"Bad reward entry {item!r}: need (name, weight) with name one of "
-                       f"{sorted(REWARDS)}.")
+                       f"{sorted(REWARDS)} or a user's 'module.path:function'.")
+    if is_reference(item[0]):
+      resolve(item[0])
     out.append((str(item[0]), float(item[1])))
   if not out:
     raise ValueError("The reward list is empty; e.g. rewards=[('exact_match', 1.0)].")
@@ -161,21 +206,66 @@ def compute(spec: Sequence[tuple[str, float]], completions: Sequence[str],
   names = [name for name, _ in spec]
   if "thinking" in names:
     names += [name for name, _ in THINKING_WEIGHTS if name not in names]
-  values = {name: np.full(n, _FLOOR.get(name, 0.0), np.float32) for name in names}
-  errors = dict.fromkeys(names, 0)
-  failed = 0
-  for i, (completion, example, task) in enumerate(zip(completions, examples, tasks)):
-    row_failed = False
-    for name in names:
-      value = _score(REWARDS[name], completion, example, task)
-      if value is None:
-        errors[name] += 1
-        row_failed = True
-      else:
-        values[name][i] = value
-    failed += row_failed
+  values, errors, failed_N = {}, {}, np.zeros(n, bool)
+  for name in names:
+    if is_reference(name):
+      scored = _score_batch(resolve(name), completions, examples)
+    else:
+      scored = [_score(REWARDS[name], c, e, t) for c, e, t in zip(completions, examples, tasks)]
+    ok = [v for v in scored if v is not None]
+    floor = _FLOOR.get(name, 0.0) if not is_reference(name) else min(ok, default=0.0)
+    values[name] = np.asarray([floor if v is None else v for v in scored], np.float32)
+    bad_N = np.asarray([v is None for v in scored], bool)
+    errors[name] = int(bad_N.sum())
+    failed_N |= bad_N
   total = sum(w * values[name] for name, w in spec).astype(np.float32)
-  return Scores(total_N=total, components=values, errors=errors, num_failed=failed)
+  return Scores(total_N=total, components=values, errors=errors, num_failed=int(failed_N.sum()))
+
+
+def columns(examples: Sequence[Example]) -> dict[str, list[Any]]:
+  """The keyword columns a user's reward gets (module doc): every row field, then `answer`."""
+  rows = [ex.meta.get("row", {}) for ex in examples]
+  keys = dict.fromkeys(k for row in rows for k in row if k not in ("prompts", "completions"))
+  out = {k: [row.get(k) for row in rows] for k in keys}
+  out["answer"] = [ex.answer for ex in examples]
+  return out
+
+
+def _score_batch(fn: Callable[..., Sequence[float]], completions: Sequence[str],
+                 examples: Sequence[Example]) -> list[float | None]:
+  """A user's batched reward on all completions: its finite values, None where it failed; a
+  batch call that raises or returns the wrong count falls back to one call per completion."""
+  prompts, cols = [ex.prompt for ex in examples], columns(examples)
+  values = _finite_values(fn, prompts, list(completions), cols)
+  if values is not None:
+    return values
+  out = []
+  for i, completion in enumerate(completions):
+    row = {k: v[i:i + 1] for k, v in cols.items()}
+    one = _finite_values(fn, prompts[i:i + 1], [completion], row)
+    out.append(None if one is None else one[0])
+  return out
+
+
+def _finite_values(fn, prompts: list[str], completions: list[str],
+                   cols: dict[str, list]) -> list[float | None] | None:
+  """fn's values (None for each one not a finite number), or None if it raised or returned
+  another number of values than completions."""
+  try:
+    values = list(fn(prompts, completions, **cols))
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if len(values) != len(completions):
+    return None
+  return [_finite(v) for v in values]
+
+
+def _finite(value: Any) -> float | None:
+  try:
+    value = float(value)
+  except (TypeError, ValueError):
+    return None
+  return value if math.isfinite(value) else None
 
 
 def _score(fn: Callable[[str, Example, Task], float], completion: str, example: Example,
@@ -183,7 +273,7 @@ def _score(fn: Callable[[str, Example, Task], float], completion: str, example: 
   """fn's finite value, or None if it raised or was not finite (a scoring bug must not kill
   the step)."""
   try:
-    value = float(fn(completion, example, task))
+    value = fn(completion, example, task)
   except Exception:  # pylint: disable=broad-except
     return None
-  return value if math.isfinite(value) else None
+  return _finite(value)

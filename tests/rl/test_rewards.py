@@ -157,3 +157,106 @@ def test_arbitrary_text_never_raises_and_stays_in_range(completion):
     for name in MAXIMUM:
       if name != "ordinal":
         assert 0 <= scores.components[name][0] <= 1, name
+
+
+USER_REWARDS = '''
+import math
+
+CALLS = []
+
+
+def length_penalty(prompts, completions, **columns):
+  CALLS.append((list(prompts), list(completions), {k: list(v) for k, v in columns.items()}))
+  return [-len(c) / 10 for c in completions]
+
+
+def flaky(prompts, completions, **columns):
+  CALLS.append(list(completions))
+  if any("boom" in c for c in completions):
+    raise RuntimeError("a bug on one completion")
+  return [float(a == c) + 0.5 for a, c in zip(columns["answer"], completions)]
+
+
+def not_finite(prompts, completions, **columns):
+  return [float("nan") if c == "nan" else None if c == "none" else 2.0 for c in completions]
+
+
+def wrong_count(prompts, completions, **columns):
+  return [1.0]
+'''
+
+
+def _user_module(tmp_path, monkeypatch, name):
+  """A user's reward module `name` (USER_REWARDS) importable from tmp_path."""
+  (tmp_path / f"{name}.py").write_text(USER_REWARDS)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  return __import__(name)
+
+
+def _row_example(prompt, answer, **row):
+  return base.Example(prompt=prompt, answer=answer, trace="", key=prompt,
+                      meta={"source": "x.jsonl:1", "row": {"question": prompt, **row}})
+
+
+def test_user_reward_by_reference_gets_the_batch_and_its_values_are_components(tmp_path,
+                                                                              monkeypatch):
+  module = _user_module(tmp_path, monkeypatch, "user_rewards_batch")
+  examples = [_row_example("What is 6 x 7?", "42", level=1), _row_example("1 + 1?", "2")]
+  completions = ["<think>x</think>42", "<think>x</think>3", "<think>xy</think>2"]
+  spec = [("user_rewards_batch:length_penalty", 0.5), ("exact_match", 1.0)]
+  scores = rewards.compute(spec, completions, [examples[0], examples[0], examples[1]],
+                           tasks.get("arithmetic"))
+  # One call with the whole batch: prompts, completions, the answer and the rows' other fields.
+  assert module.CALLS == [(["What is 6 x 7?", "What is 6 x 7?", "1 + 1?"], completions, {
+      "question": ["What is 6 x 7?", "What is 6 x 7?", "1 + 1?"], "level": [1, 1, None],
+      "answer": ["42", "42", "2"]})]
+  np.testing.assert_allclose(scores.components["user_rewards_batch:length_penalty"],
+                             [-1.8, -1.7, -1.8], rtol=1e-6)
+  np.testing.assert_array_equal(scores.components["exact_match"], [1, 0, 1])
+  np.testing.assert_allclose(scores.total_N, [1 - 0.9, -0.85, 1 - 0.9], rtol=1e-6)
+  assert scores.errors == {"user_rewards_batch:length_penalty": 0, "exact_match": 0}
+
+
+def test_user_reward_that_raises_on_one_completion_scores_the_minimum_there_only(tmp_path,
+                                                                                monkeypatch):
+  module = _user_module(tmp_path, monkeypatch, "user_rewards_flaky")
+  ex = _row_example("q", "7")
+  completions = ["7", "8", "boom", "7"]
+  scores = rewards.compute([("user_rewards_flaky:flaky", 1.0), ("format", 1.0)], completions,
+                           [ex] * 4, tasks.get("arithmetic"))
+  # The batch call raised, then one call per completion: only "boom" fails and scores the
+  # lowest value the function gave in the batch (0.5); format is unaffected.
+  assert module.CALLS == [completions, ["7"], ["8"], ["boom"], ["7"]]
+  np.testing.assert_array_equal(scores.components["user_rewards_flaky:flaky"],
+                                [1.5, 0.5, 0.5, 1.5])
+  assert scores.errors == {"user_rewards_flaky:flaky": 1, "format": 0} and scores.num_failed == 1
+  np.testing.assert_array_equal(scores.total_N, [1.5, 0.5, 0.5, 1.5])
+
+
+def test_user_reward_non_finite_values_and_wrong_counts_are_errors(tmp_path, monkeypatch):
+  _user_module(tmp_path, monkeypatch, "user_rewards_values")
+  ex = _row_example("q", "7")
+  scores = rewards.compute([("user_rewards_values:not_finite", 1.0),
+                            ("user_rewards_values:wrong_count", 1.0)],
+                           ["a", "nan", "none"], [ex] * 3, tasks.get("arithmetic"))
+  np.testing.assert_array_equal(scores.components["user_rewards_values:not_finite"], [2, 2, 2])
+  # wrong_count returns one value for the batch of 3 (an error), then one per completion: right.
+  np.testing.assert_array_equal(scores.components["user_rewards_values:wrong_count"], [1, 1, 1])
+  assert scores.errors == {"user_rewards_values:not_finite": 2,
+                           "user_rewards_values:wrong_count": 0} and scores.num_failed == 2
+
+
+def test_a_reference_that_does_not_import_names_the_module_and_the_function(tmp_path,
+                                                                            monkeypatch):
+  with pytest.raises(ValueError, match=r"Reward 'no_such_module_x:fn': cannot import module "
+                     r"'no_such_module_x' for function 'fn' \(ModuleNotFoundError"):
+    rewards.check_spec([("no_such_module_x:fn", 1.0)])
+  _user_module(tmp_path, monkeypatch, "user_rewards_names")
+  with pytest.raises(ValueError, match=r"module 'user_rewards_names' \(.*user_rewards_names\.py\) "
+                     r"has no function 'lenght_penalty'; its functions: \['flaky', "
+                     r"'length_penalty', 'not_finite', 'wrong_count'\]"):
+    rewards.check_spec([("user_rewards_names:lenght_penalty", 1.0)])
+  with pytest.raises(ValueError, match="a user's reward is 'module.path:function'"):
+    rewards.check_spec([("user_rewards_names:", 1.0)])
+  assert rewards.check_spec([("user_rewards_names:flaky", 2)]) == [
+      ("user_rewards_names:flaky", 2.0)]
