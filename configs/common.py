@@ -9,7 +9,8 @@ Layout of a config (every field is read by corpo_jax/train/loop.py):
   seed, workdir, mesh, dcn_mesh, model.*      the run
   init_from, new_token_init                   start from a pretrained Hugging Face Mixtral
   tokenizer, prompt_format, literal_think_tags   text -> tokens
-  tasks.<name>.*                              task options (corpo_jax/data/tasks)
+  tasks.<name>.*                              task options (corpo_jax/data/tasks); a new name
+                                              is a user data task (TaskConfigs)
   stages                                      names of the stage sub-configs to run, in order
   <stage>.*                                   one sub-config per stage: kind "sft" or "rl"
   eval.*, checkpoint.*, log.*                 evaluation, checkpoints, logging
@@ -17,6 +18,7 @@ Layout of a config (every field is read by corpo_jax/train/loop.py):
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 import ml_collections
@@ -28,6 +30,38 @@ from corpo_jax.rl.config import RLConfig
 DERIVED_RL_FIELDS = ("temperature", "max_completion_len")
 SFT_OPTIMIZER_FIELDS = ("learning_rate", "warmup_steps", "decay_steps", "weight_decay", "b1", "b2",
                         "grad_clip_norm", "freeze")
+
+
+# A user's rows (corpo_jax/data/tasks/jsonl.py, docs/data.md): config.tasks.jsonl and every task a
+# flag declares (TaskConfigs).
+USER_TASK = {
+    "kind": "jsonl",
+    "path": "",  # x.jsonl, x.parquet (the parquet extra), or hf:NAME[:CONFIG]:SPLIT (datasets)
+    "eval_path": "",  # "" = eval_fraction of the rows, chosen by a hash of the prompt
+    "eval_fraction": 0.1,
+    "prompt_key": "prompt",  # the row field holding the prompt
+    "answer_key": "answer",  # the row field holding the answer
+    "answer_regex": "",  # e.g. "#### (.*)": the reference answer is its first group
+    "reward": "exact_match",  # the task's grading: "exact_match" or "numeric" (within tolerance)
+    "tolerance": 1e-6,
+    "weight": 1.0,  # share of an RL stage's prompts relative to the stage's other tasks
+}
+
+
+class TaskConfigs(ml_collections.ConfigDict):
+  """config.tasks, whose flags can declare tasks: the first flag that reaches a name not
+  configured yet adds it as a user data task (USER_TASK), locked config or not, so
+  `--config.tasks.gsm.path=gsm.jsonl --config.tasks.gsm.prompt_key=question` declares task "gsm".
+  A name close to a configured one (`arithmetc`) is not declared: the usual "did you mean" error.
+  Other kinds of task are declared in the config file."""
+
+  def __getattr__(self, name: str):
+    if (name.startswith("_") or not name.isidentifier()
+        or difflib.get_close_matches(name, list(self.keys()), 1, 0.75)):
+      return super().__getattr__(name)
+    with self.unlocked():
+      self[name] = USER_TASK
+    return self[name]
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
@@ -215,21 +249,23 @@ def base_config(arg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   # Persistent XLA compilation cache (corpo_jax/compile_cache.py): "auto" is
   # $JAX_COMPILATION_CACHE_DIR or ~/.cache/corpo_jax/xla; "" turns it off.
   config.jax_cache_dir = "auto"
-  # Named task instances: "kind" is a task of corpo_jax/data/tasks, the rest its options.
-  config.tasks = ml_collections.ConfigDict({
+  # Named task instances: "kind" is a task of corpo_jax/data/tasks, the rest its options; every
+  # task's "weight" is its share of an RL stage's prompts (an exact, seeded mix: data/pipeline.py).
+  # `--config.tasks.NEW.path=FILE` declares another user data task NEW (TaskConfigs).
+  config.tasks = TaskConfigs({
       "arithmetic": {"kind": "arithmetic", "min_digits": 1, "max_digits": 2, "ops": "+-",
-                     "seed": 0},
+                     "seed": 0, "weight": 1.0},
       "arithmetic3": {"kind": "arithmetic", "min_digits": 3, "max_digits": 3, "ops": "+-",
-                      "seed": 0},
-      "verify": {"kind": "verify", "max_operand": 99, "seed": 0},
-      "jsonl": {"kind": "jsonl", "path": "", "reward": "exact_match"},  # {"prompt", "answer"} rows
+                      "seed": 0, "weight": 1.0},
+      "verify": {"kind": "verify", "max_operand": 99, "seed": 0, "weight": 1.0},
+      "jsonl": USER_TASK,  # a user's rows, {"prompt", "answer"} by default
       # Python functions graded by unit tests in a sandbox ("" = the bundled problems); pair it
       # with rewards=(("execution", 1.0),) and e.g. max_new_tokens=128. allow_unsandboxed: run
       # even where the sandbox gets no namespaces; the model's code then sees the host's files
       # (the problems' solutions included) and can write where the sandbox uid may
       # (docs/reliability.md section 1).
       "code": {"kind": "code", "path": "", "eval_fraction": 0.25, "wall_s": 5.0,
-               "memory_mb": 512, "allow_unsandboxed": False},
+               "memory_mb": 512, "allow_unsandboxed": False, "weight": 1.0},
   })
   config.stages = ("rl",)
   config.eval = ml_collections.ConfigDict({

@@ -75,8 +75,9 @@ class Run:
     options = dict(self.config.tasks[name])
     kind = options.pop("kind")
     if kind == "jsonl" and not options.get("path"):
-      raise ValueError(f"Task {name!r} needs --config.tasks.{name}.path=<a jsonl file of "
-                       f"{{\"prompt\", \"answer\"}} rows>.")
+      raise ValueError(f"Task {name!r} needs --config.tasks.{name}.path=<a .jsonl or .parquet "
+                       f"file of {{\"prompt\", \"answer\"}} rows, or hf:NAME[:CONFIG]:SPLIT> "
+                       f"(docs/data.md).")
     return tasks_lib.get(kind, **options)
 
   def path(self, *parts: str) -> str:
