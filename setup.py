@@ -25,9 +25,12 @@ setup(
         "matplotlib>=3.8",  # python -m corpo_jax.plot, launch/sweep.py's plots
     ],
     extras_require={
-        # tensorboard: its event reader checks the event files the trainer writes.
+        # tensorboard: its event reader checks the event files the trainer writes; pyarrow: the
+        # Parquet tests.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "chex>=0.1.90",
-                 "tensorboard>=2.16"],
+                 "tensorboard>=2.16", "pyarrow>=15"],
+        # Parquet task files (config.tasks.<name>.path=x.parquet); pyarrow is a ~170 MB install.
+        "parquet": ["pyarrow>=15"],
         # torch is pinned: other versions pull GBs of CUDA wheels. Only the HF parity tests use it.
         "hf": ["torch==2.13.0", "transformers>=5.0"],
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
