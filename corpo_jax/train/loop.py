@@ -306,7 +306,7 @@ def setup(config: ml_collections.ConfigDict) -> Run:
     except OSError as e:
       raise ValueError(f"Cannot write to --config.workdir={config.workdir!r} ({e}); choose a "
                        f"writable directory with free space.") from e
-  writer = MetricsWriter(config.workdir, enabled=is_main, tensorboard=config.log.tensorboard)
+  writer = MetricsWriter.from_config(config, enabled=is_main)
   return Run(config, cfg, mesh, tokenizer, writer, is_main)
 
 
@@ -478,6 +478,8 @@ def _evaluate(run: Run, params: Any, stage_name: str, step: int, rng: jax.Array,
     with open(out or run.path("eval.jsonl"), "a") as f:
       for row in rows:
         f.write(json.dumps(row) + "\n")
+  if out is None:  # the run's own evaluations also go to TensorBoard / W&B
+    run.writer.log_eval(step, stage_name, rows)
   for row in rows:
     ks = ", ".join(f"pass@{k} {v:.3f}" for k, v in row["pass_at_k"].items())
     run.say(f"eval after {stage_name} step {step}, {row['task']}: accuracy "

@@ -74,7 +74,7 @@ def _scalars(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     if isinstance(value, Mapping):
       out.update(_scalars(value, f"{prefix}{key}/"))
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
-      out[prefix + key] = value
+      out[f"{prefix}{key}"] = value  # keys may be ints (pass@k's k)
   return out
 
 

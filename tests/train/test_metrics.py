@@ -49,7 +49,7 @@ def _write_two_steps(writer):
   writer.write(1, "rl", {"loss": 0.5, "reward/mean": 0.25, "load": [0.5, 0.5], "applied": True})
   writer.write(2, "rl", {"loss": 0.125, "reward/mean": 0.75})
   writer.log_eval(2, "rl", [{"step": 2, "stage": "rl", "task": "arithmetic", "accuracy": 0.375,
-                             "pass_at_k": {"1": 0.375, "4": 0.625}, "accuracy_thinking": None}])
+                             "pass_at_k": {1: 0.375, 4: 0.625}, "accuracy_thinking": None}])
 
 
 def test_a_runs_writer_writes_tensorboard_events_by_default(tmp_path):
