@@ -561,7 +561,7 @@ def _run_stage(run: Run, index: int, name: str, start: Callable[[], Any],
 
   rng = eval_rng(run.config)
   progress = Progress(name, stage.steps, plan.progress_keys,
-                      enabled=run.is_main and run.config.log.progress)
+                      enabled=run.is_main and run.config.log.progress, start_step=int(state.step))
   late, t_last = OneStepLate(), time.perf_counter()
   samples_every = stage.get("samples_every", 0)
 

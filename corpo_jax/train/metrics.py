@@ -66,6 +66,16 @@ def _json_safe(value: Any) -> Any:
   return value
 
 
+def duration(seconds: float) -> str:
+  """A short human duration: 42s, 3m07s, 2h05m."""
+  seconds = max(0, int(round(seconds)))
+  if seconds < 60:
+    return f"{seconds}s"
+  if seconds < 3600:
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 def _scalars(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
   """The numbers of a row, nested dicts flattened ({"a": {"b": 1}} -> {"a/b": 1}); lists,
   strings, bools and None left out."""
@@ -195,28 +205,43 @@ def _label(key: str) -> str:
 
 
 class Progress:
-  """A one-line progress display: `[stage] step 12/40 |#####     | loss 0.31 reward 0.52 3.1 s/it`.
+  """A one-line progress display:
+  `[stage] step 12/40 |######              | loss 0.31 reward 0.52 3.1 s/it, eta 1m27s`.
 
-  Redraws in place on a terminal; on a pipe or log file prints every `every` steps.
+  Redraws in place on a terminal; on a pipe or log file prints every `every` steps. The rate
+  leaves out the first step shown (it includes compilation) once a later one is in; a resumed
+  stage (`start_step`) counts only the steps this process ran.
   """
 
   def __init__(self, stage: str, total: int, keys: tuple[str, ...], *, enabled: bool = True,
-               every: int = 10, stream=None):
+               every: int = 10, stream=None, start_step: int = 0, clock=time.perf_counter):
     self.stage, self.total, self.keys = stage, total, keys
     self.enabled, self.every = enabled, every
     self.stream = stream or sys.stderr
     self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-    self._start = time.perf_counter()
+    self._clock = clock
+    self._marks = [(start_step, clock())]  # (step, time): the start, then the first update
+
+  def seconds_per_step(self, step: int) -> float:
+    if len(self._marks) == 1:
+      self._marks.append((step, self._clock()))
+    (s0, t0), (s1, t1) = self._marks
+    if step > s1:  # steps after the first one this process ran
+      return (self._clock() - t1) / (step - s1)
+    return (t1 - t0) / max(s1 - s0, 1)
 
   def update(self, step: int, metrics: Mapping[str, Any]) -> None:
-    if not self.enabled or (not self._tty and step % self.every and step != self.total):
+    if not self.enabled:
+      return
+    rate = self.seconds_per_step(step)
+    if not self._tty and step % self.every and step != self.total:
       return
     done = min(step, self.total)
     bar = "#" * int(20 * done / max(self.total, 1))
-    rate = (time.perf_counter() - self._start) / max(done, 1)
     shown = " ".join(f"{_label(k)} {metrics[k]:.3g}" for k in self.keys
                      if isinstance(metrics.get(k), (int, float)))
-    line = f"[{self.stage}] step {done}/{self.total} |{bar:<20}| {shown} {rate:.2f} s/it"
+    line = (f"[{self.stage}] step {done}/{self.total} |{bar:<20}| {shown} {rate:.2f} s/it, "
+            f"eta {duration(rate * (self.total - done))}")
     self.stream.write(("\r" + line) if self._tty else (line + "\n"))
     self.stream.flush()
 

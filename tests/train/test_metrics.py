@@ -10,6 +10,7 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
 from configs import grpo
+from corpo_jax.train import metrics
 from corpo_jax.train.metrics import MetricsWriter, OneStepLate, Progress, read_jsonl
 
 
@@ -138,3 +139,24 @@ def test_progress_prints_every_n_steps_on_a_pipe():
   assert len(lines) == 2
   assert lines[0].startswith("[rl] step 10/20 |##########          | loss 0.1 ")
   assert lines[1].startswith("[rl] step 20/20 |####################| loss 0.05 ")
+
+
+def test_progress_eta_leaves_out_the_first_step_and_a_resumed_stage_s_earlier_steps():
+  """A stage resumed at step 4 of 14 on a fake clock: its first step took 30 s (compilation),
+  the next ones 2 s each, so after step 9 the rate is 2 s/it and 5 steps remain: 10 s."""
+  now = [100.0]
+  out = io.StringIO()
+  progress = Progress("rl", 14, ("loss",), every=1, stream=out, start_step=4,
+                      clock=lambda: now[0])
+  now[0] += 30
+  progress.update(5, {"loss": 0.5})  # one step since the start: 30 s/it
+  for step in range(6, 10):
+    now[0] += 2
+    progress.update(step, {"loss": 0.5})
+  lines = out.getvalue().splitlines()
+  assert lines[0].endswith("30.00 s/it, eta 4m30s")  # 9 steps at 30 s
+  assert lines[-1].startswith("[rl] step 9/14 ") and lines[-1].endswith("2.00 s/it, eta 10s")
+
+
+def test_duration():
+  assert [metrics.duration(s) for s in (0, 42.4, 187, 7500)] == ["0s", "42s", "3m07s", "2h05m"]
