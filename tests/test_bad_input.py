@@ -4,6 +4,9 @@ anything saved is touched (the catalogue is docs/reliability.md)."""
 import json
 import os
 import re
+import subprocess
+import sys
+import time
 
 import grain
 import numpy as np
@@ -161,3 +164,102 @@ def test_a_model_that_cannot_fit_is_refused_before_allocating(tmp_path):
     loop.run(config)
   peak_kib = int(re.search(r"VmHWM:\s+(\d+) kB", open("/proc/self/status").read()).group(1))
   assert peak_kib < 8 * 2**20  # under 8 GiB: nothing of the 187 GB model was allocated
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("field,value,message", [
+    # Non-finite numbers pass every range check (nan < 0 is False): named before any work.
+    ("sft.learning_rate", NAN, r"config\.sft\.learning_rate=nan is not a finite number"),
+    ("rl.learning_rate", INF, r"config\.rl\.learning_rate=inf is not a finite number"),
+    ("rl.temperature", NAN, r"config\.rl\.temperature=nan is not a finite number"),
+    ("rl.tau", NAN, r"config\.rl\.tau=nan is not a finite number"),
+    ("rl.beta", -INF, r"config\.rl\.beta=-inf is not a finite number"),
+    ("rl.rewards", (("exact_match", NAN),), r"config\.rl\.rewards\[0\]\[1\]=nan is not a finite"),
+    ("eval.temperature", NAN, r"config\.eval\.temperature=nan is not a finite number"),
+    ("tasks.code.wall_s", INF, r"config\.tasks\.code\.wall_s=inf is not a finite number"),
+    # Out of range.
+    ("rl.checkpoint_every", 0, r"config\.rl\.checkpoint_every=0 must be >= 1 \(steps between"),
+    ("sft.checkpoint_every", -2, r"config\.sft\.checkpoint_every=-2 must be >= 1"),
+    ("checkpoint.max_to_keep", 0, r"config\.checkpoint\.max_to_keep=0 must be >= 1"),
+    ("rl.prompts_per_step", 0, r"config\.rl\.prompts_per_step=0 must be >= 1"),
+    ("sft.batch_size", 0, r"config\.sft\.batch_size=0 must be >= 1"),
+    ("sft.batch_size", -8, r"config\.sft\.batch_size=-8 must be >= 1"),
+    ("rl.top_p", 0.0, r"config\.rl\.top_p=0\.0 must be in \(0, 1\] \(1\.0 is off\)"),
+    ("rl.top_p", 1.5, r"config\.rl\.top_p=1\.5 must be in \(0, 1\]"),
+    ("rl.top_k", -1, r"config\.rl\.top_k=-1 must be >= 0 \(0 is off\)"),
+    ("rl.temperature", -0.5, r"config\.rl\.temperature=-0\.5 must be >= 0 \(0 is greedy\)"),
+    ("rl.max_new_tokens", 0, r"config\.rl\.max_new_tokens=0 must be >= 1"),
+    ("rl.max_thinking_tokens", -1, r"config\.rl\.max_thinking_tokens=-1 must be >= 0"),
+    ("rl.max_prompt_len", 1, r"config\.rl\.max_prompt_len=1 must be >= 2"),
+    ("rl.eval_every", -1, r"config\.rl\.eval_every=-1 must be >= 0"),
+    ("rl.samples_every", -1, r"config\.rl\.samples_every=-1 must be >= 0"),
+    ("sft.trace_share", 1.5, r"config\.sft\.trace_share=1\.5 must be in \[0, 1\]"),
+    ("sft.step_loss_weight", -0.1, r"config\.sft\.step_loss_weight=-0\.1 must be >= 0"),
+    ("eval.num_prompts", 0, r"config\.eval\.num_prompts=0 must be >= 1 \(problems per task\)"),
+    ("eval.num_samples", 0, r"config\.eval\.num_samples=0 must be >= 1"),
+    ("eval.prompts_per_batch", 0, r"config\.eval\.prompts_per_batch=0 must be >= 1"),
+    ("eval.max_new_tokens", 0, r"config\.eval\.max_new_tokens=0 must be >= 1"),
+    ("rl.warmup_steps", -1, r"config\.rl\.warmup_steps=-1 must be >= 0"),  # RLConfig's own
+])
+def test_every_bad_number_is_refused_at_start_naming_the_field(field, value, message):
+  config = grpo_config.get_config("smoke")
+  section, _, name = field.rpartition(".")
+  target = config
+  for part in section.split("."):
+    target = target[part]
+  target[name] = value
+  with pytest.raises(ValueError, match=message):
+    loop.check_config(config)
+
+
+def test_rl_config_refuses_non_finite_numbers():
+  from corpo_jax.rl.config import RLConfig
+  for field in ("learning_rate", "tau", "beta", "temperature", "eps", "weight_decay", "b1"):
+    with pytest.raises(ValueError, match=rf"rl\.{field}=nan must be a finite number"):
+      RLConfig(**{field: NAN})
+
+
+def test_a_nan_learning_rate_exits_2_before_any_work(tmp_path):
+  """Was: an sft run with lr nan finished "successfully" with all-NaN parameters marked done."""
+  out = subprocess.run(
+      [sys.executable, "-m", "corpo_jax.main", "--config=configs/grpo.py:smoke",
+       f"--config.workdir={tmp_path / 'run'}", "--config.sft.learning_rate=nan"],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+      text=True)
+  assert out.returncode == 2, out.stderr
+  assert ("corpo_jax: error: config.sft.learning_rate=nan is not a finite number; give it a "
+          "finite value.") in out.stderr
+  assert not (tmp_path / "run").exists()  # nothing made: no workdir, no lock, no config.json
+
+
+def _trace_file(tmp_path, rows):
+  path = tmp_path / "traces.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return str(path)
+
+
+def test_a_10_mb_trace_line_fails_at_load_naming_file_and_line(tmp_path):
+  huge = {**TRACE, "thinking_trace": "add 1 and 2 to get 3. " * 500_000}  # 11 MB
+  path = _trace_file(tmp_path, [TRACE, TRACE, huge, TRACE])
+  t0 = time.perf_counter()
+  rows = pipeline.read_traces(path)
+  with pytest.raises(ValueError, match=rf"The SFT row {re.escape(path)}:3 has 11000001 bytes \(at "
+                     r"least 687500 tokens\), more than the largest bucket's 1024; shorten it or "
+                     r"remove it from the file\."):
+    pipeline.sft_sequences(rows, TOK, batch_size=2, seed=0,
+                           shard_options=grain.sharding.NoSharding())
+  assert time.perf_counter() - t0 < 10  # not tokenized (that takes ~10 s here)
+
+
+def test_a_trace_row_over_the_largest_bucket_fails_at_load_naming_file_and_line(tmp_path):
+  long = {**TRACE, "thinking_trace": " ".join(f"{n} + 1 = {n + 1}" for n in range(300))}
+  path = _trace_file(tmp_path, [TRACE, long])
+  with pytest.raises(ValueError, match=rf"The SFT row {re.escape(path)}:2 has \d{{4}} tokens, more "
+                     r"than the largest bucket's 1024"):
+    pipeline.sft_sequences(pipeline.read_traces(path), TOK, batch_size=2, seed=0,
+                           shard_options=grain.sharding.NoSharding())
+  # The same row with trace_share 0 (no trace kept) fits.
+  pipeline.sft_sequences(pipeline.read_traces(path), TOK, batch_size=2, seed=0, trace_share=0.0,
+                         shard_options=grain.sharding.NoSharding())

@@ -373,6 +373,25 @@ class SftSource(grain.sources.RandomAccessDataSource):
                        where=row.get("source", f"SFT row {index}"))
 
 
+def check_lengths(source: SftSource, max_len: int) -> None:
+  """Every row of a trace file (a list of rows; a task's generated rows are bounded by the task)
+  fits `max_len` tokens, checked when it is loaded, not when a batch first reaches the row; the
+  error names file:line. A row whose bytes cannot fit (no token is longer than the tokenizer's
+  longest piece) is refused without tokenizing it (a 10 MB row would take seconds)."""
+  if isinstance(source.rows, TaskTraces):
+    return
+  tok = source.tokenizer
+  piece_bytes = max(len(tok.id_to_piece(i).encode()) for i in range(tok.vocab_size))
+  for i, row in enumerate(source.rows):
+    trace = row["thinking_trace"].strip() if source.keeps_trace(i) else ""
+    size = sum(len(text.encode()) for text in (row["prompt"], trace, row["final_output"]))
+    n = None if size > max_len * piece_bytes else len(source[i]["tokens"])
+    if n is None or n > max_len:
+      what = f"{n} tokens" if n else f"{size} bytes (at least {size // piece_bytes} tokens)"
+      raise ValueError(f"The SFT row {row.get('source', f'{i}')} has {what}, more than the "
+                       f"largest bucket's {max_len}; shorten it or remove it from the file.")
+
+
 def sft_sequences(rows, tokenizer: Tokenizer, *, batch_size: int, seed: int,
                   trace_share: float = 1.0, buckets: Sequence[int] = DEFAULT_BUCKETS,
                   shard_options: grain.sharding.ShardOptions | None = None,
@@ -380,8 +399,10 @@ def sft_sequences(rows, tokenizer: Tokenizer, *, batch_size: int, seed: int,
                   batch_rows: Sequence[int] | None = None) -> grain.DataLoader:
   """Batches of right-padded SFT sequences. `rows`: read_traces(path), TaskTraces(task) or any
   sequence of {prompt, thinking_trace, final_output} dicts; trace_share: see SftSource;
-  `batch_rows` as in rl_prompts."""
-  return _loader(SftSource(rows, tokenizer, trace_share),
-                 _PadBatch(buckets, tokenizer.pad_id, left=False),
+  `batch_rows` as in rl_prompts. Rows longer than the largest bucket are refused here
+  (check_lengths)."""
+  source = SftSource(rows, tokenizer, trace_share)
+  check_lengths(source, max(buckets))
+  return _loader(source, _PadBatch(buckets, tokenizer.pad_id, left=False),
                  batch_size=batch_size, seed=seed, shard_options=shard_options,
                  worker_count=worker_count, batch_rows=batch_rows)

@@ -7,6 +7,7 @@ Every option of ALGORITHMS.md is a field here, so any ablation is one flag
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any, Mapping
 
@@ -85,6 +86,10 @@ class RLConfig:
   freeze: tuple[str, ...] = ()
 
   def __post_init__(self):
+    for field in dataclasses.fields(self):  # NaN passes every range check below
+      value = getattr(self, field.name)
+      if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"rl.{field.name}={value} must be a finite number.")
     _check_choice("advantage", self.advantage, ESTIMATORS)
     _check_choice("scale", self.scale, SCALES)
     _check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)

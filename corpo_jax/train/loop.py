@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import math
 import os
 import sys
 import time
@@ -92,10 +93,49 @@ class Run:
 # ----------------------------------------------------------------------------- setup
 
 
+# Numeric stage fields the loop reads, each with its lowest valid value (and what that value
+# means); RLConfig checks its own fields.
+_AT_LEAST = {
+    "sft": (("batch_size", 1, "sequences per step"), ("checkpoint_every", 1, "steps between "
+            "checkpoints"), ("eval_every", 0, "0 evaluates at the end only"),
+            ("step_loss_weight", 0, "0 turns the step-type loss off")),
+    "rl": (("prompts_per_step", 1, "prompts per step"), ("max_new_tokens", 1, "tokens per "
+           "completion"), ("checkpoint_every", 1, "steps between checkpoints"),
+           ("eval_every", 0, "0 evaluates at the end only"), ("samples_every", 0, "0 logs none"),
+           ("temperature", 0, "0 is greedy"), ("top_k", 0, "0 is off"),
+           ("max_thinking_tokens", 0, "0 is no budget"),
+           ("max_prompt_len", 2, "<bos> and one token")),
+}
+_EVAL_AT_LEAST = (("num_prompts", 1, "problems per task"), ("num_samples", 1, "samples per "
+                  "problem"), ("prompts_per_batch", 1, "problems per generate call"),
+                  ("max_new_tokens", 1, "tokens per completion"), ("temperature", 0, "0 is greedy"))
+
+
+def _check_finite(value: Any, where: str) -> None:
+  """Every float anywhere in the config (learning rates, temperatures, tau, beta, reward weights,
+  task options) is finite: NaN passes every range check."""
+  if isinstance(value, (ml_collections.ConfigDict, dict)):
+    for key, v in value.items():
+      _check_finite(v, f"{where}.{key}")
+  elif isinstance(value, (list, tuple)):
+    for i, v in enumerate(value):
+      _check_finite(v, f"{where}[{i}]")
+  elif isinstance(value, float) and not math.isfinite(value):
+    raise ValueError(f"{where}={value} is not a finite number; give it a finite value.")
+
+
+def _check_at_least(section: Any, where: str, fields: tuple) -> None:
+  for field, low, meaning in fields:
+    if field in section and section[field] < low:
+      raise ValueError(f"{where}.{field}={section[field]} must be >= {low} ({meaning}).")
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """Fails at start, naming the field, on options that cannot work together."""
+  """Fails at start, naming the field, on values out of range and options that cannot work
+  together."""
   if not config.stages:
     raise ValueError("config.stages is empty; e.g. --config.stages='(\"sft\", \"rl\")'.")
+  _check_finite(config, "config")
   for name in config.stages:
     if name not in config or not isinstance(config[name], ml_collections.ConfigDict):
       raise ValueError(f"config.stages names {name!r} but there is no config.{name} stage "
@@ -107,6 +147,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.{name}.steps={stage.steps} must be >= 1.")
     if stage.max_skipped_steps < 0:
       raise ValueError(f"config.{name}.max_skipped_steps={stage.max_skipped_steps} must be >= 0.")
+    _check_at_least(stage, f"config.{name}", _AT_LEAST[stage.kind])
+    if stage.kind == "rl" and not 0 < stage.top_p <= 1:
+      raise ValueError(f"config.{name}.top_p={stage.top_p} must be in (0, 1] (1.0 is off).")
+    if stage.kind == "sft" and not 0 <= stage.trace_share <= 1:
+      raise ValueError(f"config.{name}.trace_share={stage.trace_share} must be in [0, 1] (the "
+                       f"share of rows trained with their trace).")
     if stage.kind == "rl":
       if stage.group_size < 2:
         raise ValueError(f"config.{name}.group_size={stage.group_size}: group-relative "
@@ -124,6 +170,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.get("new_token_init", "mean") not in pretrained.NEW_TOKEN_INITS:
     raise ValueError(f"config.new_token_init={config.new_token_init!r} is not one of "
                      f"{pretrained.NEW_TOKEN_INITS}.")
+  _check_at_least(config.eval, "config.eval", _EVAL_AT_LEAST)
+  if config.checkpoint.max_to_keep < 1:
+    raise ValueError(f"config.checkpoint.max_to_keep={config.checkpoint.max_to_keep} must be >= 1 "
+                     f"(the checkpoints kept per stage; the newest is what a rerun resumes from).")
   for k in config.eval.ks:
     if not 1 <= k <= config.eval.num_samples:
       raise ValueError(f"config.eval.ks contains {k}; each k must be in [1, "
