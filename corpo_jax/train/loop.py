@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import itertools
 import json
@@ -45,6 +46,7 @@ from corpo_jax.rl import step as rl_step
 from corpo_jax.rl.config import RLConfig
 from corpo_jax.rl.reference import reference_policy
 from corpo_jax.train import checkpoint, memory
+from corpo_jax.train import workdir as workdir_lib
 from corpo_jax.train import sft as sft_lib
 from corpo_jax.train.checkpoint import Checkpointer
 from corpo_jax.train.metrics import MetricsWriter, OneStepLate, Progress
@@ -335,8 +337,23 @@ def check_batch_layout(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
       raise _for_stage(e, name) from None
 
 
+def _write_atomically(path: str, text: str) -> None:
+  """Writes path.tmp, then renames it over path: a failed write (a full disk) keeps the old
+  file and leaves no temporary file."""
+  try:
+    with open(path + ".tmp", "w") as f:
+      f.write(text)
+    os.replace(path + ".tmp", path)
+  except OSError:
+    with contextlib.suppress(OSError):
+      os.remove(path + ".tmp")
+    raise
+
+
 def setup(config: ml_collections.ConfigDict) -> Run:
   check_config(config)
+  # One run per workdir (train/workdir.py), before anything in it is written.
+  workdir_lib.lock(config.workdir, lambda m: print(f"corpo_jax: {m}", file=sys.stderr))
   compile_cache.use(config.get("jax_cache_dir", "auto"))  # old workdirs' configs lack it
   mesh = sharding.make_mesh(config.mesh, dcn=config.get("dcn_mesh"))  # older configs lack it
   check_batch_layout(config, mesh)
@@ -349,10 +366,8 @@ def setup(config: ml_collections.ConfigDict) -> Run:
   if is_main:
     try:
       os.makedirs(config.workdir, exist_ok=True)
-      path = os.path.join(config.workdir, "config.json")
-      with open(path + ".tmp", "w") as f:  # then renamed: a failed write keeps the old file
-        f.write(config.to_json_best_effort(indent=2))
-      os.replace(path + ".tmp", path)
+      _write_atomically(os.path.join(config.workdir, "config.json"),
+                        config.to_json_best_effort(indent=2))
     except OSError as e:
       raise ValueError(f"Cannot write to --config.workdir={config.workdir!r} ({e}); choose a "
                        f"writable directory with free space.") from e
@@ -551,23 +566,26 @@ def _drop_rows_after(path: str, stage: str, step: int) -> None:
         continue
       if not (row["stage"] == stage and row["step"] > step):
         keep.append(json.dumps(row) + "\n")
-  with open(path + ".tmp", "w") as f:
-    f.writelines(keep)
-  os.replace(path + ".tmp", path)
+  _write_atomically(path, "".join(keep))
 
 
-def _stop_diverged(name: str, stage, ckpt: Checkpointer, k: int, skipped: int) -> None:
-  """Raises once too many steps were skipped, after pending saves are on disk; the stage's
-  latest checkpoint predates the limit, so a rerun resumes from it."""
+def _stop(name: str, ckpt: Checkpointer, what: str) -> None:
+  """Stops a diverged stage after pending saves are on disk, naming its last good checkpoint
+  (every checkpoint is finite: Checkpointer.save), which a rerun resumes from."""
   ckpt.wait()
   last = ckpt.latest_step()
   ckpt.close()
   kept = (f"the last good checkpoint is step {last} in {ckpt.directory}" if last is not None
           else "no checkpoint of this stage was written yet")
-  raise ValueError(f"stage {name}: {skipped} optimizer steps up to step {k} had a non-finite loss "
-                   f"or gradient and were skipped, more than config.{name}.max_skipped_steps="
-                   f"{stage.max_skipped_steps}; {kept}. Lower config.{name}.learning_rate (or check "
+  raise ValueError(f"stage {name}: {what}; {kept}. Lower config.{name}.learning_rate (or check "
                    f"the data and rewards), then rerun to resume from it.")
+
+
+def _stop_diverged(name: str, stage, ckpt: Checkpointer, k: int, skipped: int) -> None:
+  """Raises once too many steps were skipped; the stage's latest checkpoint predates them."""
+  _stop(name, ckpt, f"{skipped} optimizer steps up to step {k} had a non-finite loss or "
+        f"gradient and were skipped, more than config.{name}.max_skipped_steps="
+        f"{stage.max_skipped_steps}")
 
 
 def run_stage(run: Run, index: int, name: str,
@@ -594,10 +612,11 @@ def _run_stage(run: Run, index: int, name: str, start: Callable[[], Any],
   plan = (_sft_plan(run, name, stage, index) if stage.kind == "sft"
           else _rl_plan(run, name, stage, index, start))
   iterator = iter(plan.loader)
-  latest = ckpt.latest_step()
-  if latest is not None:
-    target = rl_step.abstract_state(run.cfg, plan.optimizer, run.mesh)
-    state, meta = ckpt.restore(latest, target, iterator)
+  latest = None
+  if ckpt.all_steps():  # the newest intact step; damaged newer ones are reported and set aside
+    latest, state, meta = ckpt.restore_latest(
+        rl_step.abstract_state(run.cfg, plan.optimizer, run.mesh), iterator, set_aside=True,
+        report=lambda message: run.say(f"stage {name}: {message}"))
     if meta.get("done"):
       run.say(f"stage {name}: already finished (step {latest}); skipping")
       ckpt.close()
@@ -632,7 +651,11 @@ def _run_stage(run: Run, index: int, name: str, start: Callable[[], Any],
   def save(k: int, done: bool):
     emit(late.flush())  # rows up to k are on disk before the checkpoint that covers them
     if k not in saved:  # a preemption right after a periodic save has nothing new to save
-      ckpt.save(k, state, {"stage": name, "step": k, "done": done}, iterator)
+      try:
+        ckpt.save(k, state, {"stage": name, "step": k, "done": done}, iterator)
+      except checkpoint.NonFiniteState as e:
+        _stop(name, ckpt, f"after step {k} the train state holds {e}; it was not saved and the "
+              f"stage is not marked done")
       saved.add(k)
 
   eval_rows, first = [], int(state.step)
@@ -676,8 +699,28 @@ def check_memory(run: Run) -> None:
   memory.check_fits(est)
 
 
+@contextlib.contextmanager
+def _disk_full_is_an_error(workdir: str):
+  """A full disk (metrics, samples, evaluation rows, config.json; checkpoints say it
+  themselves) is the user's ValueError naming the file, not a traceback."""
+  try:
+    yield
+  except OSError as e:
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+      raise
+    raise ValueError(f"Writing {e.filename or 'a file'} failed: [Errno {e.errno}] {e.strerror}. "
+                     f"The complete checkpoints under {os.path.abspath(workdir)}/checkpoints are "
+                     f"intact; free disk space, then rerun the same command to resume from "
+                     f"the latest.") from e
+
+
 def run(config: ml_collections.ConfigDict) -> dict[str, list[dict]]:
   """Runs every stage; returns each stage's final evaluation rows."""
+  with _disk_full_is_an_error(config.workdir):
+    return _run(config)
+
+
+def _run(config: ml_collections.ConfigDict) -> dict[str, list[dict]]:
   r = setup(config)
   start = initial_params(r)
   source = "random init"
@@ -700,7 +743,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, list[dict]]:
 
 def restore_workdir(workdir: str, stage: str | None = None) -> tuple[Run, str, int, Any]:
   """(the run set up from a workdir's saved config.json, stage, step, params) of that stage's
-  newest checkpoint (default: the newest of the last stage that has one)."""
+  newest intact checkpoint (default: the newest of the last stage that has one); damaged newer
+  ones are reported and left where they are."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise ValueError(f"No config.json in {workdir!r}: is it the --config.workdir of a run?")
@@ -717,11 +761,11 @@ def restore_workdir(workdir: str, stage: str | None = None) -> tuple[Run, str, i
       continue
     ckpt = Checkpointer(directory)
     try:
-      latest = ckpt.latest_step()
-      if latest is None:
+      if not ckpt.all_steps():
         continue
       _, optimizer = stage_optimizer(r, name)
-      state, _ = ckpt.restore(latest, rl_step.abstract_state(r.cfg, optimizer, r.mesh))
+      latest, state, _ = ckpt.restore_latest(rl_step.abstract_state(r.cfg, optimizer, r.mesh),
+                                             set_aside=False, report=r.say)
     finally:
       ckpt.close()
     return r, name, latest, state.params
@@ -738,7 +782,8 @@ def evaluate_workdir(workdir: str, stage: str | None = None, num_prompts: int | 
   """
   if num_prompts is not None and num_prompts < 1:
     raise ValueError(f"--num_prompts={num_prompts}: evaluate at least one problem.")
-  r, name, step, params = restore_workdir(workdir, stage)
-  if num_prompts is not None:
-    r.config.eval.num_prompts = num_prompts  # after setup: the saved config.json is unchanged
-  return _evaluate(r, params, name, step, eval_rng(r.config), out)
+  with _disk_full_is_an_error(workdir):
+    r, name, step, params = restore_workdir(workdir, stage)
+    if num_prompts is not None:
+      r.config.eval.num_prompts = num_prompts  # after setup: the saved config.json is unchanged
+    return _evaluate(r, params, name, step, eval_rng(r.config), out)
