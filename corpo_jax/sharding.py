@@ -147,12 +147,6 @@ def tree_shardings(boxed_tree: Any, mesh: Mesh) -> Any:
   return jax.tree.map(one, boxed_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
-def logical_specs(boxed_tree: Any) -> Any:
-  """The logical axis names of every leaf (None for unannotated leaves)."""
-  return jax.tree.map(lambda x: x.names if isinstance(x, nn.Partitioned) else None, boxed_tree,
-                      is_leaf=lambda x: isinstance(x, nn.Partitioned))
-
-
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """Activation sharding constraint under the mesh set with `jax.set_mesh`; no-op without one."""
   mesh = jax.sharding.get_abstract_mesh()
@@ -169,8 +163,3 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
   """Sharding for a [B, ...] host batch: batch over (data, fsdp, expert), the rest replicated."""
   return named_sharding(mesh, ("batch",) + (None,) * (len(shape) - 1), shape)
-
-
-def put(x: Any, sharding: Any) -> Any:
-  """device_put a tree of host arrays with a tree (or one) of shardings."""
-  return jax.device_put(jax.tree.map(np.asarray, x), sharding)

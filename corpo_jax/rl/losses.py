@@ -1,9 +1,13 @@
 """Per-token policy-gradient losses, KL estimators, token aggregation and reward shaping.
 
 Everything works on [B, T] arrays of log-probs of the sampled tokens (float32) and a loss mask;
-B here is the number of completions (rows). `aggregate` returns an unreduced sum and its
-denominator, so the loss over micro-batches is sum_m sum_m / denominator(full batch): an exact
-weighted mean, not a mean of means.
+B here is the number of completions (rows). Aggregation is an unreduced sum (`aggregate_sum`)
+over a denominator (`aggregate_denominator`), so the loss over micro-batches is
+sum_m sum_m / denominator(full batch): an exact weighted mean, not a mean of means. The modes:
+
+* seq_mean_token_mean: mean over each row's tokens, then mean over rows (GRPO);
+* token_mean: mean over all loss tokens of the batch (DAPO);
+* seq_mean_token_sum_norm: each row's token sum / max_len, mean over all rows (Dr. GRPO).
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ def kl(logp_BT: jax.Array, ref_BT: jax.Array, old_BT: jax.Array, estimator: str)
 
 
 def aggregate_sum(x_BT: jax.Array, mask_BT: jax.Array, mode: str, max_len: int) -> jax.Array:
-  """The unreduced numerator of aggregation `mode` (see `aggregate`)."""
+  """The unreduced numerator of aggregation `mode` (module doc)."""
   x_BT = jnp.where(mask_BT, x_BT, 0.0)
   if mode == "token_mean":
     return x_BT.sum()
@@ -84,23 +88,6 @@ def aggregate_denominator(mask_BT: jax.Array, mode: str) -> jax.Array:
   if mode == "seq_mean_token_sum_norm":
     return jnp.float32(mask_BT.shape[0])
   return mask_BT.any(-1).sum(dtype=jnp.float32)
-
-
-def aggregate(x_BT: jax.Array, mask_BT: jax.Array, mode: str,
-              max_len: int) -> tuple[jax.Array, jax.Array]:
-  """(sum, denominator) with mean = sum / max(denominator, 1):
-
-  * seq_mean_token_mean: mean over each row's tokens, then mean over rows (GRPO);
-  * token_mean: mean over all loss tokens of the batch (DAPO);
-  * seq_mean_token_sum_norm: each row's token sum / max_len, mean over all rows (Dr. GRPO).
-  """
-  return aggregate_sum(x_BT, mask_BT, mode, max_len), aggregate_denominator(mask_BT, mode)
-
-
-def entropy(logits_BTV: jax.Array) -> jax.Array:
-  """Entropy (nats, float32) of softmax(logits) at every position."""
-  logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-  return -jnp.sum(jnp.exp(logp_BTV) * logp_BTV, axis=-1)
 
 
 def overlong_penalty(lengths_B: jax.Array, max_len: int, buffer: int, factor: float) -> jax.Array:

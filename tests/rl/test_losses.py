@@ -19,6 +19,12 @@ ADV_B = np.array([1.0, -2.0], np.float32)
 LOSS_BT = np.array([[-1.2, -0.9, 0.0], [1.6, 2.2, 2.6]], np.float32)
 
 
+def _aggregate(x_BT, mask_BT, mode, max_len):
+  """(sum, denominator): the update's mean is sum / max(denominator, 1)."""
+  return (losses.aggregate_sum(x_BT, mask_BT, mode, max_len),
+          losses.aggregate_denominator(mask_BT, mode))
+
+
 def _token_loss(level="token"):
   log_r = losses.log_ratio(jnp.log(R_BT), jnp.zeros_like(R_BT), MASK_BT, level)
   return losses.clipped_surrogate(log_r, ADV_B, 0.2, 0.2)
@@ -45,7 +51,7 @@ def test_clip_higher_is_asymmetric():
 ])
 def test_aggregation(mode, total, denom):
   loss_BT, _ = _token_loss()
-  s, d = losses.aggregate(loss_BT, MASK_BT, mode, max_len=4)
+  s, d = _aggregate(loss_BT, MASK_BT, mode, max_len=4)
   assert float(s) == pytest.approx(total, rel=1e-6)
   assert float(d) == denom
 
@@ -54,7 +60,7 @@ def test_aggregation_splits_exactly_over_micro_batches():
   x_BT = jnp.asarray(np.random.default_rng(0).normal(size=(4, 5)), jnp.float32)
   mask_BT = jnp.asarray(np.random.default_rng(1).random((4, 5)) < 0.6).at[3].set(False)
   for mode in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"):
-    s, d = losses.aggregate(x_BT, mask_BT, mode, 5)
+    s, d = _aggregate(x_BT, mask_BT, mode, 5)
     parts = sum(losses.aggregate_sum(x_BT[i:i + 2], mask_BT[i:i + 2], mode, 5) for i in (0, 2))
     np.testing.assert_allclose(parts / d, s / d, rtol=1e-6)
   # A row without loss tokens has no mean to count; Dr. GRPO's normaliser counts every row.
@@ -69,7 +75,7 @@ def test_sequence_level_ratio_gspo():
   s1 = (0.5 * 1.1 * 1.3) ** (1 / 3)  # 0.894: above 0.8, not clipped
   np.testing.assert_allclose(loss_BT[0, :2], [-min(s0, 1.2)] * 2, rtol=1e-6)
   np.testing.assert_allclose(loss_BT[1], [2 * s1] * 3, rtol=1e-6)
-  s, d = losses.aggregate(loss_BT, MASK_BT, "seq_mean_token_mean", 3)
+  s, d = _aggregate(loss_BT, MASK_BT, "seq_mean_token_mean", 3)
   assert float(s / d) == pytest.approx((-min(s0, 1.2) + 2 * s1) / 2, rel=1e-6)
 
 
@@ -156,7 +162,7 @@ def test_surrogate_gradient_at_ratio_one_is_reinforce():
     logp_BT = logp_fn(theta_TV)
     log_r = losses.log_ratio(logp_BT, jax.lax.stop_gradient(logp_BT), mask_BT, "token")
     loss_BT, _ = losses.clipped_surrogate(log_r, adv_B, 0.2, 0.2)
-    s, d = losses.aggregate(loss_BT, mask_BT, "token_mean", T)
+    s, d = _aggregate(loss_BT, mask_BT, "token_mean", T)
     return s / d
 
   def reinforce(theta_TV):
@@ -168,8 +174,6 @@ def test_surrogate_gradient_at_ratio_one_is_reinforce():
   np.testing.assert_allclose(g, jax.grad(reinforce)(theta_TV), rtol=1e-5, atol=1e-7)
 
 
-def test_entropy_and_overlong_penalty():
-  np.testing.assert_allclose(losses.entropy(jnp.zeros((1, 2, 4))), [[math.log(4)] * 2], rtol=1e-6)
-  np.testing.assert_allclose(losses.entropy(jnp.array([[[0.0, -1e9]]])), [[0.0]], atol=1e-6)
+def test_overlong_penalty():
   pen = losses.overlong_penalty(jnp.array([5, 6, 8, 10, 12]), max_len=10, buffer=4, factor=0.5)
   np.testing.assert_allclose(pen, [0.0, 0.0, -0.25, -0.5, -0.5])
