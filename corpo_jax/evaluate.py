@@ -47,14 +47,14 @@ def mean_pass_at_k(correct_PN: np.ndarray, ks: Sequence[int]) -> dict[int, float
 
 
 def thinks(completions: Sequence[str]) -> np.ndarray:
-  """bool [N]: a well-formed, non-empty trace precedes the answer (ALGORITHMS.md transparency)."""
+  """bool [N]: a well-formed, non-empty trace precedes the answer (docs/algorithms.md, Evaluation)."""
   parts = [text_lib.split_completion(c) for c in completions]
   return np.array([p.well_formed and bool(p.trace) for p in parts], bool)
 
 
 def thinking_metrics(completions: Sequence[str], examples, task,
                      thinking_N: np.ndarray) -> dict[str, float]:
-  """ALGORITHMS.md thinking metrics averaged over completions: transparency (the share of
+  """The thinking metrics (docs/algorithms.md) averaged over completions: transparency (the share of
   `thinking_N`, from `thinks`), step structure, coherence and alignment."""
   scores = rewards.compute((("thinking", 1.0),), completions, examples, task)
   return {"transparency": float(thinking_N.mean()),

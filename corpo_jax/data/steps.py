@@ -1,4 +1,4 @@
-"""Step markers of reasoning traces: the thinking head's 5-class step labels (ALGORITHMS.md).
+"""Step markers of reasoning traces: the thinking head's 5-class step labels (docs/algorithms.md).
 
 A line of a trace starts a step of type 1 numbered (`1.` or `1)`), 2 `Step k:`, 3 a transition
 word (First, Next, Then, Finally), 4 a bullet (`- `, `* `, `• `); any other line is 0 (continue).
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-# Step types of the thinking head's step classifier (ALGORITHMS.md), marking the first token of a line.
+# Step types of the thinking head's step classifier (docs/algorithms.md), marking the first token of a line.
 STEP_CONTINUE, STEP_NUMBERED, STEP_STEP_K, STEP_TRANSITION, STEP_BULLET = range(5)
 _STEP_PATTERNS = (
     (STEP_NUMBERED, re.compile(r"\s*\d+[.)]\s")),

@@ -45,7 +45,7 @@ class ModelConfig:
   # Thinking head: extra decoder layers on the base's final residual stream.
   thinking_layers: int = 0  # 0 = plain Mixtral
   thinking_shared_unembed: bool = True  # thinking head reuses the base unembedding
-  num_step_classes: int = 5  # step-type classifier classes (ALGORITHMS.md)
+  num_step_classes: int = 5  # step-type classifier classes (docs/algorithms.md)
   # Token ids the model needs to know about (-1: the vocabulary has no such token). The trainer
   # sets them from its tokenizer (TOKENIZER_FIELDS); the defaults are the bundled tokenizer's.
   pad_id: int = 0

@@ -1,6 +1,6 @@
 """Advantage estimators on rewards R[B, G] (B prompts, G completions each), chosen by name.
 
-Each estimator gives A = R - b for its baseline b[B, G], then an optional scale (ALGORITHMS.md):
+Each estimator gives A = R - b for its baseline b[B, G], then an optional scale (docs/algorithms.md):
 `group` divides by each group's std (Bessel) + eps, `batch` by the std of all B * G rewards
 (Bessel) + eps, `none` leaves A as is. For static and corpo, whose baseline is not a mean, `batch`
 takes the spread about the baseline, sqrt(sum A^2 / (BG - 1)): an all-equal batch then gets
@@ -87,7 +87,7 @@ def _std(centered: jax.Array, axis: int | None) -> jax.Array:
 
 
 def diagnostics(rewards_BG: jax.Array, advantages_BG: jax.Array, tau: float) -> dict[str, jax.Array]:
-  """The CoRPO diagnostics of ALGORITHMS.md (float32 scalars, never NaN for finite inputs) of
+  """The CoRPO diagnostics (docs/algorithms.md) (float32 scalars, never NaN for finite inputs) of
   the rewards the advantages were computed from (after any shaping, e.g. the overlong penalty).
 
   A ratio whose denominator count is 0 divides by 1 instead: frac_failed_positive is 0 when no

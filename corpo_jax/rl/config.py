@@ -1,6 +1,6 @@
 """The one frozen description of an RL update, and the one place a config dict becomes it.
 
-Every option of ALGORITHMS.md is a field here, so any ablation is one flag
+Every option of docs/algorithms.md is a field here, so any ablation is one flag
 (`--config.rl.advantage=corpo --config.rl.tau=0.5`).
 """
 
@@ -24,7 +24,7 @@ BASE = "base"  # freeze pattern: every parameter outside params["thinking"]
 
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
-  """Options of the RL update (corpo_jax/rl/step.py); see ALGORITHMS.md for the math."""
+  """Options of the RL update (corpo_jax/rl/step.py); see docs/algorithms.md for the math."""
 
   # Advantages (advantages.py).
   advantage: str = "grpo"  # one of ESTIMATORS
@@ -143,7 +143,7 @@ class RLConfig:
 
 
 def check_scale(advantage: str, scale: str) -> None:
-  """Rejects scalings an estimator is not defined with (see ALGORITHMS.md)."""
+  """Rejects scalings an estimator is not defined with (docs/algorithms.md)."""
   if advantage in TAU_BASELINES and scale == "group":
     raise ValueError(f"rl.advantage={advantage!r} with rl.scale='group' divides a homogeneous "
                      f"failing group's (R - tau) by a std of 0 (+ eps); use scale=none or batch.")

@@ -1,4 +1,4 @@
-"""Rewards by name, scored on decoded completions (ALGORITHMS.md, "Thinking rewards").
+"""Rewards by name, scored on decoded completions (docs/algorithms.md, "Thinking rewards").
 
 Every reward maps (completion text, Example, Task) to a float:
 

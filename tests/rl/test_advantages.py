@@ -1,4 +1,4 @@
-"""Advantage estimators: hand-computed cases and property tests (ALGORITHMS.md)."""
+"""Advantage estimators: hand-computed cases and property tests (docs/algorithms.md)."""
 
 import hypothesis
 import hypothesis.extra.numpy as hnp

@@ -1,7 +1,7 @@
 """What every task provides: examples by (split, index), a grade and the correctness threshold.
 
 Grades are ordinal on 1..NUM_GRADES (5 = best). A completion is a failure when grade < tau
-(ALGORITHMS.md); `exact` is the binary correctness. Generated tasks are unlimited: example i of a
+(docs/algorithms.md); `exact` is the binary correctness. Generated tasks are unlimited: example i of a
 split is a pure function of (seed, split, i). Train and eval never share a problem: a problem
 belongs to the eval split iff a hash of its canonical text falls below `eval_fraction`, and
 generators redraw until the problem lands in the requested split.
