@@ -35,6 +35,13 @@ large model) a flag handler never runs and the process would ignore SIGTERM unti
 kills it; the default action is taken by the kernel, and nothing newer than the last complete
 checkpoint is lost (an interrupted asynchronous save leaves only orbax's temporary directory,
 never a partial checkpoint).
+
+While the flag handler is installed (one process), a watchdog thread reads the signal wakeup fd,
+which CPython's C-level handler writes even while the main thread is blocked (a hung collective
+or device, a stuck write): SIGTERM sets the flag at once, and if the loop does not reach a step
+boundary within SIGTERM_GRACE_S plus twice the last step's time (a step blocked for good, or an
+evaluation), the process ends by SIGTERM's default action; a second SIGTERM ends it at once.
+Once a boundary has seen the flag, the preemption save takes as long as it needs.
 """
 
 from __future__ import annotations
@@ -47,8 +54,10 @@ import json
 import logging
 import os
 import re
+import select
 import signal
 import threading
+import time
 from typing import Any, Callable, Iterator
 
 import grain
@@ -139,6 +148,59 @@ def _restore(action: _Action) -> None:
 
 _SAVED: list[_Action] = []  # the actions that open terminate_on_sigterm blocks will restore
 
+SIGTERM_GRACE_S = 60.0  # the watchdog's wait for a step boundary, beyond twice the last step
+_BOUNDARIES: list[float] = []  # monotonic times of the last two step boundaries
+_SAVING = threading.Event()  # a step boundary saw SIGTERM: the loop saves, no deadline
+_WATCHDOG: list[threading.Thread] = []
+
+
+def _terminate() -> None:
+  """Ends the process by SIGTERM's default action, from any thread (signal.signal is for the
+  main thread only; libc's sigaction is not)."""
+  if _SIGACTION is not None:
+    _SIGACTION(signal.SIGTERM, ctypes.create_string_buffer(_SIGACTION_BYTES), None)  # SIG_DFL
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(1)
+  os._exit(128 + signal.SIGTERM)
+
+
+def _watch(wakeup: int) -> None:
+  """The watchdog (module doc): every byte on `wakeup` is a signal the process received."""
+  received, deadline = 0, None
+  while True:
+    timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+    if not select.select([wakeup], [], [], timeout)[0]:  # no step boundary in time
+      if not _SAVING.is_set():
+        _terminate()
+      deadline = None
+      continue
+    for signum in os.read(wakeup, 64):
+      if signum != signal.SIGTERM:
+        continue
+      received += 1
+      _SIGTERM.set()
+      if received > 1:
+        _terminate()
+      if deadline is None and not _SAVING.is_set():
+        step_s = _BOUNDARIES[1] - _BOUNDARIES[0] if len(_BOUNDARIES) == 2 else 0.0
+        deadline = time.monotonic() + SIGTERM_GRACE_S + 2 * step_s
+
+
+def _start_watchdog() -> None:
+  if _WATCHDOG:
+    return
+  read, write = os.pipe()
+  os.set_blocking(write, False)
+  previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+  if previous != -1:  # someone else's (an event loop's): keep theirs, run without a watchdog
+    signal.set_wakeup_fd(previous)
+    os.close(read)
+    os.close(write)
+    return
+  _WATCHDOG.append(threading.Thread(target=_watch, args=(read,), daemon=True,
+                                    name="corpo_jax SIGTERM watchdog"))
+  _WATCHDOG[0].start()
+
 
 def install_sigterm_handler() -> None:
   """From now on SIGTERM asks for a checkpoint (main thread only; module doc). In a
@@ -151,10 +213,16 @@ def install_sigterm_handler() -> None:
       _restore(_SAVED[0])
     return
   signal.signal(signal.SIGTERM, lambda signum, frame: _SIGTERM.set())
+  _start_watchdog()
 
 
 def sigterm_received() -> bool:
-  """True once SIGTERM arrived while `install_sigterm_handler`'s flag handler was installed."""
+  """True once SIGTERM arrived while `install_sigterm_handler`'s flag handler was installed.
+  Called at every step boundary (`preempted`): the watchdog's clock; once True, the caller
+  saves, and the watchdog waits for it."""
+  _BOUNDARIES[:] = (_BOUNDARIES + [time.monotonic()])[-2:]
+  if _SIGTERM.is_set():
+    _SAVING.set()
   return _SIGTERM.is_set()
 
 

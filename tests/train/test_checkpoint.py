@@ -443,3 +443,64 @@ def test_a_full_disk_during_a_save_is_one_clear_error_on_a_real_tmpfs(tmp_path):
                       r"permissions, then rerun to resume from the latest\.", error), error
   noise = [line for line in out.stderr.splitlines() if not line.startswith(("W0", "I0"))]
   assert len(noise) < 10, out.stderr
+
+
+_WATCHDOG = """
+import sys, time
+import jax, jax.numpy as jnp
+from corpo_jax.train import checkpoint
+checkpoint.SIGTERM_GRACE_S = float(sys.argv[1])
+checkpoint.install_sigterm_handler()
+for _ in range(3):  # steps of ~50 ms
+  assert not checkpoint.sigterm_received()
+  time.sleep(0.05)
+if sys.argv[2] == "blocked":  # the main thread sits in XLA for good (as in a hung collective)
+  # counts in float32 up to `limit`: 0 returns at once, 1e30 never (c + 1 == c from 2**24 on)
+  spin = jax.jit(lambda limit: jax.lax.while_loop(lambda c: c < limit, lambda c: c + 1.0,
+                                                  jnp.float32(0)))
+  spin(0.0).block_until_ready()  # compiled before the signal
+  print("blocked", flush=True)
+  spin(1e30).block_until_ready()
+else:  # a step boundary sees the flag, then the save takes longer than the grace
+  print("stepping", flush=True)
+  while not checkpoint.sigterm_received():
+    time.sleep(0.05)
+  time.sleep(3 * checkpoint.SIGTERM_GRACE_S)
+  print("saved", flush=True)
+"""
+
+
+def _watchdog(grace, mode):
+  return subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(grace), mode], cwd=ROOT,
+                          text=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def test_sigterm_while_blocked_in_xla_ends_the_process_after_the_grace():
+  """Was: the flag handler never ran while the main thread was inside XLA, so the process
+  ignored SIGTERM for as long as it stayed there."""
+  proc = _watchdog(1.0, "blocked")
+  _wait_for(proc, "blocked")
+  time.sleep(1)  # inside the second call
+  proc.send_signal(signal.SIGTERM)
+  t0 = time.perf_counter()
+  assert proc.wait(timeout=30) == -signal.SIGTERM
+  assert 1.0 <= time.perf_counter() - t0 < 8  # the grace (1 s + 2 x 50 ms steps), not minutes
+
+
+def test_a_second_sigterm_ends_a_blocked_process_at_once():
+  proc = _watchdog(600.0, "blocked")
+  _wait_for(proc, "blocked")
+  proc.send_signal(signal.SIGTERM)
+  time.sleep(0.5)
+  t0 = time.perf_counter()
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=30) == -signal.SIGTERM
+  assert time.perf_counter() - t0 < 5
+
+
+def test_once_a_step_boundary_saw_sigterm_the_save_takes_as_long_as_it_needs():
+  proc = _watchdog(1.0, "stepping")
+  _signal_after(proc, "stepping")
+  assert proc.wait(timeout=60) == 0  # 3 s of "saving" past the 1 s grace
+  assert proc.stdout.read() == "saved\n"
