@@ -94,6 +94,19 @@ class TopP:
 Strategy = Greedy | Temperature | TopK | TopP
 
 
+def strategy(temperature: float, top_k: int = 0, top_p: float = 1.0) -> tuple[Strategy, ...]:
+  """The strategy of a config's sampling fields: greedy at temperature 0, else the temperature
+  with top-k (0: off) and top-p (1: off) filters."""
+  if temperature == 0:
+    return (Greedy(),)
+  out = [Temperature(temperature)]
+  if top_k:
+    out.append(TopK(top_k))
+  if top_p < 1.0:
+    out.append(TopP(top_p))
+  return tuple(out)
+
+
 @flax.struct.dataclass
 class Rollout:
   """G samples per prompt; the samples of prompt b are rows b*G .. b*G+G-1 in sampling order."""

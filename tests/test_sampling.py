@@ -231,3 +231,10 @@ def test_bucket_and_bad_arguments(plain_params):
                       max_new_tokens=300)
   with pytest.raises(ValueError, match="Temperature"):
     sampling.Temperature(0.0)
+
+
+def test_strategy_of_config_fields():
+  assert sampling.strategy(0.0, top_k=5, top_p=0.5) == (sampling.Greedy(),)
+  assert sampling.strategy(0.8) == (sampling.Temperature(0.8),)
+  assert sampling.strategy(0.8, top_k=5, top_p=0.9) == (
+      sampling.Temperature(0.8), sampling.TopK(5), sampling.TopP(0.9))

@@ -426,17 +426,6 @@ def _sft_plan(run: Run, name: str, stage, index: int) -> StagePlan:
   return StagePlan(optimizer, loader, step, ("loss", "nll"), tasks)
 
 
-def _strategy(stage) -> tuple:
-  if stage.temperature == 0:
-    return (sampling.Greedy(),)
-  out = [sampling.Temperature(stage.temperature)]
-  if stage.top_k:
-    out.append(sampling.TopK(stage.top_k))
-  if stage.top_p < 1.0:
-    out.append(sampling.TopP(stage.top_p))
-  return tuple(out)
-
-
 def _rl_plan(run: Run, name: str, stage, index: int, start: Callable[[], Any]) -> StagePlan:
   rl_cfg, optimizer = stage_optimizer(run, name)
   update = rl_step.make_update(run.cfg, rl_cfg, run.mesh, optimizer)
@@ -478,7 +467,8 @@ def _rl_plan(run: Run, name: str, stage, index: int, start: Callable[[], Any]) -
           tasks=tasks, spec=spec,
           put_rows=(lambda r: _rows_on(r, run.mesh)) if decode_layout else (lambda r: r),
           stop=tuple(stage.get("stop", ())), max_new_tokens=stage.max_new_tokens,
-          strategy=_strategy(stage), eos_id=tok.eos_id, max_thinking_tokens=max_think)
+          strategy=sampling.strategy(stage.temperature, stage.top_k, stage.top_p),
+          eos_id=tok.eos_id, max_thinking_tokens=max_think)
 
     groups, dynamic = rollout_lib.collect(draw, B, rounds, tok.pad_id)
     policy = None  # the decode layout's copy is freed before the update
@@ -520,7 +510,7 @@ def _evaluate(run: Run, params: Any, stage_name: str, step: int, rng: jax.Array,
               out: str | None = None) -> list[dict]:
   """Evaluates `params` on config.eval's tasks; rows appended to `out` (default: eval.jsonl)."""
   ev = run.config.eval
-  strategy = (sampling.Greedy(),) if ev.temperature == 0 else (sampling.Temperature(ev.temperature),)
+  strategy = sampling.strategy(ev.temperature)
   stop = tuple(ev.get("stop", ()))  # older configs lack it
   calls = itertools.count()
 

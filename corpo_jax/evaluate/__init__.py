@@ -3,6 +3,8 @@
 The trainer evaluates at the end of every stage (and every `eval_every` steps); to evaluate a
 run's newest checkpoint again:
   python -m corpo_jax.evaluate --workdir workdir/grpo    # the eval settings of its config.json
+(the command line is `corpo_jax/evaluate/__main__.py`; the trainer imports this module, never the
+reverse).
 It samples with the run's evaluation rng, so the result pairs with the in-training evaluations
 (common random numbers). `--stage sft` evaluates that stage's checkpoint instead of the newest,
 `--num_prompts 512` more problems (a superset of the usual ones), `--out FILE` appends the rows
@@ -101,26 +103,3 @@ def evaluate_task(generate_fn, tokenizer, task, *, num_prompts: int, num_samples
             "pass_at_k": mean_pass_at_k(correct_PN[idx], ks), "count": int(len(idx))}
         for g in groups for idx in [np.array([i for i, ex in enumerate(examples) if ex.group == g])]}
   return row
-
-
-def main(argv) -> None:
-  del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from corpo_jax.train import loop  # pylint: disable=g-import-not-at-top  # loop imports this module
-  f = flags.FLAGS
-  for row in loop.evaluate_workdir(f.workdir, stage=f.stage, num_prompts=f.num_prompts, out=f.out):
-    ks = ", ".join(f"pass@{k} {v:.3f}" for k, v in row["pass_at_k"].items())
-    split = ", ".join(f"{k.split('_')[1]} {v:.3f}" for k in ("accuracy_thinking", "accuracy_direct")
-                      if (v := row[k]) is not None)
-    print(f"{row['stage']} step {row['step']} {row['task']}: accuracy {row['accuracy']:.3f}, {ks}, "
-          f"transparency {row['transparency']:.3f} (accuracy when {split})")
-
-
-if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_string("workdir", None, "The --config.workdir of a run.", required=True)
-  flags.DEFINE_string("stage", None, "Evaluate this stage's newest checkpoint (default: the "
-                      "newest checkpoint of the last stage that has one).")
-  flags.DEFINE_integer("num_prompts", None, "Problems per task (default: config.eval.num_prompts).")
-  flags.DEFINE_string("out", None, "Append the rows to this file (default: <workdir>/eval.jsonl).")
-  app.run(main)
