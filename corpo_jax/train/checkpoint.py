@@ -273,19 +273,28 @@ def _position(shape: tuple[int, ...]) -> jax.Array:
   return index
 
 
-def _checksum(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(two uint32 lanes of sum(mix(bits, position)), the count of non-finite values). A change
-  of one value always changes the first lane (mix is a bijection, the sum wraps mod 2**32);
-  sums of integers are exact in any order, so any mesh gives the same checksum."""
+def _nonfinite(x: jax.Array, u: jax.Array) -> jax.Array:
+  """1 where a float's exponent bits are all ones (inf, NaN), from its bits: cheaper to compile
+  than isfinite."""
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    return jnp.zeros(x.shape, jnp.uint32)
+  info = jnp.finfo(x.dtype)
+  exponent = np.uint32(((1 << info.nexp) - 1) << info.nmant)
+  return ((u & exponent) == exponent).astype(jnp.uint32)
+
+
+def _checksum(x: jax.Array) -> jax.Array:
+  """[two uint32 lanes of sum(mix(bits, position)), the count of non-finite values], one
+  reduction. A change of one value always changes the first lane (mix is a bijection, the sum
+  wraps mod 2**32); sums of integers are exact in any order, so any mesh gives the same result."""
   u, i = _bits(x), _position(x.shape)
-  lanes = jnp.stack([jnp.sum(_mix(u + i * np.uint32(0x9E3779B9)), dtype=jnp.uint32),
-                     jnp.sum(_mix(u ^ _mix(i + np.uint32(0x7F4A7C15))), dtype=jnp.uint32)])
-  finite = jnp.isfinite(x) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.ones((), bool)
-  return lanes, jnp.sum(~finite, dtype=jnp.int32)
+  terms = jnp.stack([_mix(u + i * np.uint32(0x9E3779B9)), _mix(u ^ _mix(i + np.uint32(0x7F4A7C15))),
+                     _nonfinite(x, u)], axis=-1)
+  return jnp.sum(terms, axis=tuple(range(x.ndim)), dtype=jnp.uint32)
 
 
 @jax.jit
-def _checksums(leaves: list[jax.Array]) -> list[tuple[jax.Array, jax.Array]]:
+def _checksums(leaves: list[jax.Array]) -> list[jax.Array]:
   return [_checksum(x) for x in leaves]
 
 
@@ -306,9 +315,8 @@ def checksums(tree: Any) -> tuple[dict[str, str], dict[str, int]]:
   for members in groups.values():
     for n, result in zip(members, distributed.fetch(_checksums([arrays[n][1] for n in members]))):
       out[n] = result
-  hexes = ["".join(f"{int(v):08x}" for v in lanes) for lanes, _ in out]
-  return ({path: h for (path, _), h in zip(arrays, hexes)},
-          {path: int(bad) for (path, _), (_, bad) in zip(arrays, out)})
+  return ({path: f"{int(r[0]):08x}{int(r[1]):08x}" for (path, _), r in zip(arrays, out)},
+          {path: int(r[2]) for (path, _), r in zip(arrays, out)})
 
 
 def _sha(value: Any) -> str:
