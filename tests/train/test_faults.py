@@ -20,10 +20,10 @@ from orbax.checkpoint._src.handlers import json_checkpoint_handler
 from configs import grpo as grpo_config
 from corpo_jax import model, sharding
 from corpo_jax.model import ModelConfig
-from corpo_jax.rl import step as rl_step
 from corpo_jax.rl.config import RLConfig
-from corpo_jax.train import checkpoint, loop
+from corpo_jax.train import checkpoint, loop, optim
 from corpo_jax.train import sft as sft_lib
+from corpo_jax.train import state as state_lib
 from corpo_jax.train import workdir as workdir_lib
 from corpo_jax.train.checkpoint import Checkpointer
 from corpo_jax.train.metrics import read_jsonl
@@ -64,7 +64,7 @@ def test_negative_skip_limit_is_rejected(tmp_path):
 def test_checkpoint_from_mesh_4x2_restores_onto_2x4_and_1_device_and_continues_equally(tmp_path):
   cfg = ModelConfig.preset("tiny", num_layers=1)
   opt_cfg = RLConfig(learning_rate=1e-2)
-  optimizer = rl_step.make_optimizer(opt_cfg, model.abstract_params(cfg))
+  optimizer = optim.make_optimizer(opt_cfg, model.abstract_params(cfg))
   rng = np.random.default_rng(0)
   positions_T = np.arange(16)
   batch = sft_lib.SftBatch(  # 8 rows: 4 prompt tokens, 6 trace tokens, 6 answer tokens
@@ -79,10 +79,11 @@ def test_checkpoint_from_mesh_4x2_restores_onto_2x4_and_1_device_and_continues_e
                                    step_loss_weight=0.1)
 
   def abstract(mesh):
-    return rl_step.abstract_state(cfg, optimizer, mesh)
+    return state_lib.abstract_state(cfg, optimizer, mesh)
 
   mesh = sharding.make_mesh((4, 2, 1, 1))
-  state = rl_step.init_state(cfg, optimizer, model.init_params(cfg, jax.random.key(0), mesh), mesh)
+  state = state_lib.init_state(cfg, optimizer, model.init_params(cfg, jax.random.key(0), mesh),
+                               mesh)
 
   @jax.jit
   def adam_step(state):  # a non-trivial optimizer state without compiling the model
@@ -344,27 +345,57 @@ def test_two_concurrent_runs_the_second_exits_2_and_the_first_is_unaffected(unin
   assert Checkpointer(str(workdir / "checkpoints" / "sft")).restore_meta(4)["done"]
 
 
+def _biggest_state_file(step_dir):
+  return max((p for p in (step_dir / "state").rglob("*") if p.is_file()),
+             key=lambda p: p.stat().st_size)
+
+
+def _truncate(step_dir):
+  path = _biggest_state_file(step_dir)
+  os.truncate(path, path.stat().st_size // 2)
+
+
+def _flip_bit(step_dir):
+  path = _biggest_state_file(step_dir)
+  data = bytearray(path.read_bytes())
+  data[len(data) // 2] ^= 0x10
+  path.write_bytes(data)
+
+
+# damage of the newest step -> (the file the report names, its cause)
+DAMAGE = {
+    "truncate": (_truncate, r"state[\w/.]*", r"byte range|Truncated|ZSTD"),
+    "overwrite": (lambda d: (d / "state" / "manifest.ocdbt").write_bytes(b"\0" * 114),
+                  r"state/manifest\.ocdbt", "Error decoding manifest"),
+    # restores without any error: only the checksum tells
+    "flip_one_bit": (_flip_bit, "state", r"the restored values of 1 arrays \([\w/]+\) do not "
+                     r"match their checksums"),
+    "delete_meta": (lambda d: os.remove(d / "meta" / "metadata"), r"meta/metadata", "missing"),
+}
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("damage", list(DAMAGE))
 def test_a_damaged_newest_step_is_set_aside_and_the_rerun_equals_the_uninterrupted_run(
-    uninterrupted, tmp_path):
-  """kill -9 right after checkpoint 3 (with 2 kept, max_to_keep 2); one bit of step 3's array
-  data flipped (restores without any error: only its checksum tells); the rerun reports it,
-  moves it to damaged/3, resumes from step 2 and its metrics equal the uninterrupted run's."""
+    uninterrupted, tmp_path, damage):
+  """kill -9 right after checkpoint 3 (with 2 kept, max_to_keep 2), then step 3 damaged: the
+  rerun reports it, moves it (every file kept) to damaged/3, resumes from step 2 and its
+  metrics equal the uninterrupted run's."""
   out = subprocess.run(_main(tmp_path, "save:sft:3", main="tests.train.crash_main"), cwd=ROOT,
                        capture_output=True, text=True)
   assert out.returncode == -signal.SIGKILL, out.stderr
   ckpt_dir = tmp_path / "checkpoints" / "sft"
   assert sorted(os.listdir(ckpt_dir)) == ["2", "3"]
-  files = [p for p in (ckpt_dir / "3" / "state").rglob("*") if p.is_file()]
-  biggest = max(files, key=lambda p: p.stat().st_size)
-  data = bytearray(biggest.read_bytes())
-  data[len(data) // 2] ^= 0x10
-  biggest.write_bytes(data)
+  damage_fn, file, cause = DAMAGE[damage]
+  damage_fn(ckpt_dir / "3")
+  files = {p.relative_to(ckpt_dir / "3"): p.read_bytes() for p in (ckpt_dir / "3").rglob("*")
+           if p.is_file()}
   out = subprocess.run(_main(tmp_path), cwd=ROOT, capture_output=True, text=True)
   assert out.returncode == 0, out.stderr
-  assert re.search(rf"corpo_jax: stage sft: checkpoint {ckpt_dir}/3 is damaged \(state: the "
-                   r"restored values of 1 arrays \([\w/]+\) do not match their checksums\); moved "
-                   rf"to {ckpt_dir}/damaged/3; using step 2\n", out.stderr), out.stderr
+  assert re.search(rf"corpo_jax: stage sft: checkpoint {ckpt_dir}/3 is damaged \(({file}): "
+                   rf".*({cause}).*\); moved to {ckpt_dir}/damaged/3; using step 2\n",
+                   out.stderr), out.stderr
   assert "stage sft: resuming from the checkpoint at step 2" in out.stderr
   assert _comparable(tmp_path) == _comparable(uninterrupted[0])
-  assert (ckpt_dir / "damaged" / "3" / biggest.relative_to(ckpt_dir / "3")).read_bytes() == data
+  assert {p.relative_to(ckpt_dir / "damaged" / "3"): p.read_bytes()
+          for p in (ckpt_dir / "damaged" / "3").rglob("*") if p.is_file()} == files
