@@ -3,8 +3,9 @@
 Compiled programs are written to a directory keyed by their HLO, compile options, backend and
 jax version, so a rerun, a resumed run, an evaluation of the workdir or another seed with the
 same shapes loads them from disk instead of compiling again; stages whose steps differ only in
-run-time hyperparameters (rl/step.py RUNTIME_FIELDS) share one program (`configs/grpo.py:smoke`
-on the 2-core CPU: 34 s with an empty cache, 15 s with a warm one, 45 s with the cache off).
+run-time hyperparameters (train/optim.py RUNTIME_FIELDS) share one program
+(`configs/grpo.py:smoke` on the 2-core CPU: 34 s with an empty cache, 15 s with a warm one, 45 s
+with the cache off).
 `config.jax_cache_dir` selects it:
 
   "auto"   $JAX_COMPILATION_CACHE_DIR if set, else DEFAULT_DIR

@@ -36,6 +36,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("norm", None),
 )
 _RULES = RULES_BY_NAME = dict(RULES)
+BATCH_AXES = _RULES["batch"]  # mesh axes the rows of a batch are split over
 
 
 def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:

@@ -22,7 +22,7 @@ produce the number. Two things come from corpo_jax instead of a torch forward pa
     the eos ids are chosen so that TRL's truncation test (last id not eos) marks exactly the
     test's `truncated` rows (asserted);
   * the per-token log-probs: `_get_per_token_logps_and_entropies` is replaced by the
-    corpo_jax log-probs of the test (`step.token_logprobs(..., chunk=3)` of the params and of
+    corpo_jax log-probs of the test (`token_logprobs(..., chunk=3)` of the params and of
     the reference params * 0.9), in float64, for the policy or the reference model as asked.
 
 One update per rollout (num_iterations 1, gradient_accumulation_steps 1): old log-probs are
@@ -51,7 +51,7 @@ from tokenizers import Tokenizer, models  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from corpo_jax import model  # noqa: E402
-from corpo_jax.rl import step  # noqa: E402
+from corpo_jax.train.logprobs import token_logprobs  # noqa: E402
 from tests.rl import test_step as t  # noqa: E402  the test's CFG, _batch, B, G, P, TC
 
 # (loss_type, scale_rewards, mask_truncated_completions): the cases of TRL_LOSSES in the test.
@@ -64,8 +64,8 @@ def corpo_logprobs():
   b = t._batch()
   params = model.init_params(t.CFG, jax.random.key(0))  # the test's `params` fixture
   ref_params = jax.tree.map(lambda x: x * 0.9, params)
-  logp = lambda p: np.asarray(step.token_logprobs(p, t.CFG, b.tokens, b.token_mask,
-                                                  chunk=3)[0], np.float64)
+  logp = lambda p: np.asarray(token_logprobs(p, t.CFG, b.tokens, b.token_mask, chunk=3)[0],
+                              np.float64)
   return b, logp(params), logp(ref_params)
 
 

@@ -38,7 +38,8 @@ from corpo_jax.model import ModelConfig
 from corpo_jax.rl import step as rl_step
 from corpo_jax.rl.config import REFERENCE_DTYPES, RLConfig
 from corpo_jax.rl.reference import reference_policy
-from corpo_jax.train import memory
+from corpo_jax.train import memory, optim
+from corpo_jax.train import state as state_lib
 
 _DOCS = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "scale.md")
 GIB = 1024 ** 3
@@ -150,14 +151,14 @@ def measure(args) -> dict:
   T = args.prompt_len + args.completion_len
   rl_cfg = RLConfig(beta=args.beta, num_micro_batches=args.micro_batches,
                     max_completion_len=args.completion_len, reference_dtype=args.reference_dtype)
-  optimizer = rl_step.make_optimizer(rl_cfg, model.abstract_params(cfg))
+  optimizer = optim.make_optimizer(rl_cfg, model.abstract_params(cfg))
   update = rl_step.make_update(cfg, rl_cfg, mesh, optimizer)
 
   params = nn.unbox(model.abstract_params(cfg))
-  state = jax.eval_shape(lambda p: rl_step.TrainState(
+  state = jax.eval_shape(lambda p: state_lib.TrainState(
       step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),
       skipped=jnp.zeros((), jnp.int32)), params)
-  state_sh = rl_step.state_shardings(cfg, optimizer, mesh)
+  state_sh = state_lib.state_shardings(cfg, optimizer, mesh)
   param_sh = model.param_shardings(cfg, mesh)
   BG = args.prompts * args.group
   rows = lambda dtype, *shape: jax.ShapeDtypeStruct(shape, dtype)
@@ -172,7 +173,7 @@ def measure(args) -> dict:
   start = time.perf_counter()
   with jax.set_mesh(mesh):
     lowered = update.jitted(batch.prompt_len).lower(
-        _abstract(state, state_sh), _abstract(batch, batch_sh), ref, rl_step.hyperparams(rl_cfg))
+        _abstract(state, state_sh), _abstract(batch, batch_sh), ref, optim.hyperparams(rl_cfg))
   lower_s = time.perf_counter() - start
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start - lower_s

@@ -28,6 +28,8 @@ from corpo_jax.bench import common, update as update_bench
 from corpo_jax.data import tasks
 from corpo_jax.data.tokenizer import bundled
 from corpo_jax.rl import rewards, step as rl_step
+from corpo_jax.train import optim
+from corpo_jax.train import state as state_lib
 
 SECTION = "GRPO step results (`python -m corpo_jax.bench step`)"
 COLUMNS = ["flags", "step s", "rollout s", "reward s", "update s", "ref forward s",
@@ -61,9 +63,9 @@ def measure(args) -> dict:
                      f"{tokenizer.vocab_size}; the step benchmark decodes and scores completions.")
   peak_flops = common.matmul_peak(args.peak_size)
   params = model.init_params(cfg, jax.random.key(args.seed))
-  optimizer = rl_step.make_optimizer(rl_cfg, params)
+  optimizer = optim.make_optimizer(rl_cfg, params)
   update = rl_step.make_update(cfg, rl_cfg, None, optimizer)
-  state = rl_step.init_state(cfg, optimizer, params)
+  state = state_lib.init_state(cfg, optimizer, params)
   B, G = args.prompts, args.group
   prompts_BP, mask_BP, examples, task = arithmetic_prompts(tokenizer, B, args.prompt_len,
                                                            cfg.pad_id, args.seed)

@@ -39,6 +39,8 @@ from corpo_jax.bench import common
 from corpo_jax.model import ModelConfig
 from corpo_jax.rl import step as rl_step
 from corpo_jax.rl.config import RLConfig
+from corpo_jax.train import optim
+from corpo_jax.train import state as state_lib
 
 SECTION = "Update results (`python -m corpo_jax.bench update`)"
 COLUMNS = ["flags", "update s", "update CPU s", "model GFLOP", "GFLOP/s", "matmul peak GFLOP/s",
@@ -130,9 +132,9 @@ def measure(args) -> dict:
   cfg, rl_cfg = configs(args)
   peak_flops = common.matmul_peak(args.peak_size)
   params = model.init_params(cfg, jax.random.key(args.seed))
-  optimizer = rl_step.make_optimizer(rl_cfg, params)
+  optimizer = optim.make_optimizer(rl_cfg, params)
   update = rl_step.make_update(cfg, rl_cfg, None, optimizer)
-  state = rl_step.init_state(cfg, optimizer, params)
+  state = state_lib.init_state(cfg, optimizer, params)
   batch = random_batch(cfg, args, jax.random.key(args.seed + 1))
   result = analyse(update, state, batch, params, cfg.vocab_size)
   start = time.perf_counter()

@@ -16,8 +16,7 @@ are left out unless rl.loss_on_forced (docs/algorithms.md). A step
 whose loss or gradients are not finite is skipped: parameters and optimizer state stay as they
 were and `state.skipped` counts it. Nothing is random, so no rng is taken.
 
-Log-probs live in "token space": logp_BT[:, t] = log pi(tokens[t] | tokens[:t]) (from the
-logits at t - 1; 0 at t = 0), aligned with Batch.loss_mask.
+Log-probs are in "token space" (corpo_jax/train/logprobs.py), aligned with Batch.loss_mask.
 Shared prompts (`rl.share_prompt`, Batch.prompt_len > 0 as `make_batch` sets it): the policy and
 reference passes run each group's prompt once into a KV cache that its G rows read
 (`shared_prompt_logprobs`), the same values to float rounding; prompt tokens then get log-prob 0
@@ -31,26 +30,25 @@ for the policy loss and KL.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import math
-import re
 from typing import Any, Callable
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from corpo_jax import model, sharding
 from corpo_jax.model import ModelConfig
 from corpo_jax.rl import advantages, losses
-from corpo_jax.rl.config import BASE, RLConfig
-
-BATCH_AXES = ("data", "fsdp", "expert")  # mesh axes the rows of a Batch are split over
+from corpo_jax.rl.config import RLConfig
+from corpo_jax.sharding import BATCH_AXES
+from corpo_jax.train.logprobs import shared_prompt_logprobs, token_logprobs
+from corpo_jax.train.optim import apply_if_finite, hyperparams, program_config, program_optimizer
+from corpo_jax.train.state import (TrainState, merge_trainable, split_trainable, state_shardings,
+                                   trainable_mask)
 
 
 @flax.struct.dataclass
@@ -70,14 +68,6 @@ class Batch:
   # `make_batch` sets it, and the update then runs each prompt once (`rl.share_prompt`); 0: the
   # rows are not known to share their prompts, every row runs in full.
   prompt_len: int = flax.struct.field(pytree_node=False, default=0)
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array  # int32: update() calls so far
-  params: Any
-  opt_state: Any
-  skipped: jax.Array  # int32: optimizer steps skipped for a non-finite loss or gradient
 
 
 def make_batch(prompt_tokens_BP: jax.Array, prompt_mask_BP: jax.Array, rollout: Any,
@@ -108,301 +98,6 @@ def make_batch(prompt_tokens_BP: jax.Array, prompt_mask_BP: jax.Array, rollout: 
       rewards=jnp.asarray(rewards_BG, jnp.float32),
       truncated=jnp.asarray(rollout.truncated, bool),
       experts=rollout.experts, forced=forced, prompt_len=P)
-
-
-# ----------------------------------------------------------------------------- optimizer
-
-
-def param_paths(params: Any) -> Any:
-  """The "/"-joined path of every leaf, e.g. "layers/moe/router" (same tree structure)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda kp, _: "/".join(str(k.key) for k in kp), nn.unbox(params))
-
-
-def trainable_mask(freeze: tuple[str, ...], params: Any) -> Any:
-  """True for leaves that no `freeze` pattern matches; each pattern must match some leaf.
-
-  A pattern matches a path when it matches (re.match) the path up to a "/" or its end:
-  "layers/attn" freezes layers/attn/q, ... but not layers/attn_norm.
-  """
-  paths = param_paths(params)
-  flat = jax.tree.leaves(paths)
-  def frozen_by(pattern: str, path: str) -> bool:
-    if pattern == BASE:
-      return not (path == "thinking" or path.startswith("thinking/"))
-    return re.match(f"(?:{pattern})(?:/|$)", path) is not None
-  for pattern in freeze:
-    if not any(frozen_by(pattern, p) for p in flat):
-      raise ValueError(f"rl.freeze pattern {pattern!r} matches no parameter; paths look like "
-                       f"{flat[:4]} (or use {BASE!r} for all but params['thinking']).")
-  return jax.tree.map(lambda p: not any(frozen_by(f, p) for f in freeze), paths)
-
-
-# Fields whose values the compiled steps take as run-time float32 inputs (`hyperparams`), not as
-# constants: stages and runs that differ only in these (rl and specialize, a tau or learning-rate
-# sweep) lower to the same program, so the persistent compilation cache (compile_cache.py)
-# compiles it once.
-RUNTIME_FIELDS = ("tau", "learning_rate", "warmup_steps", "decay_steps", "weight_decay")
-LR_FIELDS = ("learning_rate", "warmup_steps", "decay_steps")  # learning_rate_at's arguments
-SCHEDULE_FIELDS = LR_FIELDS + ("weight_decay",)  # the optimizer's run-time values
-
-
-def hyperparams(rl_cfg: RLConfig) -> dict[str, np.float32]:
-  """rl_cfg's RUNTIME_FIELDS as float32 scalars: the compiled steps' run-time arguments."""
-  return {f: np.float32(getattr(rl_cfg, f)) for f in RUNTIME_FIELDS}
-
-
-def learning_rate_at(count, learning_rate, warmup_steps, decay_steps) -> jax.Array:
-  """Linear warmup from 0 over `warmup_steps`, then cosine decay to 0 over `decay_steps`
-  (constant if 0). The values may be traced, so one program serves any schedule; the arithmetic
-  is optax's warmup_cosine_decay_schedule's, operation for operation (bit-identical values)."""
-  count = jnp.asarray(count, jnp.float32)
-  frac = 1.0 - jnp.minimum(count, warmup_steps) / jnp.maximum(warmup_steps, 1.0)
-  warming = (0.0 - learning_rate) * frac + learning_rate
-  since = jnp.minimum(count - warmup_steps, decay_steps)
-  cosine = 0.5 * (1.0 + jnp.cos(jnp.pi * since / jnp.maximum(decay_steps, 1.0)))
-  after = jnp.where(decay_steps > 0, learning_rate * cosine, learning_rate)
-  return jnp.where(count < warmup_steps, warming, after)
-
-
-def schedule(rl_cfg: RLConfig) -> optax.Schedule:
-  """The learning rate after `count` optimizer steps under rl_cfg (learning_rate_at)."""
-  return lambda count: learning_rate_at(count, rl_cfg.learning_rate, rl_cfg.warmup_steps,
-                                        rl_cfg.decay_steps)
-
-
-def _extra(defaults: dict[str, float], extra: dict[str, Any]) -> dict[str, Any]:
-  return {f: extra.get(f, v) for f, v in defaults.items()}
-
-
-def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
-  """optax.clip_by_global_norm as one scalar factor on every leaf: g * min(1, max_norm / norm)
-  (optax's per-leaf select of g or g / norm * max_norm agrees to a float32 rounding; XLA:CPU
-  wrote that out as one more pass over the gradients, the factor fuses into the Adam moments).
-  Same (empty) state."""
-
-  def update(updates, state, params=None):
-    del params
-    norm = optax.tree.norm(updates)
-    factor = jnp.where(norm < max_norm, 1.0, max_norm / norm)
-    return jax.tree.map(lambda g: g * factor.astype(g.dtype), updates), state
-
-  return optax.GradientTransformation(optax.init_empty_state, update)
-
-
-def scale_by_adam(b1: float, b2: float, eps: float = 1e-8) -> optax.GradientTransformationExtraArgs:
-  """optax.scale_by_adam (its state and arithmetic) that can skip a step: with the extra
-  argument `finite` False the moments and count stay as they were, and the updates (computed
-  from the kept moments with the next count, so finite) are zeroed by `scale_by_learning_rate`.
-  Computing the updates from the kept moments lets XLA write the moments in place and read
-  the new ones in the parameter pass; a select of new against old state after an unaware
-  optimizer made XLA:CPU copy both moments first (AdamW over 102M parameters: 372 -> 114 ms
-  with `clip_by_global_norm`; docs/benchmarks.md)."""
-
-  def init(params):
-    zeros = lambda: jax.tree.map(jnp.zeros_like, params)
-    return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=zeros(), nu=zeros())
-
-  def update(updates, state, params=None, finite=True, **extra):
-    del params, extra
-    keep = lambda new, old: jnp.where(finite, new, old)
-    mu = jax.tree.map(lambda g, m: keep((1 - b1) * g + b1 * m, m), updates, state.mu)
-    nu = jax.tree.map(lambda g, v: keep((1 - b2) * g**2 + b2 * v, v), updates, state.nu)
-    count = optax.safe_increment(state.count)
-    mu_hat = optax.tree.bias_correction(mu, b1, count)
-    nu_hat = optax.tree.bias_correction(nu, b2, count)
-    updates = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu_hat, nu_hat)
-    return updates, optax.ScaleByAdamState(count=keep(count, state.count), mu=mu, nu=nu)
-
-  return optax.GradientTransformationExtraArgs(init, update)
-
-
-def add_decayed_weights(rl_cfg: RLConfig) -> optax.GradientTransformationExtraArgs:
-  """optax.add_decayed_weights with weight_decay from the update's extra arguments when given
-  (the compiled steps pass `hyperparams`), else rl_cfg's. Same state as optax's (empty)."""
-  defaults = {"weight_decay": float(rl_cfg.weight_decay)}
-
-  def update(updates, state, params=None, **extra):
-    wd = _extra(defaults, extra)["weight_decay"]
-    return jax.tree.map(lambda u, p: u + wd * p, updates, params), state
-
-  return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
-
-
-def scale_by_learning_rate(rl_cfg: RLConfig) -> optax.GradientTransformationExtraArgs:
-  """optax.scale_by_learning_rate(schedule(rl_cfg)) with learning_rate, warmup_steps and
-  decay_steps from the update's extra arguments when given, else rl_cfg's. Same state as
-  optax's (ScaleByScheduleState: the optimizer steps applied). With the extra argument `finite`
-  False the updates are zeroed and the count stays."""
-  defaults = {f: float(getattr(rl_cfg, f)) for f in LR_FIELDS}
-
-  def init(params):
-    del params
-    return optax.ScaleByScheduleState(count=jnp.zeros((), jnp.int32))
-
-  def update(updates, state, params=None, finite=True, **extra):
-    del params
-    lr = jnp.where(finite, learning_rate_at(state.count, **_extra(defaults, extra)), 0.0)
-    updates = jax.tree.map(lambda u: jnp.asarray(-lr, u.dtype) * u, updates)
-    count = jnp.where(finite, optax.safe_increment(state.count), state.count)
-    return updates, optax.ScaleByScheduleState(count=count)
-
-  return optax.GradientTransformationExtraArgs(init, update)
-
-
-class SkippingOptimizer(optax.GradientTransformationExtraArgs):
-  """An optimizer whose update takes the extra argument `finite` (a traced bool) and, when it
-  is False, returns zero updates and the state it was given (`make_optimizer`'s AdamW).
-  `apply_if_finite` then needs no select of new against old state."""
-
-
-def make_optimizer(rl_cfg: RLConfig, params: Any) -> optax.GradientTransformationExtraArgs:
-  """AdamW (optax.adamw's arithmetic to a float32 rounding, and its state) with `schedule`,
-  global-norm clipping (over trainable leaves), and `freeze`: frozen leaves get no update and no
-  optimizer state. `params` may be abstract (shapes only). Its update takes SCHEDULE_FIELDS and
-  `finite` (SkippingOptimizer) as optional extra arguments (run-time values)."""
-  adamw = optax.chain(scale_by_adam(b1=rl_cfg.b1, b2=rl_cfg.b2),
-                      add_decayed_weights(rl_cfg), scale_by_learning_rate(rl_cfg))
-  train = optax.chain(
-      clip_by_global_norm(rl_cfg.grad_clip_norm) if rl_cfg.grad_clip_norm else optax.identity(),
-      adamw)  # optax.adamw's state layout: checkpoints of earlier versions restore
-  mask = trainable_mask(rl_cfg.freeze, params)
-  if all(jax.tree.leaves(mask)):
-    return SkippingOptimizer(*train)
-  labels = jax.tree.map(lambda t: "train" if t else "frozen", mask)
-  return SkippingOptimizer(*optax.multi_transform({"train": train, "frozen": optax.set_to_zero()},
-                                                  labels))
-
-
-# ----------------------------------------------------------------------------- state
-
-
-def state_shardings(model_cfg: ModelConfig, optimizer: optax.GradientTransformation,
-                    mesh: Mesh) -> TrainState:
-  """Shardings of a TrainState: optimizer moments follow their parameter, the rest replicated."""
-  abstract = nn.unbox(model.abstract_params(model_cfg))
-  param_sh = model.param_shardings(model_cfg, mesh)
-  by_path = {}
-  for kp, sh in jax.tree_util.tree_flatten_with_path(param_sh)[0]:
-    by_path[tuple(k.key for k in kp)] = sh
-
-  def one(kp, leaf):
-    keys = tuple(k.key for k in kp if isinstance(k, jax.tree_util.DictKey))
-    for start in range(len(keys)):  # optax may nest the moments under its own dict keys
-      if keys[start:] in by_path and leaf.ndim:
-        return by_path[keys[start:]]
-    return sharding.replicated(mesh)
-
-  opt_sh = jax.tree_util.tree_map_with_path(one, jax.eval_shape(optimizer.init, abstract))
-  rep = sharding.replicated(mesh)
-  return TrainState(step=rep, params=param_sh, opt_state=opt_sh, skipped=rep)
-
-
-def abstract_state(model_cfg: ModelConfig, optimizer: optax.GradientTransformation,
-                   mesh: Mesh) -> TrainState:
-  """The TrainState's shapes with its shardings on `mesh` (a restore target, or what a memory
-  estimate counts); nothing is allocated."""
-  shapes = jax.eval_shape(
-      lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),
-                           skipped=jnp.zeros((), jnp.int32)),
-      nn.unbox(model.abstract_params(model_cfg)))
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                      shapes, state_shardings(model_cfg, optimizer, mesh))
-
-
-def init_state(model_cfg: ModelConfig, optimizer: optax.GradientTransformation, params: Any,
-               mesh: Mesh | None = None) -> TrainState:
-  """A TrainState at step 0 holding a copy of `params` (so the caller may keep `params` as the
-  reference policy while the state is donated), laid out in `state_shardings`."""
-  def init(params):
-    params = jax.tree.map(jnp.copy, params)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=optimizer.init(params), skipped=jnp.zeros((), jnp.int32))
-  if mesh is None:
-    return jax.jit(init)(params)
-  with jax.set_mesh(mesh):
-    return jax.jit(init, out_shardings=state_shardings(model_cfg, optimizer, mesh))(params)
-
-
-# ----------------------------------------------------------------------------- log-probs
-
-
-def token_logprobs(params: Any, model_cfg: ModelConfig, tokens_BT: jax.Array,
-                   token_mask_BT: jax.Array, *, temperature: float = 1.0, chunk: int = 128,
-                   experts_LBTA: jax.Array | None = None) -> tuple[jax.Array, jax.Array, Any]:
-  """(logp_BT, entropy_BT, model Output) of every token given its prefix (module doc); the
-  Output carries the MoE aux losses and the step classifier's logits.
-
-  Logits / temperature are projected `chunk` time steps at a time inside a rematerialised
-  lax.map, so at most [B, chunk, V] float32 logits are live, in the forward and backward pass.
-  entropy_BT[:, t] is the entropy of the distribution tokens[t] was drawn from.
-  """
-  out = model.run(params, model_cfg, tokens_BT, token_mask_BT, experts_LBTA=experts_LBTA)
-  B = tokens_BT.shape[0]
-  logp_BT, entropy_BT = _next_token_logprobs(params, model_cfg, out.hidden, tokens_BT[:, 1:],
-                                             temperature, chunk)
-  first = lambda x: jnp.concatenate([jnp.zeros((B, 1), jnp.float32), x], axis=1)
-  return first(logp_BT), first(entropy_BT), out
-
-
-def shared_prompt_logprobs(params: Any, model_cfg: ModelConfig, tokens_BT: jax.Array,
-                           token_mask_BT: jax.Array, *, group: int, prompt_len: int,
-                           temperature: float = 1.0, chunk: int = 128,
-                           experts_LBTA: jax.Array | None = None
-                           ) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
-  """`token_logprobs` for rows whose groups of `group` consecutive rows share their first
-  `prompt_len` tokens (a left-padded prompt): each prompt runs once into a KV cache, which is
-  copied to its rows, and only the completions run per row (the sampler's prefill, but
-  differentiable: the copy's gradient sums the rows' contributions). The same values as
-  `token_logprobs` on the completion tokens to float rounding, for (P + T_c) / (P / G + T_c)
-  times fewer token FLOPs; log-probs and entropies of the prompt tokens are 0 (never trained
-  on). Returns (logp_BT, entropy_BT, aux): the MoE aux losses of the whole batch, the prompt
-  tokens counted once per row (`model.merge_aux`), as `token_logprobs` counts them.
-  """
-  BG, T = tokens_BT.shape
-  G, P = group, prompt_len
-  replay = lambda rows, times: None if experts_LBTA is None else experts_LBTA[:, rows, times]
-  prompt = model.run(params, model_cfg, tokens_BT[::G, :P], token_mask_BT[::G, :P],
-                     cache=model.init_cache(model_cfg, BG // G, T),
-                     experts_LBTA=replay(slice(None, None, G), slice(None, P)), decoding=False)
-  completion = model.run(params, model_cfg, tokens_BT[:, P:], token_mask_BT[:, P:],
-                         cache=model.repeat_cache(prompt.cache, model_cfg, G),
-                         experts_LBTA=replay(slice(None), slice(P, None)), decoding=False)
-  # The prompt's last position predicts the first completion token, and so on.
-  last = jax.tree.map(lambda x: jnp.repeat(x[:, -1:], G, axis=0), prompt.hidden)
-  hidden = jax.tree.map(lambda a, b: jnp.concatenate([a, b[:, :-1]], axis=1), last,
-                        completion.hidden)
-  logp_BT, entropy_BT = _next_token_logprobs(params, model_cfg, hidden, tokens_BT[:, P:],
-                                             temperature, chunk)
-  prompt_zeros = lambda x: jnp.concatenate([jnp.zeros((BG, P), jnp.float32), x], axis=1)
-  aux = model.merge_aux([(prompt.aux, G), (completion.aux, 1)])
-  return prompt_zeros(logp_BT), prompt_zeros(entropy_BT), aux
-
-
-def _next_token_logprobs(params: Any, model_cfg: ModelConfig, hidden: model.Hidden,
-                         next_BT: jax.Array, temperature: float,
-                         chunk: int) -> tuple[jax.Array, jax.Array]:
-  """log pi(next_BT[:, t]) and the entropy of pi, from the hidden states at position t (the
-  first next_BT.shape[1] positions of `hidden`), `chunk` positions at a time (token_logprobs)."""
-  B, T = next_BT.shape
-  c = min(chunk, T)
-  n = -(-T // c)
-
-  def to_chunks(x):  # [B, T, ...] -> [n, B, c, ...]
-    x = jnp.pad(x[:, :T], [(0, 0), (0, n * c - T)] + [(0, 0)] * (x.ndim - 2))
-    return jnp.swapaxes(x.reshape(B, n, c, *x.shape[2:]), 0, 1)
-
-  @jax.checkpoint
-  def one_chunk(xs):
-    hidden, next_Bc = xs
-    logp_BcV = jax.nn.log_softmax(model.project(params, model_cfg, hidden) / temperature, axis=-1)
-    logp_Bc = jnp.take_along_axis(logp_BcV, next_Bc[..., None], axis=-1)[..., 0]
-    entropy_Bc = -jnp.sum(jnp.exp(logp_BcV) * logp_BcV, axis=-1)
-    return logp_Bc, jax.lax.stop_gradient(entropy_Bc)
-
-  logp_nBc, entropy_nBc = jax.lax.map(one_chunk, jax.tree.map(to_chunks, (hidden, next_BT)))
-  from_chunks = lambda x: jnp.swapaxes(x, 0, 1).reshape(B, n * c)[:, :T]
-  return from_chunks(logp_nBc), from_chunks(entropy_nBc)
 
 
 # ----------------------------------------------------------------------------- the update
@@ -484,45 +179,6 @@ def _accumulate(params, micro: _Micro, old_MBT, ref_MBT, denom, n_tokens, loss_f
   zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), (params, zero_m))
   (grads, m), _ = jax.lax.scan(body, zeros, (micro, old_MBT, ref_MBT))
   return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params), m
-
-
-def merge_trainable(a: Any, b: Any) -> Any:
-  """Leaves of `a`, with `b`'s where `a` holds None (same structure otherwise)."""
-  return jax.tree.map(lambda x, y: y if x is None else x, a, b, is_leaf=lambda x: x is None)
-
-
-def split_trainable(params: Any, trainable: Any) -> tuple[Any, Any]:
-  """(trainable leaves with None for frozen ones, frozen leaves with None for trainable ones):
-  differentiate the first, close over the second, `merge_trainable` them back."""
-  train = jax.tree.map(lambda p, t: p if t else None, params, trainable)
-  frozen = jax.tree.map(lambda p, t: None if t else p, params, trainable)
-  return train, frozen
-
-
-def apply_if_finite(state: TrainState, grads: Any, frozen: Any, loss: jax.Array,
-                    optimizer: optax.GradientTransformation,
-                    hp: dict[str, jax.Array]) -> tuple[TrainState, dict]:
-  """One optimizer step with the trainable leaves' `grads` and the run-time `hp` (hyperparams);
-  if the loss or the gradients' global norm is non-finite (a nan or inf element, or a norm that
-  overflows float32), params and optimizer state stay as they were and `skipped` counts it.
-  One check on the norm (computed anyway) compiles to a few kernels where a per-leaf isfinite
-  reduction cost the SFT step ~1.5 s of compile. A SkippingOptimizer keeps its state itself;
-  for any other optimizer a per-leaf select of new against old state does it (a lax.cond
-  instead compiles less but made the update ~7% slower; docs/benchmarks.md)."""
-  grads = merge_trainable(grads, jax.tree.map(jnp.zeros_like, frozen))  # ignored by set_to_zero
-  grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  skipping = isinstance(optimizer, SkippingOptimizer)
-  extra = {f: hp[f] for f in SCHEDULE_FIELDS} | ({"finite": finite} if skipping else {})
-  updates, opt_state = optax.with_extra_args_support(optimizer).update(
-      grads, state.opt_state, state.params, **extra)
-  params = optax.apply_updates(state.params, updates)
-  if not skipping:
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
-  state = state.replace(params=params, opt_state=opt_state,
-                        skipped=state.skipped + (~finite).astype(jnp.int32))
-  return state, {"grad_norm": grad_norm, "applied": finite.astype(jnp.float32)}
 
 
 def _train_step(state: TrainState, batch: Batch, ref_params: Any, hp: dict[str, jax.Array], *,
@@ -638,26 +294,6 @@ def batch_shardings(mesh: Mesh, with_experts: bool, prompt_len: int = 0,
                truncated=rows,
                experts=NamedSharding(mesh, P(None, BATCH_AXES)) if with_experts else None,
                forced=rows if with_forced else None, prompt_len=prompt_len)
-
-
-def program_config(rl_cfg: RLConfig) -> RLConfig:
-  """rl_cfg with its RUNTIME_FIELDS at RLConfig's defaults: all the compiled step depends on."""
-  defaults = RLConfig()
-  return dataclasses.replace(rl_cfg, **{f: getattr(defaults, f) for f in RUNTIME_FIELDS})
-
-
-def program_optimizer(model_cfg: ModelConfig,
-                      rl_cfg: RLConfig) -> optax.GradientTransformationExtraArgs:
-  """`make_optimizer`'s AdamW for rl_cfg's program config, one object per (model, program
-  config): the state of `make_optimizer(rl_cfg, params)`, the schedule and weight decay taken
-  as run-time values only (`hyperparams`). Stages that differ only in RUNTIME_FIELDS get the
-  same optimizer, hence the same jitted step (`make_update`)."""
-  return _program_optimizer(model_cfg, program_config(rl_cfg))
-
-
-@functools.lru_cache(maxsize=16)
-def _program_optimizer(model_cfg: ModelConfig, program: RLConfig):
-  return make_optimizer(program, model.abstract_params(model_cfg))
 
 
 @functools.lru_cache(maxsize=32)

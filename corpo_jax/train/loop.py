@@ -45,7 +45,8 @@ from corpo_jax.rl import rollout as rollout_lib
 from corpo_jax.rl import step as rl_step
 from corpo_jax.rl.config import RLConfig
 from corpo_jax.rl.reference import reference_policy
-from corpo_jax.train import checkpoint, memory
+from corpo_jax.train import checkpoint, memory, optim
+from corpo_jax.train import state as state_lib
 from corpo_jax.train import workdir as workdir_lib
 from corpo_jax.train import sft as sft_lib
 from corpo_jax.train.checkpoint import Checkpointer
@@ -218,9 +219,9 @@ def _for_stage(error: ValueError, name: str) -> ValueError:
 
 def stage_optimizer(run: Run, name: str) -> tuple[RLConfig, Any]:
   """(RLConfig, optax optimizer) of a stage; the same for training and for restoring it, and the
-  same object for stages of one program config (rl_step.program_optimizer)."""
+  same object for stages of one program config (optim.program_optimizer)."""
   rl_cfg = rl_config(run.config, name)
-  return rl_cfg, rl_step.program_optimizer(run.cfg, rl_cfg)
+  return rl_cfg, optim.program_optimizer(run.cfg, rl_cfg)
 
 
 def load_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
@@ -411,7 +412,7 @@ def _sft_plan(run: Run, name: str, stage, index: int) -> StagePlan:
     if rows is None:
       raise ValueError(f"config.{name}.tasks={tuple(stage.tasks)}: SFT on generated traces takes "
                        f"one task (or set config.{name}.traces).")
-  rows_sh = NamedSharding(run.mesh, P(rl_step.BATCH_AXES))  # the update's batch sharding
+  rows_sh = NamedSharding(run.mesh, P(sharding.BATCH_AXES))  # the update's batch sharding
   loader = pipeline.sft_sequences(rows, run.tokenizer, batch_size=stage.batch_size,
                                   seed=run.config.seed + index, trace_share=stage.trace_share,
                                   batch_rows=distributed.process_rows(rows_sh, stage.batch_size))
@@ -605,7 +606,7 @@ def _run_stage(run: Run, index: int, name: str, start: Callable[[], Any],
   latest = None
   if ckpt.all_steps():  # the newest intact step; damaged newer ones are reported and set aside
     latest, state, meta = ckpt.restore_latest(
-        rl_step.abstract_state(run.cfg, plan.optimizer, run.mesh), iterator, set_aside=True,
+        state_lib.abstract_state(run.cfg, plan.optimizer, run.mesh), iterator, set_aside=True,
         report=lambda message: run.say(f"stage {name}: {message}"))
     if meta.get("done"):
       run.say(f"stage {name}: already finished (step {latest}); skipping")
@@ -613,7 +614,7 @@ def _run_stage(run: Run, index: int, name: str, start: Callable[[], Any],
       return state.params, []
     run.say(f"stage {name}: resuming from the checkpoint at step {latest}")
   else:
-    state = rl_step.init_state(run.cfg, plan.optimizer, start(), run.mesh)
+    state = state_lib.init_state(run.cfg, plan.optimizer, start(), run.mesh)
   if run.is_main:  # rows an interrupted attempt wrote after its last complete checkpoint
     for log in (run.writer.path, run.path("eval.jsonl"), run.path("samples.jsonl")):
       _drop_rows_after(log, name, latest or 0)
@@ -680,7 +681,7 @@ def check_memory(run: Run) -> None:
   estimates = []
   for name in run.config.stages:
     rl_cfg, optimizer = stage_optimizer(run, name)
-    state = rl_step.abstract_state(run.cfg, optimizer, run.mesh)
+    state = state_lib.abstract_state(run.cfg, optimizer, run.mesh)
     has_ref = run.config[name].kind == "rl" and rl_cfg.beta > 0
     ref = reference_policy(state.params, rl_cfg.reference_dtype) if has_ref else None
     estimates.append(memory.estimate(state, ref))
@@ -754,7 +755,7 @@ def restore_workdir(workdir: str, stage: str | None = None) -> tuple[Run, str, i
       if not ckpt.all_steps():
         continue
       _, optimizer = stage_optimizer(r, name)
-      latest, state, _ = ckpt.restore_latest(rl_step.abstract_state(r.cfg, optimizer, r.mesh),
+      latest, state, _ = ckpt.restore_latest(state_lib.abstract_state(r.cfg, optimizer, r.mesh),
                                              set_aside=False, report=r.say)
     finally:
       ckpt.close()

@@ -21,9 +21,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from corpo_jax import model, sharding
 from corpo_jax.model import ModelConfig
 from corpo_jax.rl.config import RLConfig
-from corpo_jax.rl.step import (BATCH_AXES, TrainState, apply_if_finite, hyperparams,
-                               merge_trainable, split_trainable, state_shardings, token_logprobs,
-                               trainable_mask)
+from corpo_jax.sharding import BATCH_AXES
+from corpo_jax.train.logprobs import token_logprobs
+from corpo_jax.train.optim import apply_if_finite, hyperparams
+from corpo_jax.train.state import (TrainState, merge_trainable, split_trainable, state_shardings,
+                                   trainable_mask)
 
 LOSS_TARGETS = ("trace", "answer")
 

@@ -21,6 +21,8 @@ import numpy as np
 from corpo_jax.train import loop
 from corpo_jax.train.checkpoint import Checkpointer
 from corpo_jax.rl import step as rl_step
+from corpo_jax.train import logprobs
+from corpo_jax.train import state as state_lib
 
 src, lr, nsteps = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
 config = ml_collections.ConfigDict(json.load(open(os.path.join(src, "config.json"))))
@@ -32,14 +34,14 @@ _, opt0 = loop.stage_optimizer(run, "sft")
 st, _ = ckpt.restore(ckpt.latest_step(), loop._abstract_state(run, opt0)); ckpt.close()
 params = st.params
 rl_cfg, optimizer = loop.stage_optimizer(run, "rl")
-state = rl_step.init_state(run.cfg, optimizer, params, run.mesh)
+state = state_lib.init_state(run.cfg, optimizer, params, run.mesh)
 plan = loop._rl_plan(run, "rl", config.rl, 1, ref_params=params)
 it = iter(plan.loader)
 captured = []
 orig = rl_step.make_batch
 def cap(*a, **k):
   b = orig(*a, **k); captured.append(b); return b
-seqlp = lambda p, b: np.asarray(jnp.sum(jnp.where(b.loss_mask, rl_step.token_logprobs(p, run.cfg, b.tokens, b.token_mask, temperature=rl_cfg.temperature)[0], 0.0), axis=1))
+seqlp = lambda p, b: np.asarray(jnp.sum(jnp.where(b.loss_mask, logprobs.token_logprobs(p, run.cfg, b.tokens, b.token_mask, temperature=rl_cfg.temperature)[0], 0.0), axis=1))
 with mock.patch.object(rl_step, "make_batch", cap):
   for k in range(nsteps):
     before = jax.tree.map(jnp.copy, state.params)

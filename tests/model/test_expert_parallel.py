@@ -17,6 +17,7 @@ import pytest
 from corpo_jax import model, sampling, sharding
 from corpo_jax.rl import step
 from corpo_jax.rl.config import RLConfig
+from corpo_jax.train import state as state_lib
 from tests.model.test_moe import _assert_close
 
 ONE = model.ModelConfig.preset("tiny")  # capacity dispatch; C = N: drops nothing
@@ -102,8 +103,8 @@ def test_greedy_generation_and_its_experts_equal_one_device(mesh_shape):
 def _one_device_update():
   batch, rl_cfg, opt = _update_inputs()
   params = _params(ONE)
-  state, _ = step.make_update(ONE, rl_cfg, None, opt)(step.init_state(ONE, opt, params), batch,
-                                                      params)
+  state, _ = step.make_update(ONE, rl_cfg, None, opt)(state_lib.init_state(ONE, opt, params),
+                                                      batch, params)
   return jax.device_get(state.params)
 
 
@@ -133,8 +134,8 @@ def test_rl_update_equals_one_device(mesh_shape):
   params = _params(ONE)
   mesh = sharding.make_mesh(mesh_shape)
   ref = jax.device_put(params, model.param_shardings(EP, mesh))
-  ep, _ = step.make_update(EP, rl_cfg, mesh, opt)(step.init_state(EP, opt, params, mesh), batch,
-                                                  ref)
+  ep, _ = step.make_update(EP, rl_cfg, mesh, opt)(state_lib.init_state(EP, opt, params, mesh),
+                                                  batch, ref)
   _assert_close(jax.device_get(ep.params), _one_device_update())
 
 

@@ -14,6 +14,8 @@ import pytest
 from corpo_jax import model
 from corpo_jax.rl import step as rl_step
 from corpo_jax.rl.config import RLConfig
+from corpo_jax.train import optim
+from corpo_jax.train import state as state_lib
 
 CFG = model.ModelConfig.preset("tiny", num_layers=1, thinking_layers=0)
 B, G, P, T = 2, 2, 3, 4
@@ -51,7 +53,7 @@ CHANGES = {
     "grad_clip_norm": ({}, 0.5),
     "freeze": ({}, ("layers",)),
 }
-# Run-time inputs of the one compiled program (rl_step.RUNTIME_FIELDS): they change its arguments.
+# Run-time inputs of the one compiled program (optim.RUNTIME_FIELDS): they change its arguments.
 RUNTIME = {"tau": 0.5, "learning_rate": 1e-3, "warmup_steps": 3, "decay_steps": 10,
            "weight_decay": 0.1}
 # Read by the trainer, not the update; the test that shows each one working.
@@ -81,9 +83,9 @@ def _inputs():
 def _program(rl_cfg: RLConfig) -> str:
   """The update's lowered program text (lowering traces it; nothing is compiled)."""
   params, batch = _inputs()
-  optimizer = rl_step.program_optimizer(CFG, rl_cfg)
+  optimizer = optim.program_optimizer(CFG, rl_cfg)
   update = rl_step.make_update(CFG, rl_cfg, None, optimizer)
-  state = jax.eval_shape(lambda p: rl_step.init_state(CFG, optimizer, p), params)
+  state = jax.eval_shape(lambda p: state_lib.init_state(CFG, optimizer, p), params)
   ref = params if rl_cfg.reference_dtype == "param" else jax.tree.map(
       lambda x: x.astype(jnp.bfloat16), params)
   return update.lower(state, batch, ref).as_text()
@@ -93,7 +95,7 @@ def test_every_field_is_covered_here():
   names = {f.name for f in dataclasses.fields(RLConfig)}
   assert names == set(CHANGES) | set(RUNTIME) | set(TRAINER), (
       names ^ (set(CHANGES) | set(RUNTIME) | set(TRAINER)))
-  assert set(RUNTIME) == set(rl_step.RUNTIME_FIELDS)
+  assert set(RUNTIME) == set(optim.RUNTIME_FIELDS)
 
 
 @pytest.mark.parametrize("field", sorted(CHANGES))
@@ -108,8 +110,8 @@ def test_field_changes_the_compiled_update(field):
 def test_runtime_fields_change_the_update_inputs():
   for field, value in RUNTIME.items():
     before, after = RLConfig(**BASE), RLConfig(**{**BASE, field: value})
-    assert rl_step.program_config(before) == rl_step.program_config(after)  # the same program
-    assert rl_step.hyperparams(after)[field] == np.float32(value) != rl_step.hyperparams(before)[field]
+    assert optim.program_config(before) == optim.program_config(after)  # the same program
+    assert optim.hyperparams(after)[field] == np.float32(value) != optim.hyperparams(before)[field]
 
 
 def test_trainer_fields_name_a_test_that_exists():

@@ -10,6 +10,8 @@ import pytest
 from corpo_jax import model
 from corpo_jax.rl import step
 from corpo_jax.rl.config import RLConfig
+from corpo_jax.train import optim
+from corpo_jax.train import state as state_lib
 
 CFG = model.ModelConfig.preset("tiny", vocab_size=16, d_model=32, d_ff=32, num_layers=1,
                                num_heads=4, num_kv_heads=2, thinking_layers=0)
@@ -41,8 +43,8 @@ def _train(advantage, scale, steps=50):
   rl_cfg = RLConfig(advantage=advantage, scale=scale, tau=0.5, learning_rate=1e-2,
                     max_completion_len=TC)
   params = _init_params()
-  opt = step.make_optimizer(rl_cfg, params)
-  state = step.init_state(CFG, opt, params)
+  opt = optim.make_optimizer(rl_cfg, params)
+  state = state_lib.init_state(CFG, opt, params)
   update = step.make_update(CFG, rl_cfg, None, opt)
   rng = jax.random.key(1)
   loss_mask = np.zeros((B * G, P + TC), bool)

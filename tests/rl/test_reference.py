@@ -9,10 +9,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from corpo_jax import model, sharding
 from corpo_jax.model import ModelConfig
-from corpo_jax.rl import step as rl_step
 from corpo_jax.rl.config import RLConfig
 from corpo_jax.rl.reference import reference_policy
-from corpo_jax.train import memory
+from corpo_jax.train import logprobs, memory
 from corpo_jax.train.loop import StartParams
 
 CFG = ModelConfig.preset("tiny", dtype="bfloat16")
@@ -53,7 +52,7 @@ def test_bfloat16_reference_logprobs_are_the_params_up_to_weight_rounding():
   params = model.init_params(CFG, jax.random.key(1))
   tokens = jax.random.randint(jax.random.key(2), (4, 16), 1, CFG.vocab_size)
   mask = jnp.ones_like(tokens, bool)
-  logp = lambda p: rl_step.token_logprobs(p, CFG, tokens, mask)[0][:, 1:]
+  logp = lambda p: logprobs.token_logprobs(p, CFG, tokens, mask)[0][:, 1:]
   full, cast = logp(params), logp(reference_policy(params, "bfloat16"))
   assert float(jnp.abs(full).mean()) > 5  # about log(1024): a spread-out distribution
   diff = jnp.abs(cast - full)

@@ -16,6 +16,8 @@ import pytest
 from corpo_jax import model, sharding
 from corpo_jax.rl import step
 from corpo_jax.rl.config import RLConfig
+from corpo_jax.train import logprobs, optim
+from corpo_jax.train import state as state_lib
 
 # Smaller than "tiny": compile time dominates these tests. MoE aux weights are 0 so that
 # accumulation is exact (aux losses are per-micro-batch means; see step.py).
@@ -60,7 +62,7 @@ def _numpy(tree):
 
 
 def _run(params, rl_cfg, mesh=None, opt=SGD):
-  state = step.init_state(CFG, opt, params, mesh)
+  state = state_lib.init_state(CFG, opt, params, mesh)
   ref = params if mesh is None else jax.device_put(params, model.param_shardings(CFG, mesh))
   new_state, metrics = step.make_update(CFG, rl_cfg, mesh, opt)(state, _batch(), ref)
   return _numpy(new_state), _numpy(metrics)
@@ -71,7 +73,7 @@ def reference(params):
   """One full-batch update on one device; the update function traces at most once."""
   with mock.patch.object(step, "_train_step", chex.assert_max_traces(step._train_step, n=1)):
     update = step.make_update(CFG, RL, None, SGD)
-  state = step.init_state(CFG, SGD, params)
+  state = state_lib.init_state(CFG, SGD, params)
   new_state, metrics = update(state, _batch())
   return types.SimpleNamespace(update=update, opt=SGD, state=_numpy(new_state),
                                metrics=_numpy(metrics))
@@ -123,7 +125,7 @@ def test_sharded_equals_single_device(params, reference, shape, overrides):
 
 def test_frozen_params_bit_identical(params):
   rl_cfg = dataclasses.replace(RL, freeze=("embed", "layers/attn"))
-  state, metrics = _run(params, rl_cfg, opt=step.make_optimizer(rl_cfg, params))
+  state, metrics = _run(params, rl_cfg, opt=optim.make_optimizer(rl_cfg, params))
   assert metrics["applied"] == 1.0
   flat_new = dict(jax.tree_util.tree_leaves_with_path(state.params))
   for path, old in jax.tree_util.tree_leaves_with_path(_numpy(params)):
@@ -133,7 +135,7 @@ def test_frozen_params_bit_identical(params):
 
 
 def test_nan_rewards_are_skipped_and_counted(params, reference):
-  state = step.init_state(CFG, reference.opt, params)
+  state = state_lib.init_state(CFG, reference.opt, params)
   before = _numpy(state)
   bad = _batch(seed=1, rewards=np.where(np.eye(B, G, dtype=bool), np.nan, 1.0))
   state, metrics = reference.update(state, bad)
@@ -151,12 +153,12 @@ def test_a_non_finite_or_overflowing_gradient_is_skipped(params, bad):
   elements whose norm overflows float32 (1e30 ** 2), leave params and optimizer state as they
   were; the same gradient with that element set to 1.0 applies."""
   opt = optax.adam(1e-3)
-  state = step.init_state(CFG, opt, params)
-  hp = step.hyperparams(RL)
+  state = state_lib.init_state(CFG, opt, params)
+  hp = optim.hyperparams(RL)
   grads = jax.tree.map(jnp.zeros_like, state.params)
   for value, applied in ((bad, 0.0), (1.0, 1.0)):
     g = {**grads, "lm_head": grads["lm_head"].at[0, 0].set(value)}
-    new, m = jax.jit(step.apply_if_finite, static_argnums=4)(
+    new, m = jax.jit(optim.apply_if_finite, static_argnums=4)(
         state, g, jax.tree.map(lambda _: None, g), jnp.float32(0.5), opt, hp)
     assert float(m["applied"]) == applied and int(new.skipped) == 1 - applied
     changed = not np.array_equal(np.asarray(new.params["lm_head"]),
@@ -170,20 +172,20 @@ def test_adamw_skips_by_itself_like_the_select_of_any_optimizer(params, freeze):
   params and optimizer state come out bit-identical to the generic path's select, for a nan
   gradient (count and moments unchanged) and then for clipped good ones (norm > 1)."""
   rl_cfg = dataclasses.replace(RL, learning_rate=1e-2, weight_decay=0.1, freeze=freeze)
-  ours = step.make_optimizer(rl_cfg, params)
+  ours = optim.make_optimizer(rl_cfg, params)
   generic = optax.GradientTransformationExtraArgs(*ours)  # the same transforms, unmarked
-  assert isinstance(ours, step.SkippingOptimizer)
-  assert not isinstance(generic, step.SkippingOptimizer)
-  hp = step.hyperparams(rl_cfg)
-  trainable = step.trainable_mask(freeze, params)
-  apply = jax.jit(step.apply_if_finite, static_argnums=4)
-  states = [step.init_state(CFG, opt, params) for opt in (ours, generic)]
+  assert isinstance(ours, optim.SkippingOptimizer)
+  assert not isinstance(generic, optim.SkippingOptimizer)
+  hp = optim.hyperparams(rl_cfg)
+  trainable = state_lib.trainable_mask(freeze, params)
+  apply = jax.jit(optim.apply_if_finite, static_argnums=4)
+  states = [state_lib.init_state(CFG, opt, params) for opt in (ours, generic)]
   start = _numpy(states[0])
   for k, bad in enumerate((np.nan, None, None)):
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.3 * (k + 1)), states[0].params)
     if bad is not None:
       grads = {**grads, "lm_head": grads["lm_head"].at[0, 0].set(bad)}
-    train, frozen = step.split_trainable(grads, trainable)
+    train, frozen = state_lib.split_trainable(grads, trainable)
     for i, opt in enumerate((ours, generic)):
       states[i], m = apply(states[i], train, frozen, jnp.float32(0.5), opt, hp)
       assert float(m["applied"]) == (bad is None)
@@ -202,17 +204,17 @@ def test_adamw_skips_by_itself_like_the_select_of_any_optimizer(params, freeze):
 def test_clip_by_global_norm_equals_optax():
   grads = {"a": jnp.linspace(-3.0, 2.0, 12).reshape(3, 4), "b": jnp.arange(5.0)}
   for max_norm in (0.5, 100.0):
-    ours, _ = step.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+    ours, _ = optim.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
     theirs, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
     chex.assert_trees_all_close(ours, theirs, rtol=1e-6, atol=0)
   assert float(optax.tree.norm(ours)) == float(optax.tree.norm(grads))  # 100: unclipped
-  clipped, _ = step.clip_by_global_norm(0.5).update(grads, optax.EmptyState())
+  clipped, _ = optim.clip_by_global_norm(0.5).update(grads, optax.EmptyState())
   assert float(optax.tree.norm(clipped)) == pytest.approx(0.5, rel=1e-6)
 
 
 def test_update_compiles_once_across_steps(params, reference):
   """`reference.update` wraps _train_step in chex.assert_max_traces(n=1): a retrace raises."""
-  state = step.init_state(CFG, reference.opt, params)
+  state = state_lib.init_state(CFG, reference.opt, params)
   losses = []
   for seed in range(3):
     state, metrics = reference.update(state, _batch(seed=seed + 10))
@@ -222,7 +224,7 @@ def test_update_compiles_once_across_steps(params, reference):
 
 def test_num_iterations_reuses_old_logprobs_with_kl(params):
   rl_cfg = dataclasses.replace(RL, num_iterations=2, beta=0.05, learning_rate=1e-2)
-  opt = step.make_optimizer(rl_cfg, params)
+  opt = optim.make_optimizer(rl_cfg, params)
   state, metrics = _run(params, rl_cfg, opt=opt)
   # The second optimizer step sees ratios != 1 against the log-probs computed before the first,
   # and a KL > 0 against the reference (= the starting params).
@@ -236,8 +238,8 @@ def test_num_iterations_reuses_old_logprobs_with_kl(params):
 def test_token_logprobs_chunked_equal_full_logits(params):
   b = _batch()
   tokens, mask = jnp.asarray(b.tokens), jnp.asarray(b.token_mask)
-  logp, entropy, _ = jax.jit(lambda p: step.token_logprobs(p, CFG, tokens, mask, temperature=2.0,
-                                                           chunk=3))(params)
+  logp, entropy, _ = jax.jit(lambda p: logprobs.token_logprobs(p, CFG, tokens, mask,
+                                                               temperature=2.0, chunk=3))(params)
   logp_BTV = jax.nn.log_softmax(model.forward(params, CFG, tokens, mask) / 2.0, axis=-1)
   want = jnp.take_along_axis(logp_BTV[:, :-1], tokens[:, 1:, None], -1)[..., 0]
   np.testing.assert_allclose(logp[:, 1:], want, rtol=1e-5, atol=1e-6)
@@ -274,25 +276,25 @@ def test_make_batch_follows_the_contract():
 def test_freeze_base_and_optimizer_memory():
   cfg = model.ModelConfig.preset("tiny")
   abstract = model.abstract_params(cfg)
-  mask = step.trainable_mask(("base",), abstract)
+  mask = state_lib.trainable_mask(("base",), abstract)
   assert not any(jax.tree.leaves({k: v for k, v in mask.items() if k != "thinking"}))
   assert all(jax.tree.leaves(mask["thinking"]))
   unboxed = nn.unbox(abstract)
   size = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
   thinking = size(unboxed["thinking"])
-  opt = step.make_optimizer(RLConfig(freeze=("base",)), abstract)
+  opt = optim.make_optimizer(RLConfig(freeze=("base",)), abstract)
   opt_state = jax.eval_shape(opt.init, unboxed)
   assert size(opt_state) <= 2 * thinking + 4  # Adam moments of the thinking head + counters
   with pytest.raises(ValueError, match="matches no parameter"):
-    step.trainable_mask(("encoder/",), abstract)
+    state_lib.trainable_mask(("encoder/",), abstract)
 
 
 def test_schedule_warmup_then_cosine():
-  s = step.schedule(RLConfig(learning_rate=1.0, warmup_steps=10, decay_steps=90))
+  s = optim.schedule(RLConfig(learning_rate=1.0, warmup_steps=10, decay_steps=90))
   assert [float(s(i)) for i in (0, 5, 10, 55, 100)] == pytest.approx([0, 0.5, 1, 0.5, 0], abs=1e-6)
-  s = step.schedule(RLConfig(learning_rate=2.0, warmup_steps=4))
+  s = optim.schedule(RLConfig(learning_rate=2.0, warmup_steps=4))
   assert [float(s(i)) for i in (2, 4, 1000)] == pytest.approx([1.0, 2.0, 2.0])
-  assert float(step.schedule(RLConfig(learning_rate=3.0))(7)) == 3.0
+  assert float(optim.schedule(RLConfig(learning_rate=3.0))(7)) == 3.0
 
 
 @pytest.mark.parametrize("warmup, decay", [(10, 90), (4, 0), (0, 50), (0, 0)])
@@ -307,13 +309,13 @@ def test_optimizer_equals_optax_adamw_with_its_schedule(warmup, decay):
   else:
     optax_schedule = optax.constant_schedule(0.1)
   counts = jnp.arange(120)
-  traced = jax.jit(jax.vmap(lambda c, hp: step.learning_rate_at(
+  traced = jax.jit(jax.vmap(lambda c, hp: optim.learning_rate_at(
       c, hp["learning_rate"], hp["warmup_steps"], hp["decay_steps"]), in_axes=(0, None)))
   want = jax.jit(jax.vmap(optax_schedule))(counts)
-  np.testing.assert_array_equal(traced(counts, step.hyperparams(cfg)), want)  # bit-identical
-  np.testing.assert_allclose(jax.vmap(step.schedule(cfg))(counts), want, rtol=1e-5, atol=1e-9)
+  np.testing.assert_array_equal(traced(counts, optim.hyperparams(cfg)), want)  # bit-identical
+  np.testing.assert_allclose(jax.vmap(optim.schedule(cfg))(counts), want, rtol=1e-5, atol=1e-9)
   params = {"w": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3)}
-  ours, theirs = step.make_optimizer(cfg, params), optax.adamw(optax_schedule, weight_decay=0.01)
+  ours, theirs = optim.make_optimizer(cfg, params), optax.adamw(optax_schedule, weight_decay=0.01)
   # optax.adamw's state layout (behind the identity "clip"): earlier checkpoints restore.
   assert (jax.tree.structure(ours.init(params))
           == jax.tree.structure(optax.chain(optax.identity(), theirs).init(params)))
@@ -329,7 +331,7 @@ def test_optimizer_equals_optax_adamw_with_its_schedule(warmup, decay):
 
 
 def test_runtime_fields_share_one_program_and_take_effect(params):
-  """Configs that differ only in step.RUNTIME_FIELDS lower to the same program (one compile for
+  """Configs that differ only in optim.RUNTIME_FIELDS lower to the same program (one compile for
   rl and specialize), and each field's value still acts: lr 0 leaves the params, tau moves the
   CoRPO baseline."""
   base = dataclasses.replace(RL, advantage="corpo", scale="none", learning_rate=0.0, tau=0.0,
@@ -339,9 +341,9 @@ def test_runtime_fields_share_one_program_and_take_effect(params):
   batch = _batch(rewards=[[0.1, 0.2, 0.6, 0.9], [0.3, 0.3, 0.4, 0.7]])
   runs = []
   for cfg in (base, other):
-    opt = step.make_optimizer(cfg, params)
+    opt = optim.make_optimizer(cfg, params)
     update = step.make_update(CFG, cfg, None, opt)
-    state = step.init_state(CFG, opt, params)
+    state = state_lib.init_state(CFG, opt, params)
     runs.append((update.lower(state, batch).as_text(), *_numpy(update(state, batch))))
   (text_a, state_a, metrics_a), (text_b, state_b, metrics_b) = runs
   assert text_a == text_b
@@ -361,12 +363,13 @@ def test_updates_differing_in_runtime_fields_share_one_jitted_step(params):
   base = dataclasses.replace(RL, learning_rate=1e-3, tau=0.0)
   other = dataclasses.replace(RL, learning_rate=1e-2, tau=0.5, warmup_steps=2, weight_decay=0.1)
   batch = _batch(rewards=[[0.1, 0.2, 0.6, 0.9], [0.3, 0.3, 0.4, 0.7]])
-  opts = [step.make_optimizer(cfg, params) for cfg in (base, other)]
-  want = [_numpy(step.make_update(CFG, cfg, None, opt)(step.init_state(CFG, opt, params), batch))
+  opts = [optim.make_optimizer(cfg, params) for cfg in (base, other)]
+  want = [_numpy(step.make_update(CFG, cfg, None, opt)(state_lib.init_state(CFG, opt, params),
+                                                      batch))
           for cfg, opt in zip((base, other), opts)]
   with mock.patch.object(step, "_train_step", chex.assert_max_traces(step._train_step, n=1)):
     updates = [step.make_update(CFG, cfg, None) for cfg in (base, other)]
-    got = [_numpy(update(step.init_state(CFG, opt, params), batch))
+    got = [_numpy(update(state_lib.init_state(CFG, opt, params), batch))
            for update, opt in zip(updates, opts)]
   assert updates[0].jitted(batch.prompt_len) is updates[1].jitted(batch.prompt_len)
   for (got_state, got_metrics), (want_state, want_metrics) in zip(got, want):
@@ -377,7 +380,7 @@ def test_updates_differing_in_runtime_fields_share_one_jitted_step(params):
 
 
 def test_update_rejects_bad_batches(params, reference):
-  state = step.init_state(CFG, reference.opt, params)
+  state = state_lib.init_state(CFG, reference.opt, params)
   with_kl = step.make_update(CFG, dataclasses.replace(RL, beta=0.1), None, reference.opt)
   with pytest.raises(ValueError, match="ref_params"):
     with_kl(state, _batch())
@@ -404,7 +407,7 @@ def test_mask_truncated_and_overlong_penalty_equal_their_batch_edits(params, ref
   penalty[b.truncated] = 0.0  # rows 0, 6, 7: out of the loss, their raw reward in the baseline
   edited = dataclasses.replace(b, loss_mask=b.loss_mask & ~b.truncated[:, None],
                                rewards=(b.rewards + penalty.reshape(B, G)).astype(np.float32))
-  want_state, want_metrics = reference.update(step.init_state(CFG, SGD, params), edited)
+  want_state, want_metrics = reference.update(state_lib.init_state(CFG, SGD, params), edited)
   want = types.SimpleNamespace(state=_numpy(want_state), metrics=_numpy(want_metrics))
   _assert_same_step(state, metrics, want)
   assert metrics["reward/overlong_penalty"] == pytest.approx(penalty.mean())
@@ -421,7 +424,7 @@ def test_diagnostics_use_the_penalised_rewards(params):
   # A = [.025, -.275, .125, .125 | .0375, .0875, -.0625, -.0625]; failures (R < .55):
   # rows 0, 1, 6, 7, of which row 0 has A > 0. On the raw rewards: only row 1 fails (A < 0),
   # no group is in correctness mode.
-  state = step.init_state(CFG, SGD, params)
+  state = state_lib.init_state(CFG, SGD, params)
   _, m = step.make_update(CFG, rl_cfg, None, SGD)(state, _batch(rewards=raw))
   m = _numpy(m)
   assert m["adv/frac_failed_positive"] == pytest.approx(1 / 4)
@@ -468,7 +471,7 @@ def test_loss_equals_trls_formula(params, advantage, scale, aggregation, loss_ty
   rl_cfg = dataclasses.replace(RL, advantage=advantage, scale=scale, aggregation=aggregation,
                                beta=0.05, mask_truncated=mask_truncated)
   ref_params = jax.tree.map(lambda x: x * 0.9, params)
-  state = step.init_state(CFG, SGD, params)
+  state = state_lib.init_state(CFG, SGD, params)
   _, m = step.make_update(CFG, rl_cfg, None, SGD)(state, _batch(), ref_params)
   assert float(m["kl"]) > 1e-3
   want = TRL_LOSSES[loss_type, scale, mask_truncated]
@@ -493,7 +496,7 @@ def test_forced_tokens_carry_no_loss(params):
                             ("loss_on_forced", dataclasses.replace(rl_cfg, loss_on_forced=True),
                              b)):
     update = step.make_update(CFG, cfg_, None, SGD)
-    state, m = update(step.init_state(CFG, SGD, params), batch, ref)
+    state, m = update(state_lib.init_state(CFG, SGD, params), batch, ref)
     results[name] = types.SimpleNamespace(state=_numpy(state), metrics=_numpy(m))
   got, want = results["default"], results["by_hand"]
   assert got.metrics["completion/forced_frac"] == pytest.approx(3 / (B * G))
@@ -508,10 +511,11 @@ def test_router_replay_uses_the_given_experts(params, reference):
   update = step.make_update(CFG, rl_cfg, None, SGD)
   b = _batch()
   own = model.run(params, CFG, jnp.asarray(b.tokens), jnp.asarray(b.token_mask)).experts_LBTA
-  state, metrics = update(step.init_state(CFG, SGD, params), dataclasses.replace(b, experts=own))
+  state, metrics = update(state_lib.init_state(CFG, SGD, params),
+                          dataclasses.replace(b, experts=own))
   _assert_same_step(_numpy(state), _numpy(metrics), reference)  # replaying its own choices
   other = (own + 1) % CFG.num_experts
-  _, metrics = update(step.init_state(CFG, SGD, params), dataclasses.replace(b, experts=other))
+  _, metrics = update(state_lib.init_state(CFG, SGD, params), dataclasses.replace(b, experts=other))
   assert abs(float(metrics["entropy"]) - reference.metrics["entropy"]) > 1e-4
 
 
@@ -559,9 +563,9 @@ def test_shared_prompt_logprobs_equal_the_full_pass(replay):
   b = _shared_batch(THINK_CFG, experts=replay)
   assert b.prompt_len == 4 and step.prompt_sharing(RLConfig(), b) == (4, 4)
   kw = dict(temperature=0.7, chunk=3, experts_LBTA=b.experts)
-  full = lambda p: step.token_logprobs(p, THINK_CFG, b.tokens, b.token_mask, **kw)
-  shared = lambda p: step.shared_prompt_logprobs(p, THINK_CFG, b.tokens, b.token_mask, group=4,
-                                                 prompt_len=4, **kw)
+  full = lambda p: logprobs.token_logprobs(p, THINK_CFG, b.tokens, b.token_mask, **kw)
+  shared = lambda p: logprobs.shared_prompt_logprobs(p, THINK_CFG, b.tokens, b.token_mask,
+                                                     group=4, prompt_len=4, **kw)
   m = np.asarray(b.loss_mask)
 
   def grad_and_outputs(fn, aux_of):  # one program per pass: its outputs and a loss's gradient
@@ -611,7 +615,7 @@ def test_update_with_shared_prompts_equals_the_full_update(shape, micro, prompts
   for share in (True, False):
     cfg_ = dataclasses.replace(rl_cfg, share_prompt=share)
     update = step.make_update(THINK_CFG, cfg_, mesh, SGD)
-    state = step.init_state(THINK_CFG, SGD, params, mesh)
+    state = state_lib.init_state(THINK_CFG, SGD, params, mesh)
     ref = jax.tree.map(lambda x: x * 0.9, params)  # a reference that differs: KL > 0
     if mesh is not None:
       ref = jax.device_put(ref, model.param_shardings(THINK_CFG, mesh))
@@ -631,7 +635,7 @@ def test_shared_prompts_need_micro_batches_that_divide_the_group():
   b = _shared_batch(THINK_CFG)  # G = 4
   rl_cfg = dataclasses.replace(RL, num_micro_batches=8)
   update = step.make_update(THINK_CFG, rl_cfg, None, SGD)
-  state = step.init_state(THINK_CFG, SGD, _think_params())
+  state = state_lib.init_state(THINK_CFG, SGD, _think_params())
   with pytest.raises(ValueError, match="share_prompt=True .*num_micro_batches=8 to divide"):
     update(state, b)
   assert step.prompt_sharing(dataclasses.replace(rl_cfg, share_prompt=False), b) is None
@@ -643,7 +647,7 @@ def test_shared_prompts_need_micro_batches_that_divide_over_the_devices():
   embedding gradient), allowed without."""
   b = _shared_batch(THINK_CFG)  # 2 prompts x 4
   mesh = sharding.make_mesh((2, 2, 2, 1))
-  state = step.init_state(THINK_CFG, SGD, _think_params(), mesh)
+  state = state_lib.init_state(THINK_CFG, SGD, _think_params(), mesh)
   with mock.patch.object(step, "_jitted_step", return_value=lambda *args: "ran"):
     shared = step.make_update(THINK_CFG, dataclasses.replace(RL, num_micro_batches=2), mesh, SGD)
     plain = step.make_update(THINK_CFG, dataclasses.replace(RL, num_micro_batches=2,

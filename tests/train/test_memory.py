@@ -12,15 +12,15 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from corpo_jax import model, sharding
 from corpo_jax.model import ModelConfig
-from corpo_jax.rl import step as rl_step
 from corpo_jax.rl.config import RLConfig
-from corpo_jax.train import memory
+from corpo_jax.train import memory, optim
+from corpo_jax.train import state as state_lib
 
 GiB = 2**30
 
 
 def _abstract_state(cfg, mesh):
-  return rl_step.abstract_state(cfg, rl_step.program_optimizer(cfg, RLConfig()), mesh)
+  return state_lib.abstract_state(cfg, optim.program_optimizer(cfg, RLConfig()), mesh)
 
 
 class _Device:

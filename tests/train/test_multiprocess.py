@@ -36,8 +36,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from corpo_jax.rl import step as rl_step
 from corpo_jax.train import loop
+from corpo_jax.train import state as state_lib
 from corpo_jax.train.checkpoint import Checkpointer
 from corpo_jax.train.metrics import read_jsonl
 
@@ -159,7 +159,7 @@ def _final_state(workdir, scratch):
   run = loop.setup(config)
   _, optimizer = loop.stage_optimizer(run, "rl")
   ckpt = Checkpointer(str(workdir / "checkpoints" / "rl"))
-  target = rl_step.abstract_state(run.cfg, optimizer, run.mesh)
+  target = state_lib.abstract_state(run.cfg, optimizer, run.mesh)
   state, meta = ckpt.restore(ckpt.latest_step(), target)
   ckpt.close()
   assert meta == {"stage": "rl", "step": STEPS, "done": True}
