@@ -246,6 +246,9 @@ def terminate_on_sigterm() -> Iterator[None]:
 # ----------------------------------------------------------------------------- checksums
 
 CHECKSUMS = "corpo_jax_checksums"  # the record's key in the step's custom metadata
+# The record of a step saved before checksums were recorded (its custom metadata has none):
+# restored with a warning, unverified, so that older workdirs resume.
+UNVERIFIED: dict = {}
 
 
 def _mix(h: jax.Array) -> jax.Array:
@@ -451,11 +454,15 @@ class Checkpointer:
     """
     step_dir = os.path.join(self.directory, str(step))
     record, damage = self._read_record(step, step_dir)
-    if record is not None:
+    if record is UNVERIFIED:
+      logging.warning("checkpoint %s/%d was saved before checksums were recorded: restored "
+                      "without verification", self.directory, step)
+    elif record is not None:
       damage = self._check_files(step, step_dir, record, data_iterator)
     if damage := _agree(step, damage):
       raise DamagedCheckpoint(self.directory, damage)
-    self._check_layout(step, record, abstract_state, data_iterator)
+    if record is not UNVERIFIED:
+      self._check_layout(step, record, abstract_state, data_iterator)
     items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -466,6 +473,8 @@ class Checkpointer:
       damage = _damage_from(step, step_dir, e)
     if damage := _agree(step, damage):
       raise DamagedCheckpoint(self.directory, damage)
+    if record is UNVERIFIED:
+      return restored["state"], dict(restored["meta"])
     sums, _ = checksums(restored["state"])
     wrong = [p for p, a in record["arrays"].items() if sums[p] != a["checksum"]]
     if wrong:
@@ -533,9 +542,8 @@ class Checkpointer:
       return None, Damage(step, name, "missing (the save did not complete)")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
       return None, Damage(step, name, f"unreadable ({type(e).__name__}: {e})")
-    if record is None:
-      return None, Damage(step, name, "has no checksum record (not saved by this trainer, or "
-                                      "before checksums were recorded)")
+    if record is None:  # saved before checksums were recorded: restorable, not verifiable
+      return UNVERIFIED, None
     if _sha(record) != digest:
       return None, Damage(step, name, "the checksum record does not match its SHA-256")
     return record, None

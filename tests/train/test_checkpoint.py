@@ -246,6 +246,27 @@ def test_every_save_records_shapes_checksums_and_digests(tmp_path):
   assert record["meta"] == hashlib.sha256(b'{"stage": "rl"}').hexdigest()
 
 
+def test_a_step_saved_before_checksums_restores_unverified_with_a_warning(tmp_path, caplog):
+  """Older workdirs resume: a step whose metadata has no checksum record (as every step had
+  before checksums were recorded) restores its values, with a warning that nothing was checked."""
+  state = _state(sharding.make_mesh((8, 1, 1, 1)))
+  ckpt = Checkpointer(str(tmp_path / "c"))
+  ckpt.save(2, state, {"stage": "rl"})
+  ckpt.close()
+  path = tmp_path / "c" / "2" / "_CHECKPOINT_METADATA"
+  with open(path) as f:
+    metadata = json.load(f)
+  metadata["custom_metadata"] = {}
+  with open(path, "w") as f:
+    json.dump(metadata, f)
+  with caplog.at_level("WARNING"):
+    restored, meta = Checkpointer(str(tmp_path / "c")).restore(2, abstract_like(state))
+  np.testing.assert_array_equal(np.asarray(restored["params"]["w"]),
+                                np.asarray(state["params"]["w"]))
+  assert meta == {"stage": "rl"} and int(restored["step"]) == 7
+  assert "saved before checksums were recorded: restored without verification" in caplog.text
+
+
 def test_a_state_with_nan_is_refused_and_nothing_is_written(tmp_path):
   ckpt = Checkpointer(str(tmp_path))
   state = {"w": jnp.asarray([1.0, np.nan, np.inf]), "b": jnp.ones(2), "step": jnp.asarray(3)}
