@@ -73,7 +73,7 @@ class RLConfig:
   # Run each prompt once for its G completions (step.py), not G times. Needs num_micro_batches to
   # divide G and, on a mesh, each micro-batch's rows to divide over the batch devices.
   share_prompt: bool = True
-  # Optimizer (AdamW, linear warmup then cosine decay to 0, global-norm clipping).
+  # Optimizer (train/optim.py: AdamW, linear warmup then cosine decay to 0, global-norm clipping).
   learning_rate: float = 1e-6
   warmup_steps: int = 0
   decay_steps: int = 0  # optimizer steps of the cosine decay after warmup; 0: constant

@@ -5,16 +5,17 @@ shardings, donated state) a function
 
     update(state: TrainState, batch: Batch, ref_params=None) -> (state, metrics)
 
-(tau and the optimizer schedule, rl_cfg's RUNTIME_FIELDS, are run-time inputs, not constants)
-that, for `rl_cfg.num_iterations` optimizer steps on the same batch: computes advantages from
-the rewards (plus the overlong penalty), the policy's log-probs of the completion tokens
-(logits / temperature projected chunk by chunk over time, so [B, T, V] is never live), the
-PPO/GSPO surrogate, beta * KL against `ref_params` (needed only when beta > 0), the MoE
-auxiliary losses, and gradients accumulated over micro-batches as an exact weighted mean. The
-loss and KL cover the sampled completion tokens only: tokens the sampler forced (Batch.forced)
-are left out unless rl.loss_on_forced (docs/algorithms.md). A step
-whose loss or gradients are not finite is skipped: parameters and optimizer state stay as they
-were and `state.skipped` counts it. Nothing is random, so no rng is taken.
+(tau and the optimizer schedule, rl_cfg's RUNTIME_FIELDS in corpo_jax/train/optim.py, are
+run-time inputs, not constants) that, for `rl_cfg.num_iterations` optimizer steps on the same
+batch: computes advantages from the rewards (plus the overlong penalty), the policy's log-probs
+of the completion tokens (logits / temperature projected chunk by chunk over time, so [B, T, V]
+is never live), the PPO/GSPO surrogate, beta * KL against `ref_params` (needed only when
+beta > 0), the MoE auxiliary losses, and gradients accumulated over micro-batches as an exact
+weighted mean. The loss and KL cover the sampled completion tokens only: tokens the sampler
+forced (Batch.forced) are left out unless rl.loss_on_forced (docs/algorithms.md). A step whose
+loss or gradients are not finite is skipped (`apply_if_finite`): parameters and optimizer state
+stay as they were and `state.skipped` counts it. Nothing is random, so no rng is taken. The
+state, its shardings and the freeze mask are corpo_jax/train/state.py's.
 
 Log-probs are in "token space" (corpo_jax/train/logprobs.py), aligned with Batch.loss_mask.
 Shared prompts (`rl.share_prompt`, Batch.prompt_len > 0 as `make_batch` sets it): the policy and
