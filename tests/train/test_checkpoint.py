@@ -365,13 +365,19 @@ def test_a_damaged_newest_step_is_reported_set_aside_and_the_previous_one_used(t
   rerun.close()
 
 
-def test_every_step_damaged_is_an_error_listing_them_and_moves_nothing(tmp_path):
+def _two_steps_the_newest_flipped(directory):
+  """Steps 1 and 2 of `_big_state` in `directory`, one bit of step 2's values flipped."""
   mesh = sharding.make_mesh((8, 1, 1, 1))
-  ckpt = Checkpointer(str(tmp_path))
+  ckpt = Checkpointer(str(directory))
   for k in (1, 2):
     ckpt.save(k, _big_state(mesh, k), {"stage": "rl"})
   ckpt.close()
-  _flip_bit(str(tmp_path / "2"))
+  _flip_bit(str(directory / "2"))
+  return mesh
+
+
+def test_every_step_damaged_is_an_error_listing_them_and_moves_nothing(tmp_path):
+  mesh = _two_steps_the_newest_flipped(tmp_path)
   os.remove(tmp_path / "1" / "meta" / "metadata")
   rerun = Checkpointer(str(tmp_path))
   with pytest.raises(ValueError, match=rf"No intact checkpoint under {tmp_path}: step 2: state: "
@@ -383,12 +389,7 @@ def test_every_step_damaged_is_an_error_listing_them_and_moves_nothing(tmp_path)
 
 def test_a_restore_in_a_new_process_finds_the_flipped_bit(tmp_path):
   """The rerun of a real run is a new process (no tensorstore cache shared with the save)."""
-  mesh = sharding.make_mesh((8, 1, 1, 1))
-  ckpt = Checkpointer(str(tmp_path))
-  for k in (1, 2):
-    ckpt.save(k, _big_state(mesh, k), {"stage": "rl"})
-  ckpt.close()
-  _flip_bit(str(tmp_path / "2"))
+  _two_steps_the_newest_flipped(tmp_path)
   code = f"""
 import jax, jax.numpy as jnp
 from corpo_jax import sharding
