@@ -365,19 +365,21 @@ def test_a_damaged_newest_step_is_reported_set_aside_and_the_previous_one_used(t
   rerun.close()
 
 
-def _two_steps_the_newest_flipped(directory):
-  """Steps 1 and 2 of `_big_state` in `directory`, one bit of step 2's values flipped."""
+def _two_steps(directory, flip_newest=True):
+  """Steps 1 and 2 of `_big_state` in `directory` (one bit of step 2's values flipped); the
+  mesh they were saved from."""
   mesh = sharding.make_mesh((8, 1, 1, 1))
   ckpt = Checkpointer(str(directory))
   for k in (1, 2):
     ckpt.save(k, _big_state(mesh, k), {"stage": "rl"})
   ckpt.close()
-  _flip_bit(str(directory / "2"))
+  if flip_newest:
+    _flip_bit(str(directory / "2"))
   return mesh
 
 
 def test_every_step_damaged_is_an_error_listing_them_and_moves_nothing(tmp_path):
-  mesh = _two_steps_the_newest_flipped(tmp_path)
+  mesh = _two_steps(tmp_path)
   os.remove(tmp_path / "1" / "meta" / "metadata")
   rerun = Checkpointer(str(tmp_path))
   with pytest.raises(ValueError, match=rf"No intact checkpoint under {tmp_path}: step 2: state: "
@@ -389,7 +391,7 @@ def test_every_step_damaged_is_an_error_listing_them_and_moves_nothing(tmp_path)
 
 def test_a_restore_in_a_new_process_finds_the_flipped_bit(tmp_path):
   """The rerun of a real run is a new process (no tensorstore cache shared with the save)."""
-  _two_steps_the_newest_flipped(tmp_path)
+  _two_steps(tmp_path)
   code = f"""
 import jax, jax.numpy as jnp
 from corpo_jax import sharding
@@ -413,11 +415,7 @@ print("restored", step, int(state["step"]))
 
 def test_a_changed_model_is_not_damage(tmp_path):
   """A step that restores into another layout names the arrays and does not fall back."""
-  mesh = sharding.make_mesh((8, 1, 1, 1))
-  ckpt = Checkpointer(str(tmp_path))
-  for k in (1, 2):
-    ckpt.save(k, _big_state(mesh, k), {"stage": "rl"})
-  ckpt.close()
+  mesh = _two_steps(tmp_path, flip_newest=False)
   target = abstract_like(_big_state(mesh, 0))
   target["params"]["w"] = jax.ShapeDtypeStruct((64, 32), jnp.float32,
                                                sharding=sharding.replicated(mesh))
