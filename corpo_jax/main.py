@@ -66,7 +66,7 @@ def main(argv):
       ks = ", ".join(f"pass@{k} {v:.3f}" for k, v in row["pass_at_k"].items())
       print(f"  after {stage:<10} {row['task']:<10} accuracy {row['accuracy']:.3f}  {ks}")
   present = [f"{n}/" if os.path.isdir(os.path.join(workdir, n)) else n
-             for n in sorted(os.listdir(workdir)) if n != "config.json"]
+             for n in sorted(os.listdir(workdir)) if n not in ("config.json", "run.lock")]
   print(f"corpo_jax: results in {workdir}: {', '.join(present)}")
 
 
