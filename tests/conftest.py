@@ -1,5 +1,6 @@
-"""Test setup: 8 fake CPU devices (set before JAX starts), the repo root importable, markers, and
-one persistent compilation cache for the whole session (pytest-xdist workers inherit the
+"""Test setup: 8 fake CPU devices (set before JAX starts) with enough XLA:CPU threads for their
+collectives (corpo_jax/host_threads.py), the repo root importable, markers, and one persistent
+compilation cache for the whole session (pytest-xdist workers inherit the
 controller's environment), removed at the end: never the user's ~/.cache/corpo_jax."""
 
 import atexit
@@ -11,11 +12,14 @@ import tempfile
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from corpo_jax import host_threads  # noqa: E402  (sets PJRT_NPROC, inherited by subprocesses)
+
+host_threads.ensure()
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _cache = tempfile.mkdtemp(prefix="corpo_jax_test_xla_")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)  # the process that made it
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def pytest_configure(config):
