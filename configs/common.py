@@ -206,8 +206,10 @@ def estimator_config(arg: str | None, *, advantage: str, scale: str, reward: str
 
 
 def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Shrinks a config to seconds: the tiny model, a few steps per stage, small batches."""
-  config.model = model_config("tiny", vocab_size=1024)
+  """Shrinks a config to seconds: the tiny model with one base layer (and its thinking head), a
+  few steps per stage, small batches. Its wall time is compilation, which the layer count
+  drives (the sampler unrolls the layers): the end-to-end tests run it."""
+  config.model = model_config("tiny", vocab_size=1024, num_layers=1)
   for name in config.stages:
     stage = config[name]
     stage.steps = 3

@@ -128,7 +128,7 @@ def test_workdir_of_another_model_is_refused_naming_fields_and_kept(tmp_path):
   loop.check_workdir_model(str(tmp_path), ModelConfig.from_dict(config.model))
   config.model.num_layers += 1
   config.model.d_ff = 64
-  with pytest.raises(ValueError, match=r"are of a model with model\.num_layers=2 \(this run: 3\), "
+  with pytest.raises(ValueError, match=r"are of a model with model\.num_layers=1 \(this run: 2\), "
                      r"model\.d_ff=128 \(this run: 64\), model\.capacity_factor=2\.0 \(this run: 3\.0\); "
                      r"they cannot be restored"):
     loop.setup(config)

@@ -90,10 +90,10 @@ def test_bad_sweeps(tmp_path, body, message):
 
 TINY = """
 def get_config(arg=None):
-  config = grpo.get_config("smoke")  # then smaller still: one 3-step RL stage, a 1-layer model
+  config = grpo.get_config("smoke")  # then smaller still: one 3-step RL stage, no thinking head
   config.stages = ("rl",)
   config.rl.steps, config.rl.max_new_tokens = 3, 8
-  config.model.num_layers, config.model.thinking_layers = 1, 0
+  config.model.thinking_layers = 0
   config.eval.update(tasks=("arithmetic",), num_prompts=2, max_new_tokens=8)
   config.checkpoint.async_save = False
   return config

@@ -46,7 +46,7 @@ STEPS = 8
 FLAGS = ["--config=configs/grpo.py:smoke", "--config.stages=('rl',)", f"--config.rl.steps={STEPS}",
          "--config.rl.checkpoint_every=2", "--config.rl.prompts_per_step=8",
          "--config.rl.group_size=2", "--config.rl.max_new_tokens=8", "--config.eval.tasks=()",
-         "--config.model.num_layers=1", "--config.model.thinking_layers=0"]
+         "--config.model.thinking_layers=0"]
 WALL_CLOCK_KEYS = ("time", "time/step_s", "time/rollout_s", "tokens_per_s")
 HEARTBEAT_S = 10
 EXIT_BOUND_S = 60  # heartbeat timeout plus slack for a loaded 2-core machine
