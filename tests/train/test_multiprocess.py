@@ -61,8 +61,10 @@ def _free_port() -> int:
 def _start(workdir, num_processes: int, log_name: str) -> list[subprocess.Popen]:
   """Starts the run as `num_processes` processes sharing 8 fake CPU devices."""
   cmd = [sys.executable, "-m", "corpo_jax.main", *FLAGS, f"--config.workdir={workdir}"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // num_processes}")
+  flags = os.environ["XLA_FLAGS"].replace(  # tests/conftest.py's, with this run's device count
+      "--xla_force_host_platform_device_count=8",
+      f"--xla_force_host_platform_device_count={8 // num_processes}")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", XLA_FLAGS=flags)
   if num_processes > 1:
     cmd += [f"--coordinator_address=localhost:{_free_port()}", f"--num_processes={num_processes}",
             f"--heartbeat_timeout_s={HEARTBEAT_S}"]
