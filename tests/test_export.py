@@ -37,7 +37,7 @@ def _hf_checkpoint(path, vocab_size):
   """A random transformers Mixtral (weights rescaled so logits are O(1)) and its tokenizer."""
   torch.manual_seed(0)
   config = transformers.MixtralConfig(
-      vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+      vocab_size=vocab_size, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
       num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, intermediate_size=96,
       sliding_window=None, max_position_embeddings=256, rms_norm_eps=1e-6, bos_token_id=1,
       eos_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 1e4})
@@ -87,7 +87,7 @@ def test_init_from_hf_trains_and_exports(run, tmp_path):
   # The vocabulary grows by exactly the added pieces; existing rows are the checkpoint's.
   assert tok.added_pieces == ("<think>", "</think>", "<pad>") and tok.bos_id == 1
   assert cfg.vocab_size == V0 + 3 and (cfg.think_start_id, cfg.pad_id) == (V0, V0 + 2)
-  assert (cfg.d_model, cfg.num_layers, cfg.rope_theta, cfg.thinking_layers) == (64, 2, 1e4, 1)
+  assert (cfg.d_model, cfg.num_layers, cfg.rope_theta, cfg.thinking_layers) == (64, 1, 1e4, 1)
   assert cfg.moe_dispatch == "expert_parallel" and cfg.capacity_factor * 2 >= 4  # no drops
   params0 = loop.initial_params(r)()
   np.testing.assert_array_equal(params0["embed"][:V0],
