@@ -17,6 +17,7 @@ from configs import grpo as grpo_config
 from corpo_jax.data import pipeline, tasks, tokenizer
 from corpo_jax.model import ModelConfig
 from corpo_jax.train import loop
+from corpo_jax.train import setup as setup_lib
 
 TOK = tokenizer.bundled()
 GOOD = {"prompt": "What is 2 + 2?", "answer": "4"}
@@ -96,7 +97,7 @@ def test_bad_prompt_limits_are_rejected():
   config = grpo_config.get_config("smoke")
   config.rl.long_prompts = "drop"
   with pytest.raises(ValueError, match=r"config\.rl\.long_prompts='drop' is not one of"):
-    loop.check_config(config)
+    setup_lib.check_config(config)
   with pytest.raises(ValueError, match="max_prompt_len=2048 is longer than the largest bucket"):
     pipeline.rl_prompts([tasks.get("verify")], TOK, batch_size=1, seed=0, max_prompt_len=2048)
 
@@ -111,10 +112,10 @@ def test_tokenizer_model_mismatch_names_the_field(field, value, message):
   """The trainer takes the special ids from its tokenizer; a config that sets one (an old
   config.json, a hand-written config) must agree with it."""
   config = grpo_config.get_config("smoke")
-  assert loop.model_config(config, TOK).pad_id == TOK.pad_id and "pad_id" not in config.model
+  assert setup_lib.model_config(config, TOK).pad_id == TOK.pad_id and "pad_id" not in config.model
   config.model[field] = value
   with pytest.raises(ValueError, match=message):
-    loop.model_config(config, TOK)
+    setup_lib.model_config(config, TOK)
 
 
 def test_workdir_of_another_model_is_refused_naming_fields_and_kept(tmp_path):
@@ -125,13 +126,13 @@ def test_workdir_of_another_model_is_refused_naming_fields_and_kept(tmp_path):
   (tmp_path / "config.json").write_text(saved)
   # Same parameter shapes: resuming is allowed (here: only the MoE capacity changes).
   config.model.capacity_factor = 3.0
-  loop.check_workdir_model(str(tmp_path), ModelConfig.from_dict(config.model))
+  setup_lib.check_workdir_model(str(tmp_path), ModelConfig.from_dict(config.model))
   config.model.num_layers += 1
   config.model.d_ff = 64
   with pytest.raises(ValueError, match=r"are of a model with model\.num_layers=1 \(this run: 2\), "
                      r"model\.d_ff=128 \(this run: 64\), model\.capacity_factor=2\.0 \(this run: 3\.0\); "
                      r"they cannot be restored"):
-    loop.setup(config)
+    setup_lib.setup(config)
   assert (tmp_path / "config.json").read_text() == saved  # the old run's record is intact
 
 
@@ -211,7 +212,7 @@ def test_every_bad_number_is_refused_at_start_naming_the_field(field, value, mes
     target = target[part]
   target[name] = value
   with pytest.raises(ValueError, match=message):
-    loop.check_config(config)
+    setup_lib.check_config(config)
 
 
 def test_rl_config_refuses_non_finite_numbers():

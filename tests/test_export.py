@@ -24,6 +24,7 @@ from corpo_jax.data import pipeline  # noqa: E402
 from corpo_jax.data.tokenizer import Tokenizer  # noqa: E402
 from corpo_jax.model import hf  # noqa: E402
 from corpo_jax.train import loop  # noqa: E402
+from corpo_jax.train import setup as setup_lib
 from tests.data.test_tokenizer import train_llama_style  # noqa: E402
 
 ROWS = [{"prompt": f"What is {a} + {b}?", "answer": str(a + b), "trace": f"1. {a} + {b} = {a + b}."}
@@ -82,14 +83,14 @@ def run(tmp_path_factory):
 @pytest.mark.slow
 def test_init_from_hf_trains_and_exports(run, tmp_path):
   root, config, hf_model, V0 = run["root"], run["config"], run["hf_model"], run["vocab"]
-  r = loop.setup(config)
+  r = setup_lib.setup(config)
   tok, cfg = r.tokenizer, r.cfg
   # The vocabulary grows by exactly the added pieces; existing rows are the checkpoint's.
   assert tok.added_pieces == ("<think>", "</think>", "<pad>") and tok.bos_id == 1
   assert cfg.vocab_size == V0 + 3 and (cfg.think_start_id, cfg.pad_id) == (V0, V0 + 2)
   assert (cfg.d_model, cfg.num_layers, cfg.rope_theta, cfg.thinking_layers) == (64, 1, 1e4, 1)
   assert cfg.moe_dispatch == "expert_parallel" and cfg.capacity_factor * 2 >= 4  # no drops
-  params0 = loop.initial_params(r)()
+  params0 = setup_lib.initial_params(r)()
   np.testing.assert_array_equal(params0["embed"][:V0],
                                 hf_model.model.embed_tokens.weight.detach().numpy())
 
@@ -150,5 +151,5 @@ def test_init_from_hf_trains_and_exports(run, tmp_path):
   assert cfg2.thinking_layers == 1 and cfg2.vocab_size == cfg.vocab_size
   jax.tree.map(np.testing.assert_array_equal, params2, trained)
   config.init_from, config.workdir = str(out), str(tmp_path / "again")
-  r2 = loop.setup(config)
+  r2 = setup_lib.setup(config)
   assert r2.tokenizer.added_pieces == () and r2.cfg == cfg

@@ -9,7 +9,9 @@ import json, os, shutil, sys, tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import jax, ml_collections
 from corpo_jax.train import loop
+from corpo_jax.train import setup as setup_lib
 from corpo_jax.train.checkpoint import Checkpointer
+from corpo_jax.train import state as state_lib
 
 root, task, seed, n, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 runs = {"sft": f"task={task},advantage=corpo,scale=none,seed={seed}"}
@@ -23,11 +25,11 @@ for policy, name in runs.items():
     config = ml_collections.ConfigDict(json.load(f))
   config.workdir = tmp
   config.eval.num_prompts = n
-  run = loop.setup(config)
+  run = setup_lib.setup(config)
   stage = "sft" if policy == "sft" else "rl"
   ckpt = Checkpointer(os.path.join(src, "checkpoints", stage))
-  _, optimizer = loop.stage_optimizer(run, stage)
-  state, _ = ckpt.restore(ckpt.latest_step(), loop._abstract_state(run, optimizer))
+  _, optimizer = setup_lib.stage_optimizer(run, stage)
+  state, _ = ckpt.restore(ckpt.latest_step(), state_lib.abstract_state(run.cfg, optimizer, run.mesh))
   ckpt.close()
   rng = jax.random.fold_in(jax.random.key(12345 + seed), 0)  # the same for every policy
   rows = loop._evaluate(run, state.params, stage, 0, rng)

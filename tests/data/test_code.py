@@ -11,7 +11,7 @@ from corpo_jax.data import tasks, tokenizer
 from corpo_jax.data import text as text_lib
 from corpo_jax.data.tasks import code as code_lib
 from corpo_jax.rl import rewards
-from corpo_jax.train import loop
+from corpo_jax.train import setup as setup_lib
 
 # Wrong code that passed every test of the assert-based runner (docs/reliability.md section 1).
 HACKS = {
@@ -115,10 +115,10 @@ def test_execution_on_a_non_code_task_is_counted_as_an_error():
 def test_config_selects_the_code_task_and_rejects_execution_elsewhere():
   config = grpo_config.get_config("smoke")
   config.rl.tasks, config.rl.rewards = ("code",), (("execution", 1.0),)
-  loop.check_config(config)
+  setup_lib.check_config(config)
   config.specialize.rewards = (("execution", 1.0),)
   with pytest.raises(ValueError, match=r"config\.specialize\.rewards uses 'execution'.*'arithmetic3'"):
-    loop.check_config(config)
+    setup_lib.check_config(config)
   assert grpo_config.get_config().rl.tasks == ("arithmetic",)  # the demo does not use it
 
 

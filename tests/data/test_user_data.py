@@ -20,6 +20,7 @@ from ml_collections import config_flags
 from corpo_jax.data import pipeline, tasks, tokenizer
 from corpo_jax.rl import rewards
 from corpo_jax.train import loop
+from corpo_jax.train import setup as setup_lib
 from corpo_jax.train.metrics import read_jsonl
 
 TOK = tokenizer.bundled()
@@ -154,7 +155,7 @@ def test_flags_declare_named_user_tasks_that_the_trainer_builds(tmp_path):
                   "--config.tasks.gsm.answer_regex=#### (.*)", "--config.rl.tasks=('mine', 'gsm')")
   assert config.tasks.mine.weight == 3.0 and config.tasks.gsm.answer_key == "answer"
   run = types.SimpleNamespace(config=config)  # all Run.task reads
-  mine, gsm_task = loop.Run.task(run, "mine"), loop.Run.task(run, "gsm")
+  mine, gsm_task = setup_lib.Run.task(run, "mine"), setup_lib.Run.task(run, "gsm")
   assert mine.weight == 3.0 and gsm_task.weight == 1.0
   assert gsm_task.example("train", 0).answer in {str(2 * i + 3) for i in range(20)}
   with pytest.raises(Exception, match='Did you mean "arithmetic"'):

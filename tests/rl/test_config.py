@@ -2,7 +2,7 @@ import pytest
 
 from configs import grpo, gspo
 from corpo_jax.rl.config import RLConfig
-from corpo_jax.train import loop
+from corpo_jax.train import setup as setup_lib
 
 
 def test_from_dict_round_trip_and_freeze_list():
@@ -40,9 +40,9 @@ def test_unknown_keys_list_the_valid_ones():
 def test_gspo_preset_clips_the_sequence_ratio_at_the_papers_range():
   config = gspo.get_config()
   for name in ("rl", "specialize"):
-    cfg = loop.rl_config(config, name)
+    cfg = setup_lib.rl_config(config, name)
     assert (cfg.advantage, cfg.scale, cfg.importance_level) == ("grpo", "group", "sequence")
     assert (cfg.eps_low, cfg.eps_high) == (3e-4, 4e-4)
   assert config.workdir == "workdir/gspo"
-  assert loop.rl_config(grpo.get_config(), "rl").eps_high == 0.2  # token-level presets keep 0.2
+  assert setup_lib.rl_config(grpo.get_config(), "rl").eps_high == 0.2  # token-level presets keep 0.2
 

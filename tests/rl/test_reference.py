@@ -12,7 +12,7 @@ from corpo_jax.model import ModelConfig
 from corpo_jax.rl.config import RLConfig
 from corpo_jax.rl.reference import reference_policy
 from corpo_jax.train import logprobs, memory
-from corpo_jax.train.loop import StartParams
+from corpo_jax.train.setup import StartParams
 
 CFG = ModelConfig.preset("tiny", dtype="bfloat16")
 

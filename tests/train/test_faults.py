@@ -22,6 +22,7 @@ from corpo_jax import model, sharding
 from corpo_jax.model import ModelConfig
 from corpo_jax.rl.config import RLConfig
 from corpo_jax.train import checkpoint, loop, optim
+from corpo_jax.train import setup as setup_lib
 from corpo_jax.train import sft as sft_lib
 from corpo_jax.train import state as state_lib
 from corpo_jax.train import workdir as workdir_lib
@@ -57,7 +58,7 @@ def test_too_many_skipped_steps_stop_the_run_and_keep_the_last_good_checkpoint(t
 
 def test_negative_skip_limit_is_rejected(tmp_path):
   with pytest.raises(ValueError, match=r"config\.sft\.max_skipped_steps=-1 must be >= 0"):
-    loop.check_config(_sft_only(tmp_path, max_skipped_steps=-1))
+    setup_lib.check_config(_sft_only(tmp_path, max_skipped_steps=-1))
 
 
 @pytest.mark.slow
@@ -144,12 +145,12 @@ def test_unwritable_workdir_is_a_clear_error(tmp_path):
   config = _sft_only(tmp_path / "file" / "run")
   with pytest.raises(ValueError, match=r"Cannot write to --config\.workdir=.*file/run.*choose a "
                      r"writable directory"):
-    loop.setup(config)
+    setup_lib.setup(config)
 
 
 def test_disk_full_writing_config_json_keeps_the_old_one(tmp_path, monkeypatch):
   config = _sft_only(tmp_path)
-  loop.setup(config)
+  setup_lib.setup(config)
   old = (tmp_path / "config.json").read_text()
   config.sft.steps = 99
   real_replace = os.replace
@@ -159,7 +160,7 @@ def test_disk_full_writing_config_json_keeps_the_old_one(tmp_path, monkeypatch):
 
   monkeypatch.setattr(os, "replace", full)
   with pytest.raises(ValueError, match="No space left on device"):
-    loop.setup(config)
+    setup_lib.setup(config)
   monkeypatch.setattr(os, "replace", real_replace)
   assert (tmp_path / "config.json").read_text() == old
   assert not (tmp_path / "config.json.tmp").exists()  # was: left behind, 0 bytes
@@ -220,7 +221,7 @@ def test_a_full_disk_writing_metrics_or_eval_rows_is_a_clear_error_and_loses_not
   with the friendly error naming the file; the rerun resumes from checkpoint 2 and writes every
   row once (was: a raw OSError and, for eval.jsonl, an uncaught one)."""
   config = _sft_only(tmp_path, steps=4, checkpoint_every=2)
-  write = loop.MetricsWriter.write
+  write = setup_lib.MetricsWriter.write
 
   def full_from_3(self, step, stage, metrics):
     if step >= 3:
@@ -230,7 +231,7 @@ def test_a_full_disk_writing_metrics_or_eval_rows_is_a_clear_error_and_loses_not
   message = (r"^Writing {} failed: \[Errno 28\] No space left on device\. The complete checkpoints "
              rf"under {tmp_path}/checkpoints are intact; free disk space, then rerun the same "
              r"command to resume from the latest\.$")
-  monkeypatch.setattr(loop.MetricsWriter, "write", full_from_3)
+  monkeypatch.setattr(setup_lib.MetricsWriter, "write", full_from_3)
   with pytest.raises(ValueError, match=message.format(re.escape(f"{tmp_path}/metrics.jsonl"))):
     loop.run(config)
   monkeypatch.undo()
@@ -275,13 +276,13 @@ def test_a_second_run_on_a_workdir_is_refused_naming_the_holder_until_it_ends(tm
       rf"{re.escape(socket.gethostname())}, started \d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d "
       rf"\(command: -c {tmp_path}\)\. Wait for it to finish or stop it, or choose another "
       r"--config\.workdir\.$")):
-    loop.setup(config)
+    setup_lib.setup(config)
   assert os.listdir(tmp_path) == ["run.lock"]  # no config.json, no metrics
   holder.kill()
   holder.wait()
-  loop.setup(config)  # the kernel dropped the lock with its holder (kill -9): no stale lock
+  setup_lib.setup(config)  # the kernel dropped the lock with its holder (kill -9): no stale lock
   assert (tmp_path / "config.json").exists()
-  loop.setup(config)  # this process holds it: a rerun in the same process (tests) is fine
+  setup_lib.setup(config)  # this process holds it: a rerun in the same process (tests) is fine
 
 
 def test_a_second_trainer_exits_2_within_seconds(tmp_path):

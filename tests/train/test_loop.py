@@ -19,6 +19,7 @@ from configs import corpo as corpo_config
 from configs import grpo as grpo_config
 from corpo_jax import sharding
 from corpo_jax.train import loop
+from corpo_jax.train import setup as setup_lib
 from corpo_jax.train.metrics import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -199,7 +200,7 @@ def _config(**rl):
 ])
 def test_incompatible_options_fail_at_start_naming_the_field(overrides, field):
   with pytest.raises(ValueError, match=field.replace(".", r"\.")):
-    loop.check_config(_config(**overrides))
+    setup_lib.check_config(_config(**overrides))
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -216,17 +217,17 @@ def test_batch_layout_is_checked_at_start_against_the_mesh(overrides, message):
   config = _config(**{"prompts_per_step": 2, "group_size": 4, **overrides})
   mesh = sharding.make_mesh((2, 2, 2, 1))
   if message is None:
-    loop.check_batch_layout(config, mesh)
+    setup_lib.check_batch_layout(config, mesh)
   else:
     with pytest.raises(ValueError, match=re.escape(message)):
-      loop.check_batch_layout(config, mesh)
+      setup_lib.check_batch_layout(config, mesh)
 
 
 def test_eval_k_larger_than_samples_is_rejected():
   config = _config()
   config.eval.ks = (1, 8)
   with pytest.raises(ValueError, match="config.eval.ks"):
-    loop.check_config(config)
+    setup_lib.check_config(config)
 
 
 def test_config_typo_fails_with_a_suggestion(tmp_path):
@@ -247,5 +248,5 @@ def test_every_stage_field_is_an_rl_config_field_or_read_by_the_loop():
                  "temperature", "top_k", "top_p", "max_thinking_tokens", "rewards",
                  "checkpoint_every", "eval_every", "samples_every", "max_skipped_steps",
                  "max_prompt_len", "long_prompts", "rollout_layout", "stop"}
-  rl_fields = set(loop._RL_FIELDS) - set(common.DERIVED_RL_FIELDS)
+  rl_fields = set(setup_lib._RL_FIELDS) - set(common.DERIVED_RL_FIELDS)
   assert set(stage.keys()) == loop_fields | rl_fields

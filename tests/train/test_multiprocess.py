@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from corpo_jax.train import loop
+from corpo_jax.train import setup as setup_lib
 from corpo_jax.train import state as state_lib
 from corpo_jax.train.checkpoint import Checkpointer
 from corpo_jax.train.metrics import read_jsonl
@@ -158,8 +158,8 @@ def _final_state(workdir, scratch):
   with open(workdir / "config.json") as f:
     config = ml_collections.ConfigDict(json.load(f))
   config.workdir = str(scratch)
-  run = loop.setup(config)
-  _, optimizer = loop.stage_optimizer(run, "rl")
+  run = setup_lib.setup(config)
+  _, optimizer = setup_lib.stage_optimizer(run, "rl")
   ckpt = Checkpointer(str(workdir / "checkpoints" / "rl"))
   target = state_lib.abstract_state(run.cfg, optimizer, run.mesh)
   state, meta = ckpt.restore(ckpt.latest_step(), target)

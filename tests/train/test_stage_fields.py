@@ -14,6 +14,7 @@ from configs import grpo as grpo_config
 from corpo_jax import model, sampling
 from corpo_jax.rl import rollout
 from corpo_jax.train import loop
+from corpo_jax.train import setup as setup_lib
 from corpo_jax.train.metrics import read_jsonl
 
 # field -> the test below (or elsewhere) that shows it changing what the run does
@@ -36,7 +37,7 @@ def test_every_rl_stage_field_changes_the_run(tmp_path):
                  max_prompt_len=8, long_prompts="truncate", rollout_layout="decode",
                  stop=("\n\n",))
   # The stage's own fields, and temperature: the sampler's as well as the update's (RLConfig).
-  stage_fields = set(common.rl_stage().keys()) - set(loop._RL_FIELDS) | {"temperature"}  # pylint: disable=protected-access
+  stage_fields = set(common.rl_stage().keys()) - set(setup_lib._RL_FIELDS) | {"temperature"}  # pylint: disable=protected-access
   assert set(changed) | set(ELSEWHERE) == stage_fields, stage_fields ^ (set(changed) | set(ELSEWHERE))
   for field, value in changed.items():
     assert config.rl[field] != value, field  # a change from the smoke config
