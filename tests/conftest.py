@@ -2,13 +2,6 @@
 collectives (corpo_jax/host_threads.py), the repo root importable, markers, and one persistent
 compilation cache for the whole session (pytest-xdist workers inherit the controller's
 environment), removed at the end: never the user's ~/.cache/corpo_jax.
-
-XLA:CPU's LLVM backend runs at -O0 here (`--xla_backend_optimization_level=0`; the trainer
-subprocesses inherit it): the suite's time is the compilation of tiny programs that then run
-for milliseconds, and LLVM's optimisation is about a third of that compilation. XLA's own HLO
-passes (fusion, SPMD partitioning) are unchanged. The CLI and the benchmarks keep the default
-(-O2): real runs execute far longer than they compile (docs/benchmarks.md, "The smoke config's
-cost").
 """
 
 import atexit
@@ -18,8 +11,7 @@ import sys
 import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8"
-                           + " --xla_backend_optimization_level=0").strip()
+                           + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from corpo_jax import host_threads  # noqa: E402  (sets PJRT_NPROC, inherited by subprocesses)
