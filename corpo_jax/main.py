@@ -3,7 +3,7 @@
 Runs the config's stages (corpo_jax/train/loop.py), resuming from `workdir` if a previous run of
 the same command stopped early. SIGTERM (preemption) during a stage's steps writes a checkpoint
 and exits 0; before that (initialising, compiling: nothing to save) it ends the process at
-once (corpo_jax/train/checkpoint.py's SIGTERM contract).
+once (corpo_jax/train/preemption.py).
 
 Multi-process (corpo_jax/distributed.py): on a Cloud TPU VM slice, run the same command on every
 worker (jax.distributed starts by itself); elsewhere give every process the coordinator flags,
@@ -24,7 +24,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from corpo_jax import distributed
-from corpo_jax.train import checkpoint, loop
+from corpo_jax.train import loop, preemption
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -48,7 +48,7 @@ def main(argv):
   try:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                            heartbeat_timeout_s=_HEARTBEAT.value)
-    with checkpoint.terminate_on_sigterm():  # the loop takes SIGTERM over once it can save
+    with preemption.terminate_on_sigterm():  # the loop takes SIGTERM over once it can save
       results = loop.run(config)
   except loop.Preempted as e:
     print(f"corpo_jax: {e}; rerun the same command to resume.")

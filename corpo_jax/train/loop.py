@@ -32,7 +32,7 @@ import ml_collections
 
 from corpo_jax import distributed, evaluate, model, sampling
 from corpo_jax.data import text as text_lib
-from corpo_jax.train import checkpoint, plans
+from corpo_jax.train import checkpoint, plans, preemption
 from corpo_jax.train import state as state_lib
 from corpo_jax.train.checkpoint import Checkpointer
 from corpo_jax.train.metrics import OneStepLate, Progress
@@ -133,13 +133,13 @@ def run_stage(run: Run, index: int, name: str,
   """Runs (or resumes, or skips if done) one stage from the params `start()` gives; returns its
   final params and eval rows. SIGTERM ends the process at once until the stage's first step has
   run (setting up, initialising and compiling leave nothing to save), then asks for a
-  checkpoint (corpo_jax/train/checkpoint.py)."""
+  checkpoint (corpo_jax/train/preemption.py)."""
   with contextlib.ExitStack() as nothing_to_save:
-    nothing_to_save.enter_context(checkpoint.terminate_on_sigterm())
+    nothing_to_save.enter_context(preemption.terminate_on_sigterm())
 
     def can_save():
       nothing_to_save.close()
-      checkpoint.install_sigterm_handler()
+      preemption.install_sigterm_handler()
 
     return _run_stage(run, index, name, start, can_save)
 

@@ -134,16 +134,16 @@ def _signal_after(proc, line):
 
 _FLAG_THEN_TERMINATE = """
 import time
-from corpo_jax.train import checkpoint
-checkpoint.install_sigterm_handler()
-with checkpoint.terminate_on_sigterm():
+from corpo_jax.train import preemption
+preemption.install_sigterm_handler()
+with preemption.terminate_on_sigterm():
   pass
 print("flag handler back", flush=True)
 deadline = time.time() + 30
-while not checkpoint.sigterm_received() and time.time() < deadline:
+while not preemption.sigterm_received() and time.time() < deadline:
   time.sleep(0.01)
-print("flag", checkpoint.sigterm_received(), flush=True)
-with checkpoint.terminate_on_sigterm():
+print("flag", preemption.sigterm_received(), flush=True)
+with preemption.terminate_on_sigterm():
   print("terminating", flush=True)
   time.sleep(30)
 print("survived", flush=True)
@@ -165,21 +165,21 @@ _DISTRIBUTED = """
 import itertools, sys, time
 import jax
 from jax.experimental import multihost_utils
-from corpo_jax.train import checkpoint
+from corpo_jax.train import preemption
 jax.distributed.initialize(f"localhost:{sys.argv[1]}", num_processes=1, process_id=0)
-with checkpoint.terminate_on_sigterm():
-  with checkpoint.terminate_on_sigterm():
+with preemption.terminate_on_sigterm():
+  with preemption.terminate_on_sigterm():
     pass
-  checkpoint.install_sigterm_handler()  # JAX's preemption notifier, replaced by the outer block
+  preemption.install_sigterm_handler()  # JAX's preemption notifier, replaced by the outer block
   print("notifier back", flush=True)
   deadline = time.time() + 30
   for step in itertools.count():
     if multihost_utils.reached_preemption_sync_point(step) or time.time() > deadline:
       break
     time.sleep(0.01)
-  print("preemption notice", time.time() < deadline, "flag", checkpoint.sigterm_received(),
+  print("preemption notice", time.time() < deadline, "flag", preemption.sigterm_received(),
         flush=True)
-  with checkpoint.terminate_on_sigterm():
+  with preemption.terminate_on_sigterm():
     print("terminating", flush=True)
     time.sleep(30)
 """
@@ -468,11 +468,11 @@ def test_a_full_disk_during_a_save_is_one_clear_error_on_a_real_tmpfs(tmp_path):
 _WATCHDOG = """
 import sys, time
 import jax, jax.numpy as jnp
-from corpo_jax.train import checkpoint
-checkpoint.SIGTERM_GRACE_S = float(sys.argv[1])
-checkpoint.install_sigterm_handler()
+from corpo_jax.train import preemption
+preemption.SIGTERM_GRACE_S = float(sys.argv[1])
+preemption.install_sigterm_handler()
 for _ in range(3):  # steps of ~50 ms
-  assert not checkpoint.sigterm_received()
+  assert not preemption.sigterm_received()
   time.sleep(0.05)
 if sys.argv[2] == "blocked":  # the main thread sits in XLA for good (as in a hung collective)
   # counts in float32 up to `limit`: 0 returns at once, 1e30 never (c + 1 == c from 2**24 on)
@@ -483,9 +483,9 @@ if sys.argv[2] == "blocked":  # the main thread sits in XLA for good (as in a hu
   spin(1e30).block_until_ready()
 else:  # a step boundary sees the flag, then the save takes longer than the grace
   print("stepping", flush=True)
-  while not checkpoint.sigterm_received():
+  while not preemption.sigterm_received():
     time.sleep(0.05)
-  time.sleep(3 * checkpoint.SIGTERM_GRACE_S)
+  time.sleep(3 * preemption.SIGTERM_GRACE_S)
   print("saved", flush=True)
 """
 
