@@ -39,6 +39,10 @@ No Python runs between fork and exec in the trainer (no preexec_fn), which matte
 process. Without namespaces (`isolation()["namespaces"] == "none"`) the code runs with the
 host's filesystem as the sandbox uid, behind seccomp, the rlimits and the hook only; the code
 task refuses that unless its config allows it (data/tasks/code.py).
+
+One module (over 400 lines) because the layers above and the parent's grading are one security
+boundary, read and reviewed together: a layer in another file would be easy to weaken without
+seeing what the others assume of it.
 """
 
 from __future__ import annotations

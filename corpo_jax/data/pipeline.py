@@ -36,6 +36,9 @@ SFT batch (right-padded), B rows of <bos> prompt <think> trace </think> answer <
   think_tags [B] int32 (literal think tags escaped in the row's text).
 Prompts are in the tokenizer's prompt format (Tokenizer.prompt_ids) in both.
 Masks mark the positions of target tokens; the trainer shifts them against the logits.
+
+One module (just over 400 lines) because the RL and SFT loaders share the sampler, the process
+sharding, the length buckets and the checkpointable iterator.
 """
 
 from __future__ import annotations

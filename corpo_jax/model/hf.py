@@ -24,6 +24,9 @@ need no permutation.
 Loading reads one tensor slice at a time (`safe_open(...).get_slice`) straight into each device's
 shard (`jax.make_array_from_callback`): a checkpoint is never materialised whole, on the host or on
 one device.
+
+One module (over 400 lines) because reading and writing must agree on every key name, transpose
+and the thinking head's side file; the round-trip tests check both directions together.
 """
 
 from __future__ import annotations

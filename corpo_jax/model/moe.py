@@ -38,6 +38,10 @@ Auxiliary losses (sown into the "intermediates" collection, one value per layer)
 * ``z_loss`` (ST-MoE): mean over tokens of logsumexp(router logits)^2.
 * ``expert_load``: f_e per expert, for logging.
 Padding tokens (token_mask False) are excluded from the losses and from the capacity buffers.
+
+One module (over 400 lines) because the router, the auxiliary losses and every dispatch path
+share one routing contract (which assignments a capacity drops, the gate normalisation), and
+the tests compare the paths with each other.
 """
 
 from __future__ import annotations
