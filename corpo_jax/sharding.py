@@ -1,8 +1,11 @@
 """The one place that declares how arrays are laid out over the device mesh.
 
 Parameters and activations carry logical axis names (``("embed", "mlp")``); `RULES` maps each
-name to mesh axes. A mesh axis that does not divide an array dimension is dropped for that array
-(it is replicated along that axis) rather than failing, so small test models run on any mesh.
+name to mesh axes. For activations, a mesh axis that does not divide an array dimension is
+dropped for that array (it is replicated along that axis): a small evaluation batch runs on any
+mesh. For parameters (`tree_shardings`) that would be a silent memory blow-up at scale (a
+vocabulary of 32003 rows whole on every device of the tensor axis), so it is an error naming the
+parameters, unless the model config says `indivisible_params="replicate"`.
 """
 
 from __future__ import annotations
@@ -137,15 +140,44 @@ def named_sharding(mesh: Mesh, names: Sequence[str | None], shape: Sequence[int]
   return NamedSharding(mesh, logical_to_spec(names, shape, dict(mesh.shape)))
 
 
-def tree_shardings(boxed_tree: Any, mesh: Mesh) -> Any:
-  """NamedShardings for a tree of `nn.Partitioned` (or plain) leaves, e.g. from jax.eval_shape."""
+def indivisible_axes(names: Sequence[str | None], shape: Sequence[int],
+                     mesh_sizes: dict[str, int]) -> list[tuple[int, str]]:
+  """(dimension, mesh axis) pairs where a mesh axis larger than 1 that the dimension's rule names
+  is dropped because it does not divide what is left of the dimension."""
+  kept = logical_to_spec(names, shape, mesh_sizes)
+  full = logical_to_spec(names)
+  out = []
+  for i, (want, got) in enumerate(zip(full, kept)):
+    as_tuple = lambda a: () if a is None else (a,) if isinstance(a, str) else tuple(a)
+    out += [(i, a) for a in as_tuple(want) if a not in as_tuple(got) and mesh_sizes[a] > 1]
+  return out
 
-  def one(leaf):
-    if isinstance(leaf, nn.Partitioned):
-      return named_sharding(mesh, leaf.names, leaf.value.shape)
-    return NamedSharding(mesh, P())
 
-  return jax.tree.map(one, boxed_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+def tree_shardings(boxed_tree: Any, mesh: Mesh, *, indivisible: str = "raise") -> Any:
+  """NamedShardings for a tree of `nn.Partitioned` (or plain) leaves, e.g. from jax.eval_shape.
+  A dimension that a mesh axis of its rule does not divide raises ValueError naming every such
+  leaf, unless `indivisible="replicate"` (module doc)."""
+  sizes = dict(mesh.shape)
+  problems = []
+
+  def one(path, leaf):
+    if not isinstance(leaf, nn.Partitioned):
+      return NamedSharding(mesh, P())
+    for dim, axis in indivisible_axes(leaf.names, leaf.value.shape, sizes):
+      problems.append(f"{jax.tree_util.keystr(path)} {tuple(leaf.value.shape)} dimension {dim} "
+                      f"({leaf.names[dim]}) over mesh axis {axis!r}={sizes[axis]}")
+    return named_sharding(mesh, leaf.names, leaf.value.shape)
+
+  out = jax.tree_util.tree_map_with_path(one, boxed_tree,
+                                         is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  if problems and indivisible != "replicate":
+    shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4
+                                       else "")
+    raise ValueError(f"Mesh {sizes} does not divide {len(problems)} parameter dimension(s): "
+                     f"{shown}. Choose a mesh whose axes divide them, change the model's sizes, "
+                     f"or set --config.model.indivisible_params=replicate to keep those "
+                     f"dimensions whole along the axis (more memory per device).")
+  return out
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

@@ -93,6 +93,35 @@ def test_params_are_sharded_as_the_rules_say():
   assert params["final_norm"]["scale"].sharding.spec == P(None)
 
 
+def test_a_parameter_dimension_the_mesh_does_not_divide_is_refused_unless_replicated():
+  mesh = sharding.make_mesh((1, 2, 2, 2))
+  cfg = model.ModelConfig.preset("tiny", vocab_size=1025)  # 1025 rows over tensor 2
+  with pytest.raises(ValueError, match=r"does not divide 2 parameter dimension\(s\): "
+                     r"\['embed'\] \(1025, 64\) dimension 0 \(vocab\) over mesh axis 'tensor'=2; "
+                     r"\['lm_head'\] \(64, 1025\) dimension 1 \(vocab\) over mesh axis "
+                     r"'tensor'=2\. .*--config\.model\.indivisible_params=replicate"):
+    model.param_shardings(cfg, mesh)
+  replicated = model.param_shardings(
+      model.ModelConfig.preset("tiny", vocab_size=1025, indivisible_params="replicate"), mesh)
+  assert replicated["embed"].spec == P(None, "fsdp")
+  assert replicated["lm_head"].spec == P("fsdp", None)
+  assert replicated["layers"]["moe"]["gate"].spec == P(None, "expert", "fsdp", "tensor")
+  with pytest.raises(ValueError, match="indivisible_params"):
+    model.ModelConfig.preset("tiny", indivisible_params="drop")
+  # The decode view folds fsdp into tensor (8 here): the tiny model's 4 KV heads do not divide,
+  # and the sampler's copy keeps them whole by design.
+  train_mesh = sharding.make_mesh((1, 4, 1, 2))
+  tiny = model.ModelConfig.preset("tiny")
+  with pytest.raises(ValueError, match=r"\['layers'\]\['attn'\]\['k'\] .* \(kv_heads\) over "
+                     r"mesh axis 'tensor'=8"):
+    model.param_shardings(tiny, sharding.decode_mesh(train_mesh))
+  params = model.init_params(tiny, jax.random.key(0), train_mesh)
+  decoded, decode_cfg, decode_mesh = model.for_decoding(params, tiny, train_mesh)
+  assert decode_cfg.indivisible_params == "replicate" and decode_mesh.shape["tensor"] == 8
+  assert decoded["layers"]["attn"]["k"].sharding.spec == P(None, None, None, None)
+  assert decoded["layers"]["attn"]["q"].sharding.spec == P(None, None, "tensor", None)
+
+
 S, E = THINK_START_ID, THINK_END_ID
 TOKENS = np.array([
     [PAD_ID, PAD_ID, 9, S, 11, 12, E, 13, 14, S, 15, 16],

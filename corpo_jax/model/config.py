@@ -7,6 +7,7 @@ import numbers
 from typing import Any, Mapping
 
 DISPATCH_MODES = ("capacity", "sort", "expert_parallel", "cpu_dropless")
+INDIVISIBLE_PARAMS = ("raise", "replicate")
 REMAT_POLICIES = ("none", "full", "dots", "experts", "dots_and_experts")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -57,6 +58,10 @@ class ModelConfig:
   # "none", "full" (recompute each layer), "dots" (save the unbatched matmuls), "experts" (save
   # the expert matmuls), "dots_and_experts" (both); corpo_jax/model/transformer.py
   remat: str = "none"
+  # A parameter dimension that a mesh axis of its sharding rule does not divide (corpo_jax/
+  # sharding.py): "raise" refuses the layout, naming the parameter; "replicate" keeps that
+  # dimension whole along the axis (every device of the axis holds all of it).
+  indivisible_params: str = "raise"
 
   def __post_init__(self):
     for field in _POSITIVE_INTS:
@@ -78,6 +83,7 @@ class ModelConfig:
                        f"{self.think_start_id}; a think span needs two distinct tokens.")
     _check_choice("moe_dispatch", self.moe_dispatch, DISPATCH_MODES)
     _check_choice("remat", self.remat, REMAT_POLICIES)
+    _check_choice("indivisible_params", self.indivisible_params, INDIVISIBLE_PARAMS)
     _check_choice("dtype", self.dtype, DTYPES)
     _check_choice("param_dtype", self.param_dtype, DTYPES)
     if self.num_heads % self.num_kv_heads:

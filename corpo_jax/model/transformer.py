@@ -353,15 +353,20 @@ def abstract_params(cfg: ModelConfig) -> Any:
 
 
 def param_shardings(cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Any:
-  return sharding.tree_shardings(abstract_params(cfg), mesh)
+  """The parameters' layout on `mesh`; cfg.indivisible_params says what to do with a dimension a
+  mesh axis does not divide (corpo_jax/sharding.py)."""
+  return sharding.tree_shardings(abstract_params(cfg), mesh, indivisible=cfg.indivisible_params)
 
 
 def for_decoding(params: Any, cfg: ModelConfig,
                  mesh: jax.sharding.Mesh) -> tuple[Any, ModelConfig, jax.sharding.Mesh]:
   """(params, cfg, mesh) of a sampler's copy of the policy: the parameters cast to the compute
   dtype and laid out on `sharding.decode_mesh(mesh)`, the same devices with fsdp folded into
-  tensor. Made from the trainer's params (which stay as they are) once per rollout."""
-  decode_cfg = dataclasses.replace(cfg, param_dtype=cfg.dtype)
+  tensor. Made from the trainer's params (which stay as they are) once per rollout. That view's
+  tensor axis (fsdp x tensor) may not divide a dimension the trainer's layout splits another way
+  (Mixtral's 8 KV heads on fsdp 16): the copy keeps such a dimension whole, by design
+  (`bench scale --program=rollout` counts it)."""
+  decode_cfg = dataclasses.replace(cfg, param_dtype=cfg.dtype, indivisible_params="replicate")
   decode_mesh = sharding.decode_mesh(mesh)
   cast = jax.tree.map(lambda x: x.astype(decode_cfg.param_dtype), params)
   return jax.device_put(cast, param_shardings(decode_cfg, decode_mesh)), decode_cfg, decode_mesh
