@@ -118,8 +118,9 @@ def test_a_parameter_dimension_the_mesh_does_not_divide_is_refused_unless_replic
   params = model.init_params(tiny, jax.random.key(0), train_mesh)
   decoded, decode_cfg, decode_mesh = model.for_decoding(params, tiny, train_mesh)
   assert decode_cfg.indivisible_params == "replicate" and decode_mesh.shape["tensor"] == 8
-  assert decoded["layers"]["attn"]["k"].sharding.spec == P(None, None, None, None)
-  assert decoded["layers"]["attn"]["q"].sharding.spec == P(None, None, "tensor", None)
+  assert decoded["layers"]["attn"]["k"].sharding.spec[2] is None  # 4 KV heads, whole
+  assert decoded["layers"]["attn"]["q"].sharding.spec[2] == "tensor"  # 8 query heads, split
+  assert decoded["layers"]["attn"]["k"].addressable_shards[0].data.shape[2] == 4
 
 
 S, E = THINK_START_ID, THINK_END_ID

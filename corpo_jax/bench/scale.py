@@ -21,7 +21,6 @@ collective_gib_per_layer and all_to_all_per_layer (`collectives`), fits per TPU 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import math
@@ -120,8 +119,8 @@ def measure_rollout(args) -> dict:
   """Compiles `sampling.generate`'s program for the rows of the update (no allocation)."""
   from corpo_jax import sampling  # pylint: disable=g-import-not-at-top
   mesh, cfg = _setup(args)
-  if args.rollout_layout == "decode":  # the shapes model.for_decoding makes
-    cfg = dataclasses.replace(cfg, param_dtype=cfg.dtype)
+  if args.rollout_layout == "decode":  # the copy model.for_decoding makes
+    cfg = model.decoding_config(cfg)
     mesh = sharding.decode_mesh(mesh)
   params = _abstract(nn.unbox(model.abstract_params(cfg)), model.param_shardings(cfg, mesh))
   prompts = jax.ShapeDtypeStruct((args.prompts, args.prompt_len), jnp.int32,

@@ -2,9 +2,9 @@
 
 from corpo_jax.model.config import ModelConfig
 from corpo_jax.model.transformer import (Cache, Hidden, Output, abstract_params, cache_logical_axes,
-                                         count_params, for_decoding, forward, init_cache, init_params, merge_aux,
+                                         count_params, decoding_config, for_decoding, forward, init_cache, init_params, merge_aux,
                                          param_shardings, project, repeat_cache, run, think_mask)
 
 __all__ = ["ModelConfig", "Cache", "Hidden", "Output", "abstract_params", "cache_logical_axes",
-           "count_params", "for_decoding", "forward", "init_cache", "init_params", "merge_aux", "param_shardings",
+           "count_params", "decoding_config", "for_decoding", "forward", "init_cache", "init_params", "merge_aux", "param_shardings",
            "project", "repeat_cache", "run", "think_mask"]

@@ -358,6 +358,12 @@ def param_shardings(cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Any:
   return sharding.tree_shardings(abstract_params(cfg), mesh, indivisible=cfg.indivisible_params)
 
 
+def decoding_config(cfg: ModelConfig) -> ModelConfig:
+  """The config of the sampler's copy (`for_decoding`): parameters in the compute dtype, and a
+  dimension the decode view does not divide kept whole (see there)."""
+  return dataclasses.replace(cfg, param_dtype=cfg.dtype, indivisible_params="replicate")
+
+
 def for_decoding(params: Any, cfg: ModelConfig,
                  mesh: jax.sharding.Mesh) -> tuple[Any, ModelConfig, jax.sharding.Mesh]:
   """(params, cfg, mesh) of a sampler's copy of the policy: the parameters cast to the compute
@@ -366,7 +372,7 @@ def for_decoding(params: Any, cfg: ModelConfig,
   tensor axis (fsdp x tensor) may not divide a dimension the trainer's layout splits another way
   (Mixtral's 8 KV heads on fsdp 16): the copy keeps such a dimension whole, by design
   (`bench scale --program=rollout` counts it)."""
-  decode_cfg = dataclasses.replace(cfg, param_dtype=cfg.dtype, indivisible_params="replicate")
+  decode_cfg = decoding_config(cfg)
   decode_mesh = sharding.decode_mesh(mesh)
   cast = jax.tree.map(lambda x: x.astype(decode_cfg.param_dtype), params)
   return jax.device_put(cast, param_shardings(decode_cfg, decode_mesh)), decode_cfg, decode_mesh
