@@ -5,9 +5,8 @@ environment variable PJRT_NPROC, or NPROC, replaces the core count), and a colle
 thread until every device has reached it. The executor may run a loop that contains collectives
 at the same time as a collective outside it, so one device can hold two threads in collectives;
 with one thread per device another device then waits for a thread forever, the rendezvous times
-out after 40 s and the process aborts ("Termination timeout for `collective permute ...`").
-Measured on a 2-core machine, six concurrent 50-step smoke RL runs on 8 fake devices: all six
-aborted with the default pool, none with 32 threads (docs/benchmarks.md, "XLA:CPU threads").
+out after 40 s and the process aborts ("Termination timeout for `collective permute ...`";
+the measurements: docs/benchmarks.md, "XLA:CPU threads for fake multi-device meshes").
 
 `ensure()` (called when corpo_jax is imported, before JAX creates its CPU client) gives such a
 run 4 threads per fake device unless PJRT_NPROC or NPROC is already set. Real accelerators and
