@@ -144,13 +144,10 @@ def indivisible_axes(names: Sequence[str | None], shape: Sequence[int],
                      mesh_sizes: dict[str, int]) -> list[tuple[int, str]]:
   """(dimension, mesh axis) pairs where a mesh axis larger than 1 that the dimension's rule names
   is dropped because it does not divide what is left of the dimension."""
+  axes = lambda entry: () if entry is None else (entry,) if isinstance(entry, str) else entry
   kept = logical_to_spec(names, shape, mesh_sizes)
-  full = logical_to_spec(names)
-  out = []
-  for i, (want, got) in enumerate(zip(full, kept)):
-    as_tuple = lambda a: () if a is None else (a,) if isinstance(a, str) else tuple(a)
-    out += [(i, a) for a in as_tuple(want) if a not in as_tuple(got) and mesh_sizes[a] > 1]
-  return out
+  return [(i, a) for i, (want, got) in enumerate(zip(logical_to_spec(names), kept))
+          for a in axes(want) if a not in axes(got) and mesh_sizes[a] > 1]
 
 
 def tree_shardings(boxed_tree: Any, mesh: Mesh, *, indivisible: str = "raise") -> Any:
@@ -170,7 +167,7 @@ def tree_shardings(boxed_tree: Any, mesh: Mesh, *, indivisible: str = "raise") -
 
   out = jax.tree_util.tree_map_with_path(one, boxed_tree,
                                          is_leaf=lambda x: isinstance(x, nn.Partitioned))
-  if problems and indivisible != "replicate":
+  if problems and indivisible == "raise":
     shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4
                                        else "")
     raise ValueError(f"Mesh {sizes} does not divide {len(problems)} parameter dimension(s): "

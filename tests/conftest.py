@@ -14,9 +14,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from corpo_jax import host_threads  # noqa: E402  (sets PJRT_NPROC, inherited by subprocesses)
-
-host_threads.ensure()
+import corpo_jax  # noqa: E402,F401  (importing it sets PJRT_NPROC, inherited by subprocesses)
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _cache = tempfile.mkdtemp(prefix="corpo_jax_test_xla_")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
